@@ -1,0 +1,43 @@
+"""``distalign`` command line: thin wrappers that parse config and call the library."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import typer
+
+from distalign.cli._app import app
+from distalign.errors import DistalignError
+
+_COMMAND_MODULES = ("toy", "train", "synthetic", "report")
+
+
+def _register() -> None:
+    for name in _COMMAND_MODULES:
+        try:
+            importlib.import_module(f"distalign.cli.{name}")
+        except ModuleNotFoundError as exc:  # a command module not yet present in this build
+            if exc.name != f"distalign.cli.{name}":
+                raise
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: user errors print one line and exit with status 2."""
+    _register()
+    try:
+        app(args=argv, standalone_mode=False)
+    except DistalignError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        sys.exit(130)
+    except Exception as exc:  # click usage errors carry their own formatting
+        import click
+
+        if isinstance(exc, click.ClickException):
+            typer.echo(f"error: {exc.format_message()}", err=True)
+            sys.exit(exc.exit_code)
+        raise
