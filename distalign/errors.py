@@ -11,3 +11,7 @@ class ConfigError(DistalignError):
 
 class DataError(DistalignError):
     """A dataset file, row or field is invalid."""
+
+
+class TrainingError(DistalignError):
+    """Training cannot continue (for example a non-finite loss); state was saved first."""

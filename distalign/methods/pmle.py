@@ -1,0 +1,101 @@
+"""PMLE, SPEC eqs. (4)–(5): pairwise likelihood with tilt γ, plus β·KL(π‖π₀) on fresh samples.
+
+The preference term uses the offline pairs and has no π₀ inside the sigmoid. The KL term
+samples new responses a ∼ π_θ for the batch's prompts and applies the score-function
+surrogate of ``objectives.online_kl_surrogate`` (our reading of SPEC §2 (5), after HyPO).
+With β = 0 (SPEC Table 6) no sampling and no π₀ is needed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from distalign.errors import ConfigError
+from distalign.methods.base import Batch, Method, Metrics, as_pairs
+from distalign.methods.dpo import PAIR_KEYS, pair_logprobs
+from distalign.objectives import online_kl_surrogate, pmle_loss
+
+if TYPE_CHECKING:
+    from distalign.lm.generation import GenerationConfig
+    from distalign.train.config import TrainConfig
+
+
+@dataclass
+class PMLEConfig:
+    gamma: float = 1e-2  # γ, the preference tilt of (3)/(4) (SPEC Table 5: 1e-2)
+    beta: float = 1e-5  # β, weight of KL(π‖π₀) in (5) (SPEC Table 5: 1e-5; Table 6: 0)
+    kl_samples: int = 1  # fresh responses per prompt for the KL estimate
+    kl_baseline: bool = True  # subtract the batch-mean log-ratio (variance reduction)
+
+    def validate(self) -> None:
+        if self.gamma <= 0:
+            raise ConfigError(f"algo.gamma must be > 0, got {self.gamma}")
+        if self.beta < 0:
+            raise ConfigError(f"algo.beta must be >= 0, got {self.beta}")
+        if self.kl_samples < 1:
+            raise ConfigError(f"algo.kl_samples must be >= 1, got {self.kl_samples}")
+
+
+class PMLE(Method):
+    name = "pmle"
+    data_kind = "pairs"
+    Config = PMLEConfig
+
+    @classmethod
+    def needs_reference(cls, algo: PMLEConfig) -> bool:
+        return algo.beta > 0
+
+    @classmethod
+    def needs_sampler(cls, algo: PMLEConfig) -> bool:
+        return algo.beta > 0
+
+    @classmethod
+    def generation_config(cls, cfg: TrainConfig) -> GenerationConfig:
+        # the KL is of π itself, so its samples come from π at temperature 1, unfiltered
+        return replace(cfg.gen, temperature=1.0, top_k=0, top_p=1.0)
+
+    @torch.no_grad()
+    def collect(self, batch: Batch) -> Batch:
+        exp = {k: as_pairs(batch[k]) for k in PAIR_KEYS}
+        if self.algo.beta > 0:
+            roll = self.sample(batch, self.algo.kl_samples)
+            k, b = self.algo.kl_samples, batch["prompt_input_ids"].shape[0]
+            sample = {
+                "input_ids": roll.input_ids,
+                "attention_mask": roll.attention_mask,
+                "response_mask": roll.response_mask,
+            }
+            ref_tok = self.ref_token_logprobs(sample)
+            # rows are sample-major; regroup to [B, k, ...] so slicing keeps prompts together
+            for key, val in {**sample, "ref_tok": ref_tok}.items():
+                exp[f"kl_{key}"] = val.view(k, b, *val.shape[1:]).transpose(0, 1)
+        return exp
+
+    def loss(self, exp: Batch) -> tuple[Tensor, Metrics]:
+        logp_c, logp_r = pair_logprobs(self, exp)
+        loss, metrics = pmle_loss(logp_c, logp_r, self.algo.gamma)
+        if self.algo.beta > 0:
+            flat = {k: exp[f"kl_{k}"].flatten(0, 1) for k in PAIR_KEYS}
+            logp = self.policy_token_logprobs(flat)
+            kl_loss, kl_metrics = online_kl_surrogate(
+                logp,
+                exp["kl_ref_tok"].flatten(0, 1),
+                flat["response_mask"],
+                self.algo.beta,
+                baseline=self.algo.kl_baseline,
+            )
+            loss = loss + kl_loss
+            metrics.update(kl_metrics)
+        return loss, metrics
+
+    @torch.no_grad()
+    def evaluate(self, batch: Batch) -> Metrics:
+        exp = {k: as_pairs(batch[k]) for k in PAIR_KEYS}
+        return pmle_loss(*pair_logprobs(self, exp), self.algo.gamma)[1]
+
+
+METHOD = PMLE

@@ -1,0 +1,62 @@
+"""Checkpoint/resume: model, optimizer, scheduler and RNG via accelerate, plus our position."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class TrainState:
+    """Where the loop is: ``step`` completed collect→update steps; ``epoch`` and
+    ``batch_in_epoch`` locate the next dataloader batch."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    optimizer_steps: int = 0
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(asdict(self)) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> TrainState:
+        return cls(**json.loads(path.read_text()))
+
+
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    root = run_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    dirs = [d for d in root.glob("step-*") if (d / "trainer_state.json").exists()]
+    return sorted(dirs, key=lambda d: int(d.name.split("-")[1]))
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    dirs = checkpoint_dirs(run_dir)
+    return dirs[-1] if dirs else None
+
+
+def save_checkpoint(
+    accelerator: Any, run_dir: Path, state: TrainState, keep: int, tag: str | None = None
+) -> Path:
+    """Save everything needed to continue; the state file is written last, so a checkpoint
+    interrupted mid-write is never picked up by ``latest_checkpoint``."""
+    out = run_dir / "checkpoints" / (tag or f"step-{state.step}")
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(out))
+    if accelerator.is_main_process:
+        state.save(out / "trainer_state.json")
+        if keep > 0 and tag is None:
+            for old in checkpoint_dirs(run_dir)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return out
+
+
+def load_checkpoint(accelerator: Any, ckpt: Path) -> TrainState:
+    accelerator.load_state(str(ckpt))
+    return TrainState.load(ckpt / "trainer_state.json")

@@ -1,0 +1,154 @@
+"""Typed run configuration: YAML + dotted ``key=value`` overrides via OmegaConf.
+
+One ``TrainConfig`` is one run; the run directory keeps a copy of it as ``config.yaml``.
+Method hyper-parameters live in ``algo``, a dataclass each method file declares.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from distalign.errors import ConfigError
+from distalign.lm.data import DataConfig
+from distalign.lm.generation import GenerationConfig
+from distalign.lm.models import ModelConfig
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-5
+    scheduler: str = "linear"  # linear | cosine | constant (decay over all optimizer steps)
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    output_dir: str = "runs"
+    seed: int = 0
+    batch_size: int = 8  # examples (pairs or prompts) collected per step, per process
+    mini_batch_size: int | None = None  # examples per optimizer step (default: batch_size)
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_steps: int | None = None  # collect→update steps; default: `epochs` passes over the data
+    epochs: float = 1.0
+    log_every: int = 1
+    eval_every: int = 0  # 0: evaluate only at the start and the end
+    save_every: int = 0  # 0: no intermediate checkpoints
+    keep_checkpoints: int = 2
+    resume: bool = True  # continue from the newest checkpoint in the run directory
+    report_to: list[str] = field(default_factory=list)  # accelerate trackers: tensorboard, wandb
+    progress: bool = True
+    mixed_precision: str = "no"  # no | bf16 | fp16 (accelerate)
+    num_samples_logged: int = 2  # generations written to samples.jsonl per logged step
+
+
+@dataclass
+class TrainConfig:
+    method: str = ""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(path=""))
+    gen: GenerationConfig = field(default_factory=GenerationConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    algo: Any = None
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.output_dir) / self.run.name
+
+
+def _schema(method: str) -> Any:
+    from distalign.methods import get_method
+
+    cls = get_method(method)
+    return OmegaConf.structured(TrainConfig(method=method, algo=cls.Config()))
+
+
+def load_config(
+    method: str,
+    config: str | Path | dict | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+) -> TrainConfig:
+    """Build a validated ``TrainConfig`` from a YAML path or dict plus ``a.b=value`` overrides.
+
+    Unknown keys and ill-typed values raise a one-line ``ConfigError``.
+    """
+    schema = _schema(method)
+    sources: list[Any] = []
+    if isinstance(config, (str, Path)):
+        path = Path(config)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = OmegaConf.load(path)
+        except Exception as exc:  # yaml parse errors
+            raise ConfigError(f"{path}: cannot parse YAML ({str(exc).splitlines()[0]})") from exc
+        if "method" in loaded and loaded.method not in (None, method):
+            raise ConfigError(f"{path}: file is for method {loaded.method!r}, not {method!r}")
+        sources.append(loaded)
+    elif isinstance(config, dict):
+        sources.append(OmegaConf.create(config))
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ConfigError(f"override {bad[0]!r} is not of the form key=value")
+    try:
+        if overrides:
+            sources.append(OmegaConf.from_dotlist(list(overrides)))
+        merged = OmegaConf.merge(schema, *sources)
+        merged.method = method
+        cfg: TrainConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as exc:
+        raise ConfigError(_omegaconf_message(exc)) from exc
+    validate(cfg)
+    return cfg
+
+
+def _omegaconf_message(exc: OmegaConfBaseException) -> str:
+    key = getattr(exc, "full_key", None)
+    msg = str(exc).splitlines()[0]
+    return f"config key {key!r}: {msg}" if key else msg
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Cross-field checks that types alone cannot express."""
+    r, o = cfg.run, cfg.optim
+    if not cfg.model.name_or_path:
+        raise ConfigError("model.name_or_path is required")
+    if not cfg.data.path:
+        raise ConfigError("data.path is required")
+    if r.batch_size < 1:
+        raise ConfigError(f"run.batch_size must be >= 1, got {r.batch_size}")
+    mini = r.mini_batch_size or r.batch_size
+    if mini < 1 or r.batch_size % mini:
+        raise ConfigError(
+            f"run.mini_batch_size ({mini}) must divide run.batch_size ({r.batch_size})"
+        )
+    if r.grad_accum < 1 or mini % r.grad_accum:
+        raise ConfigError(f"run.grad_accum ({r.grad_accum}) must divide the mini-batch ({mini})")
+    if r.max_steps is not None and r.max_steps < 1:
+        raise ConfigError(f"run.max_steps must be >= 1, got {r.max_steps}")
+    if o.lr <= 0:
+        raise ConfigError(f"optim.lr must be > 0, got {o.lr}")
+    if o.scheduler not in ("linear", "cosine", "constant"):
+        raise ConfigError(
+            f"optim.scheduler must be linear, cosine or constant, got {o.scheduler!r}"
+        )
+    if cfg.gen.temperature <= 0:
+        raise ConfigError(f"gen.temperature must be > 0, got {cfg.gen.temperature}")
+    check = getattr(cfg.algo, "validate", None)
+    if check is not None:
+        check()
+
+
+def to_yaml(cfg: TrainConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

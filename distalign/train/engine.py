@@ -1,0 +1,262 @@
+"""The one training loop every method runs on: collect experience → update for k epochs.
+
+Offline methods "collect" by reading a dataset batch; online ones sample and score. The loop
+owns the optimiser and schedule, gradient accumulation, checkpoint/resume, NaN guard,
+trackers, progress and the run directory (DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from distalign.errors import TrainingError
+from distalign.methods import get_method
+from distalign.methods.base import Batch, Context, Method
+from distalign.train.checkpoint import (
+    TrainState,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from distalign.train.config import TrainConfig, to_yaml
+from distalign.train.save import save_final
+from distalign.train.setup import (
+    build_data,
+    build_models,
+    build_optimizer,
+    build_sampler,
+    sequence_tokens,
+)
+from distalign.train.tracking import RunLog, make_progress, progress_info, write_summary
+
+log = logging.getLogger("distalign")
+
+
+class Callback(Protocol):
+    def on_evaluate(self, step: int, model: Any, tokenizer: Any) -> dict[str, float]: ...
+
+
+def _slice(exp: Batch, idx: torch.Tensor) -> Batch:
+    return {k: v[idx] for k, v in exp.items()}
+
+
+class Trainer:
+    """Holds the prepared objects of one run; ``fit`` runs the loop."""
+
+    def __init__(self, cfg: TrainConfig, callbacks: list[Callback] | tuple = ()) -> None:
+        self.cfg, self.callbacks = cfg, list(callbacks)
+        self.method_cls: type[Method] = get_method(cfg.method)
+        self.run_dir = cfg.run_dir
+        self.acc = Accelerator(
+            log_with=cfg.run.report_to or None,
+            project_dir=str(self.run_dir),
+            mixed_precision=cfg.run.mixed_precision,
+        )
+        set_seed(cfg.run.seed)
+        if self.acc.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
+        self.models = build_models(cfg, self.method_cls)
+        dev = self.acc.device
+        loader, self.sampler, eval_loader, report = build_data(
+            cfg, self.method_cls, self.models, dev
+        )
+        if len(loader) == 0:
+            raise TrainingError(
+                f"{cfg.data.path}: {len(self.sampler)} usable rows, fewer than one batch "
+                f"of run.batch_size={cfg.run.batch_size}"
+            )
+        self.data_report = report
+        trainables = [self.models.model]
+        if self.models.value_model is not None:
+            trainables.append(self.models.value_model)
+        mini = cfg.run.mini_batch_size or cfg.run.batch_size
+        self.steps_per_epoch = math.ceil(len(loader) / self.acc.num_processes)
+        self.total_steps = cfg.run.max_steps or max(
+            1, math.ceil(cfg.run.epochs * self.steps_per_epoch)
+        )
+        epochs_k = int(getattr(cfg.algo, "update_epochs", 1))
+        updates = self.total_steps * epochs_k * (cfg.run.batch_size // mini)
+        optimizer, scheduler = build_optimizer(cfg, trainables, updates)
+        prepared = self.acc.prepare(*trainables, optimizer, loader, scheduler)
+        n = len(trainables)
+        self.trainables = list(prepared[:n])
+        self.optimizer, self.loader, self.scheduler = prepared[n:]
+        self.eval_loader = self.acc.prepare(eval_loader) if eval_loader is not None else None
+        for frozen in (self.models.reward_model,):
+            if frozen is not None:
+                frozen.to(dev)
+        if self.models.ref is not None:
+            self.models.ref.to(dev)
+        self.ctx = Context(
+            cfg=cfg,
+            accelerator=self.acc,
+            tokenizer=self.models.tokenizer,
+            policy=self.trainables[0],
+            ref=self.models.ref,
+            reward_model=self.models.reward_model,
+            value_model=self.trainables[1] if n > 1 else None,
+            sampler=build_sampler(cfg, self.method_cls, self.models.tokenizer),
+        )
+        self.method = self.method_cls(cfg, self.ctx)
+        self.state = TrainState()
+        resume_from = latest_checkpoint(self.run_dir) if cfg.run.resume else None
+        if resume_from is not None:
+            self.state = load_checkpoint(self.acc, resume_from)
+            log.info("resumed from %s (step %d)", resume_from, self.state.step)
+        self.log = RunLog(
+            self.run_dir, self.state.step if resume_from else None, self.acc.is_main_process
+        )
+        if resume_from is None and self.acc.is_main_process:
+            for stale in ("metrics.jsonl", "samples.jsonl"):
+                (self.run_dir / stale).unlink(missing_ok=True)
+
+    # ---------------------------------------------------------------------------- data
+    def _batches(self):
+        """Yield batches from the saved position onward, epoch after epoch."""
+        epoch, skip = self.state.epoch, self.state.batch_in_epoch
+        while True:
+            self.sampler.set_epoch(epoch)
+            loader = self.acc.skip_first_batches(self.loader, skip) if skip else self.loader
+            for i, batch in enumerate(loader, start=skip):
+                yield epoch, i, batch
+            epoch, skip = epoch + 1, 0
+
+    # -------------------------------------------------------------------------- update
+    def _update(self, exp: Batch, step: int) -> dict[str, float]:
+        r = self.cfg.run
+        rows = next(iter(exp.values())).shape[0]
+        mini = min(r.mini_batch_size or r.batch_size, rows)
+        micro = max(mini // r.grad_accum, 1)
+        g = torch.Generator().manual_seed(r.seed * 7_919 + step)
+        sums: dict[str, float] = defaultdict(float)
+        count = 0
+        params = [p for m in self.trainables for p in m.parameters() if p.requires_grad]
+        for _ in range(self.method.update_epochs):
+            order = torch.randperm(rows, generator=g) if self.method.update_epochs > 1 else None
+            for start in range(0, rows, mini):
+                idx = torch.arange(start, min(start + mini, rows))
+                idx = order[idx] if order is not None else idx
+                parts = [idx[i : i + micro] for i in range(0, len(idx), micro)]
+                mbs = [_slice(exp, p.to(self.acc.device)) for p in parts]
+                units = [self.method.units(mb) for mb in mbs]
+                total = sum(units) or 1.0
+                for j, (mb, u) in enumerate(zip(mbs, units, strict=True)):
+                    last = j == len(mbs) - 1
+                    sync = contextlib.ExitStack()
+                    if not last:  # only the last micro-batch all-reduces gradients
+                        for m in self.trainables:
+                            sync.enter_context(self.acc.no_sync(m))
+                    with sync:
+                        loss, metrics = self.method.loss(mb)
+                        self._guard(loss, step)
+                        self.acc.backward(loss * (u / total))
+                    for k, v in metrics.items():
+                        sums[k] += float(v) * u / total
+                    sums["loss"] += float(loss.detach()) * u / total
+                if self.cfg.optim.max_grad_norm > 0:
+                    norm = self.acc.clip_grad_norm_(params, self.cfg.optim.max_grad_norm)
+                    sums["grad_norm"] += float(norm)
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.state.optimizer_steps += 1
+                count += 1
+        return {k: v / max(count, 1) for k, v in sums.items()}
+
+    def _guard(self, loss: torch.Tensor, step: int) -> None:
+        bad = torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0])
+        if float(self.acc.reduce(bad.to(self.acc.device), "sum")) > 0:
+            path = save_checkpoint(self.acc, self.run_dir, self.state, 0, tag=f"nan-step-{step}")
+            raise TrainingError(
+                f"non-finite loss at step {step + 1} ({self.cfg.method}); state before the "
+                f"update saved to {path}. Lower optim.lr or check the data."
+            )
+
+    # ------------------------------------------------------------------------ evaluate
+    @torch.no_grad()
+    def evaluate(self, step: int) -> dict[str, float]:
+        out: dict[str, float] = {}
+        if self.eval_loader is not None:
+            for m in self.trainables:
+                m.eval()
+            sums: dict[str, float] = defaultdict(float)
+            n = 0
+            for batch in self.eval_loader:
+                for k, v in self.method.evaluate(batch).items():
+                    sums[k] += float(self.acc.reduce(v.detach().float(), "mean"))
+                n += 1
+            for m in self.trainables:
+                m.train()
+            out.update({f"eval/{k}": v / max(n, 1) for k, v in sums.items()})
+        if self.callbacks and self.acc.is_main_process:
+            model = self.acc.unwrap_model(self.trainables[0])
+            was_training = model.training
+            model.eval()
+            for cb in self.callbacks:
+                out.update(cb.on_evaluate(step, model, self.models.tokenizer) or {})
+            model.train(was_training)
+        return out
+
+    # ----------------------------------------------------------------------------- fit
+    def fit(self) -> Path:
+        r, st = self.cfg.run, self.state
+        if st.step == 0:
+            self.log.write(0, self.evaluate(0))
+        progress = make_progress(r.progress and self.acc.is_main_process)
+        with progress:
+            task = progress.add_task(self.cfg.method, total=self.total_steps, completed=st.step)
+            progress.update(task, info=self.data_report.summary())
+            batches = self._batches()
+            while st.step < self.total_steps:
+                epoch, i, batch = next(batches)
+                t0 = time.perf_counter()
+                exp = self.method.collect(batch)
+                metrics = self._update(exp, st.step)
+                st.step += 1
+                st.epoch, st.batch_in_epoch = epoch, i + 1
+                if st.batch_in_epoch >= self.steps_per_epoch:
+                    st.epoch, st.batch_in_epoch = epoch + 1, 0
+                dt = time.perf_counter() - t0
+                metrics = {k: float(self.acc.reduce(torch.tensor(v, device=self.acc.device),
+                                                    "mean")) for k, v in metrics.items()}
+                metrics.update(
+                    lr=self.scheduler.get_last_lr()[0],
+                    epoch=st.epoch + st.batch_in_epoch / self.steps_per_epoch,
+                    step_time=dt,
+                    tokens_per_s=sequence_tokens(batch) * self.acc.num_processes / dt,
+                )
+                final = st.step == self.total_steps
+                if (r.eval_every and st.step % r.eval_every == 0) or final:
+                    metrics.update(self.evaluate(st.step))
+                if st.step % r.log_every == 0 or final:
+                    self.log.write(st.step, metrics)
+                    self.log.write_samples(st.step, self.method.samples)
+                    if r.report_to:
+                        self.acc.log(metrics, step=st.step)
+                progress.update(task, completed=st.step, info=progress_info(metrics))
+                if r.save_every and st.step % r.save_every == 0 and not final:
+                    save_checkpoint(self.acc, self.run_dir, st, r.keep_checkpoints)
+        save_final(self.acc, self.run_dir, self.trainables, self.models.tokenizer)
+        if self.acc.is_main_process:
+            write_summary(self.run_dir, self.cfg, st.step, self.log.last)
+        self.acc.end_training()
+        return self.run_dir
+
+
+def train(cfg: TrainConfig, callbacks: list[Callback] | tuple = ()) -> Path:
+    """Run one configured training job; returns the run directory."""
+    trainer = Trainer(cfg, callbacks)
+    if cfg.run.report_to:
+        trainer.acc.init_trackers(cfg.run.name, config={"method": cfg.method})
+    return trainer.fit()
