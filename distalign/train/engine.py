@@ -234,7 +234,7 @@ class Trainer:
                     lr=self.scheduler.get_last_lr()[0],
                     epoch=st.epoch + st.batch_in_epoch / self.steps_per_epoch,
                     step_time=dt,
-                    tokens_per_s=sequence_tokens(batch) * self.acc.num_processes / dt,
+                    tokens_per_s=sequence_tokens(exp) * self.acc.num_processes / dt,
                 )
                 final = st.step == self.total_steps
                 if (r.eval_every and st.step % r.eval_every == 0) or final:

@@ -1,0 +1,43 @@
+"""``distalign train METHOD --config FILE.yaml [key=value ...]``."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from distalign.cli._app import app
+from distalign.methods import METHODS
+
+
+@app.command(
+    context_settings={"allow_extra_args": False},
+    help=f"Train with one method ({', '.join(METHODS)}). Runs as is or under "
+    "`accelerate launch` (DDP; FSDP/DeepSpeed via accelerate configs).",
+)
+def train(
+    method: Annotated[str, typer.Argument(help=f"one of: {', '.join(METHODS)}")],
+    overrides: Annotated[
+        list[str] | None,
+        typer.Argument(help="dotted overrides, e.g. algo.beta=0.1 run.max_steps=100"),
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="YAML run config")
+    ] = None,
+    print_config: Annotated[
+        bool, typer.Option("--print-config", help="print the resolved config and exit")
+    ] = False,
+) -> None:
+    from distalign.train import load_config
+    from distalign.train import train as run_training
+    from distalign.train.config import to_yaml
+
+    cfg = load_config(method, config, list(overrides or []))
+    if print_config:
+        typer.echo(to_yaml(cfg))
+        return
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    run_dir = run_training(cfg)
+    typer.echo(f"run directory: {run_dir}  (final model: {run_dir / 'final'})")

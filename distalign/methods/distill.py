@@ -1,0 +1,73 @@
+"""Preference distillation, SPEC eqs. (11)–(12) and Algorithm 1.
+
+On each step two responses per prompt are sampled from π_t (as REBEL does; SPEC §4), the
+frozen reward model gives soft targets p̃ = σ(r(a1) − r(a2)) with the KL-shaped reward
+r = R̂ − β(ln π_t − ln π₀) (our reading of how β enters (12), SPEC §7.6), and the policy's
+preference probability σ(γ (ln π_θ(a1) − ln π_θ(a2))) is fitted to p̃ by KL(Bern ‖ Bern).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from distalign.errors import ConfigError
+from distalign.methods.base import Batch, Method, Metrics, from_pairs, seq_sum
+from distalign.methods.online import SEQ_KEYS, collect_pairs, pair_metrics
+from distalign.objectives import distill_loss
+
+
+@dataclass
+class DistillConfig:
+    gamma: float = 0.1  # γ, preference tilt in σ(γ Δ ln π) (SPEC Table 5: 0.1)
+    beta: float = 0.05  # β, KL-to-π₀ weight of (12), folded into the reward
+    update_epochs: int = 4
+    missing_eos_penalty: float | None = None
+
+    def validate(self) -> None:
+        if self.gamma <= 0:
+            raise ConfigError(f"algo.gamma must be > 0, got {self.gamma}")
+        if self.beta < 0:
+            raise ConfigError(f"algo.beta must be >= 0, got {self.beta}")
+        if self.update_epochs < 1:
+            raise ConfigError(f"algo.update_epochs must be >= 1, got {self.update_epochs}")
+
+
+class Distill(Method):
+    name = "distill"
+    data_kind = "prompts"
+    Config = DistillConfig
+    uses_reference = True
+    uses_reward_model = True
+
+    @classmethod
+    def needs_reference(cls, algo: DistillConfig) -> bool:
+        return algo.beta > 0
+
+    def ref_token_logprobs(self, batch: Batch, temperature: float = 1.0) -> Tensor:
+        if self.ctx.ref is None:  # β = 0: the KL shaping term vanishes
+            return self.policy_token_logprobs(batch, temperature)
+        return super().ref_token_logprobs(batch, temperature)
+
+    def collect(self, batch: Batch) -> Batch:
+        exp = collect_pairs(self, batch, self.algo.beta, self.algo.missing_eos_penalty)
+        exp["target"] = torch.sigmoid(exp["reward"][:, 0] - exp["reward"][:, 1])
+        self._env = pair_metrics(exp)
+        return exp
+
+    def loss(self, exp: Batch) -> tuple[Tensor, Metrics]:
+        flat = {k: from_pairs(exp[k]) for k in SEQ_KEYS}
+        # π_θ at temperature 1: the preference model (3) is about π itself
+        logp = seq_sum(self.policy_token_logprobs(flat), flat["response_mask"])
+        b = logp.shape[0] // 2
+        loss, metrics = distill_loss(logp[:b], logp[b:], exp["target"], self.algo.gamma)
+        return loss, {**metrics, **self._env}
+
+    @torch.no_grad()
+    def evaluate(self, batch: Batch) -> Metrics:
+        return pair_metrics(self.collect(batch))
+
+
+METHOD = Distill

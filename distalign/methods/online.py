@@ -1,0 +1,55 @@
+"""Shared on-policy experience: two samples per prompt from π_t, scored by the frozen R̂.
+
+Used by REBEL (10) and preference distillation (11)–(12). The sequence reward follows REBEL's
+code (SPEC §4, open point 6): r = R̂(x, a) − β·(ln π_t(a|x) − ln π₀(a|x)), with log-probs at
+the sampling temperature. An optional penalty replaces R̂ for responses without EOS.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from distalign.lm.scoring import sequence_scores
+from distalign.methods.base import Batch, Method, as_pairs, seq_sum
+
+SEQ_KEYS = ("input_ids", "attention_mask", "response_mask")
+
+
+def penalise_unfinished(score: torch.Tensor, ended: torch.Tensor, penalty: float | None):
+    """Replace R̂ by −penalty for responses that never emitted EOS (if a penalty is set)."""
+    if penalty is None:
+        return score
+    return torch.where(ended, score, torch.full_like(score, -abs(penalty)))
+
+
+@torch.no_grad()
+def collect_pairs(method: Method, batch: Batch, beta: float, penalty: float | None) -> Batch:
+    """Experience ``[B, 2, ...]``: sequences, ln π_t, ln π₀, R̂ and the shaped reward r."""
+    roll = method.sample(batch, 2)  # rows [:B] are first samples, [B:] second ones
+    seq = {"input_ids": roll.input_ids, "attention_mask": roll.attention_mask,
+           "response_mask": roll.response_mask}
+    temp = method.cfg.gen.temperature
+    mask = roll.response_mask
+    old = seq_sum(method.policy_token_logprobs(seq, temp), mask)
+    ref = seq_sum(method.ref_token_logprobs(seq, temp), mask)
+    assert method.ctx.reward_model is not None
+    score = sequence_scores(method.ctx.reward_model, roll.input_ids, roll.attention_mask, mask)
+    score = penalise_unfinished(score, roll.ended, penalty)
+    reward = score - beta * (old - ref)
+    exp = {k: as_pairs(v) for k, v in seq.items()}
+    exp.update(
+        old_logp=as_pairs(old), ref_logp=as_pairs(ref), score=as_pairs(score),
+        reward=as_pairs(reward), ended=as_pairs(roll.ended.float()),
+    )
+    return exp
+
+
+def pair_metrics(exp: Batch) -> dict[str, torch.Tensor]:
+    kl = (exp["old_logp"] - exp["ref_logp"]).mean()
+    return {
+        "env/score": exp["score"].mean(),
+        "env/kl": kl,
+        "env/reward": exp["reward"].mean(),
+        "env/ended": exp["ended"].mean(),
+        "env/response_tokens": exp["response_mask"].sum(-1).float().mean(),
+    }

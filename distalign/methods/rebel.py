@@ -1,0 +1,67 @@
+"""REBEL, SPEC eq. (10): regress the policy's log-ratio gap onto η times the reward gap.
+
+Two responses per prompt are sampled from π_t and scored (``online.collect_pairs``). The
+log-ratio is taken relative to π_t (``form="pi_t"``, as REBEL's code does) or to π₀
+(``form="pi_0"``, as the paper writes (10)).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from distalign.errors import ConfigError
+from distalign.methods.base import Batch, Method, Metrics, from_pairs, seq_sum
+from distalign.methods.online import SEQ_KEYS, collect_pairs, pair_metrics
+from distalign.objectives import rebel_loss
+
+
+@dataclass
+class REBELConfig:
+    eta: float = 1.0  # η, reward scale in (10) (SPEC Table 5: 1.0; Table 6: 1e6)
+    beta: float = 0.05  # β, "kl coefficient": r = R̂ − β(ln π_t − ln π₀)
+    form: str = "pi_t"  # pi_t (REBEL code) | pi_0 (paper's (10))
+    update_epochs: int = 4  # passes over each batch of samples (SPEC Table 5: 4)
+    missing_eos_penalty: float | None = None  # R̂ := −penalty for responses without EOS
+
+    def validate(self) -> None:
+        if self.eta <= 0:
+            raise ConfigError(f"algo.eta must be > 0, got {self.eta}")
+        if self.form not in ("pi_t", "pi_0"):
+            raise ConfigError(f"algo.form must be 'pi_t' or 'pi_0', got {self.form!r}")
+        if self.update_epochs < 1:
+            raise ConfigError(f"algo.update_epochs must be >= 1, got {self.update_epochs}")
+
+
+class REBEL(Method):
+    name = "rebel"
+    data_kind = "prompts"
+    Config = REBELConfig
+    uses_reference = True
+    uses_reward_model = True
+
+    def collect(self, batch: Batch) -> Batch:
+        exp = collect_pairs(self, batch, self.algo.beta, self.algo.missing_eos_penalty)
+        self._env = pair_metrics(exp)
+        return exp
+
+    def loss(self, exp: Batch) -> tuple[Tensor, Metrics]:
+        flat = {k: from_pairs(exp[k]) for k in SEQ_KEYS}
+        tok = self.policy_token_logprobs(flat, self.cfg.gen.temperature)
+        logp = seq_sum(tok, flat["response_mask"])
+        b = logp.shape[0] // 2
+        base = exp["old_logp"] if self.algo.form == "pi_t" else exp["ref_logp"]
+        r = exp["reward"]
+        loss, metrics = rebel_loss(
+            logp[:b], logp[b:], base[:, 0], base[:, 1], r[:, 0], r[:, 1], self.algo.eta
+        )
+        return loss, {**metrics, **self._env}
+
+    @torch.no_grad()
+    def evaluate(self, batch: Batch) -> Metrics:
+        return pair_metrics(self.collect(batch))
+
+
+METHOD = REBEL

@@ -1,0 +1,118 @@
+"""RLHF with PPO, SPEC eq. (1) (defaults: SPEC Table 5).
+
+Collect: one response per prompt from π_t; R̂ from the frozen reward model on the last real
+token; per-token −β·KL(π_t‖π₀) (k1 by default) on every response token; values from the
+value model; GAE; whitened advantages. Update: PPO clipped policy loss + vf_coef × clipped
+value loss, for ``update_epochs`` passes over shuffled mini-batches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from distalign.errors import ConfigError
+from distalign.lm.scoring import sequence_scores, token_scores
+from distalign.methods.base import Batch, Method, Metrics
+from distalign.methods.online import penalise_unfinished
+from distalign.objectives import gae, ppo_policy_loss, ppo_value_loss, shaped_rewards, whiten
+
+
+@dataclass
+class RLHFConfig:
+    beta: float = 0.05  # β, "kl coefficient": per-token −β·KL(π‖π₀) in the reward
+    kl_estimator: str = "k1"  # k1 | k3
+    update_epochs: int = 4
+    clip_range: float = 0.2  # PPO ε for the policy ratio
+    value_clip: float = 0.2  # clip of V around its rollout value
+    vf_coef: float = 0.1
+    gae_lambda: float = 0.95
+    discount: float = 1.0
+    whiten_advantages: bool = True
+    missing_eos_penalty: float | None = None  # R̂ := −penalty for responses without EOS
+
+    @property
+    def entropy_coef(self) -> float:
+        return 0.0
+
+    def validate(self) -> None:
+        if self.beta < 0:
+            raise ConfigError(f"algo.beta must be >= 0, got {self.beta}")
+        if self.kl_estimator not in ("k1", "k3"):
+            raise ConfigError(f"algo.kl_estimator must be k1 or k3, got {self.kl_estimator!r}")
+        if self.update_epochs < 1:
+            raise ConfigError(f"algo.update_epochs must be >= 1, got {self.update_epochs}")
+        if not 0 <= self.gae_lambda <= 1 or not 0 <= self.discount <= 1:
+            raise ConfigError("algo.gae_lambda and algo.discount must lie in [0, 1]")
+
+
+def state_values(value_model: torch.nn.Module, ids: Tensor, attn: Tensor) -> Tensor:
+    """V(s_t) for the state *before* token t: the head's output at position t−1."""
+    return F.pad(token_scores(value_model, ids, attn)[:, :-1], (1, 0))
+
+
+class RLHF(Method):
+    name = "rlhf"
+    data_kind = "prompts"
+    Config = RLHFConfig
+    uses_reference = True
+    uses_reward_model = True
+    uses_value_model = True
+
+    def units(self, exp: Batch) -> float:
+        return float(exp["response_mask"][:, exp["prompt_length"][0] :].sum())
+
+    @torch.no_grad()
+    def collect(self, batch: Batch) -> Batch:
+        a, temp = self.algo, self.cfg.gen.temperature
+        roll = self.sample(batch, 1)
+        seq = {"input_ids": roll.input_ids, "attention_mask": roll.attention_mask}
+        p = roll.prompt_length
+        mask = roll.response_mask[:, p:].float()
+        logp = self.policy_token_logprobs(seq, temp)[:, p:]
+        ref = self.ref_token_logprobs(seq, temp)[:, p:]
+        assert self.ctx.reward_model is not None and self.ctx.value_model is not None
+        score = sequence_scores(
+            self.ctx.reward_model, roll.input_ids, roll.attention_mask, roll.response_mask
+        )
+        score = penalise_unfinished(score, roll.ended, a.missing_eos_penalty)
+        values = state_values(self.ctx.value_model, roll.input_ids, roll.attention_mask)[:, p:]
+        rewards, env = shaped_rewards(
+            score, logp, ref, mask, a.beta, a.entropy_coef, a.kl_estimator
+        )
+        adv, returns = gae(rewards, values, mask, a.discount, a.gae_lambda)
+        if a.whiten_advantages:
+            adv = whiten(adv, mask)
+        self._env = {**env, "env/ended": roll.ended.float().mean(),
+                     "env/response_tokens": mask.sum(-1).mean()}
+        n = roll.input_ids.shape[0]
+        return {
+            **seq, "response_mask": roll.response_mask,
+            "prompt_length": torch.full((n,), p, device=mask.device),
+            "old_logp": logp, "old_values": values * mask, "advantages": adv,
+            "returns": returns,
+        }
+
+    def loss(self, exp: Batch) -> tuple[Tensor, Metrics]:
+        p = int(exp["prompt_length"][0])
+        mask = exp["response_mask"][:, p:].float()
+        seq = {"input_ids": exp["input_ids"], "attention_mask": exp["attention_mask"]}
+        logp = self.policy_token_logprobs(seq, self.cfg.gen.temperature)[:, p:]
+        assert self.ctx.value_model is not None
+        values = state_values(self.ctx.value_model, exp["input_ids"], exp["attention_mask"])
+        pg, m1 = ppo_policy_loss(logp, exp["old_logp"], exp["advantages"], mask,
+                                 self.algo.clip_range)
+        vf, m2 = ppo_value_loss(values[:, p:], exp["old_values"], exp["returns"], mask,
+                                self.algo.value_clip)
+        return pg + self.algo.vf_coef * vf, {**m1, **m2, **self._env}
+
+    @torch.no_grad()
+    def evaluate(self, batch: Batch) -> Metrics:
+        self.collect(batch)
+        return dict(self._env)
+
+
+METHOD = RLHF
