@@ -254,8 +254,19 @@ class Trainer:
         return self.run_dir
 
 
+def _quiet_libraries() -> None:
+    """Our progress bar is the run's; silence per-load bars from HF libraries."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
 def train(cfg: TrainConfig, callbacks: list[Callback] | tuple = ()) -> Path:
     """Run one configured training job; returns the run directory."""
+    _quiet_libraries()
     trainer = Trainer(cfg, callbacks)
     if cfg.run.report_to:
         trainer.acc.init_trackers(cfg.run.name, config={"method": cfg.method})
