@@ -24,7 +24,7 @@ install: $(VENV)/.installed
 dev: $(VENV)/.dev
 
 demo: install
-	$(BIN)/distalign toy --preset strong --out runs/toy-strong
+	$(BIN)/distalign toy
 
 test: dev
 	$(BIN)/ruff check distalign tests benchmarks
