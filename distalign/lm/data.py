@@ -1,0 +1,399 @@
+"""Datasets for alignment: load, validate and tokenise preference, prompt and SFT rows.
+
+:func:`load_rows` (hub name, dir, or .json/.jsonl/.parquet/.csv[.gz] file) → :func:`prepare`
+(validate, tokenise) → id columns that :mod:`distalign.lm.collators` pads. ``kind`` is what a
+method consumes: ``pairs`` (a ≻ b | x for PMLE/DPO, SPEC preference model), ``prompts`` (online
+methods sample from x) or ``sft`` (x, y). Columns follow TRL, as text or conversational
+(``{"role", "content"}`` lists, rendered with the chat template). Row numbers in errors are
+0-based indices into the loaded file or split; skips and truncations are counted by reason in
+the :class:`DataReport`, never silent. Policies:
+
+* ``chosen == rejected`` is skipped (``identical``, ``identical_after_truncation``): the paper's
+  model gives P(a ≻ a) = ½, so the label says nothing and the pair's PMLE/DPO gradient is zero;
+  kept, it would only dilute batch means. Transcript pairs whose prompts differ (5 HH-RLHF
+  harmless test rows) are skipped as ``prompt_mismatch``: there is no common x.
+* Prompt and response are tokenised separately: the split is exact by construction and the
+  prompt ids are those the sampler sees. With ``add_eos`` a response ends in one EOS; template
+  text after the final EOS (e.g. a newline) is dropped, as generation stops at EOS.
+* Prompt truncation keeps a leading BOS and the last tokens; responses are cut from the right.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from datasets import Dataset, Features, Sequence, Value, load_dataset
+from omegaconf import MISSING
+
+from distalign.errors import ConfigError, DataError
+
+logger = logging.getLogger(__name__)
+
+FORMATS = ("auto", "preference", "prompt", "sft", "hh")
+HH_ASSISTANT = "\n\nAssistant:"
+_CHOICES = {"format": FORMATS, "on_overlong": ("error", "skip", "truncate"),
+            "on_empty": ("error", "skip")}
+_AUTO = [("preference", ("prompt", "chosen", "rejected")), ("hh", ("chosen", "rejected")),
+         ("sft", ("prompt", "completion")), ("sft", ("messages",)), ("prompt", ("prompt",))]
+_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+_OUT = {"pairs": ("prompt_ids", "chosen_ids", "rejected_ids"), "prompts": ("prompt_ids",),
+        "sft": ("prompt_ids", "completion_ids")}
+# Columns read per (format, kind), by preference; absent = incompatible. The first holds the
+# prompt ("prompt", "messages", or transcripts sharing it as a prefix); the rest are responses.
+_LAYOUTS: dict[tuple[str, str], list[tuple[str, ...]]] = {
+    ("preference", "pairs"): [("prompt", "chosen", "rejected"), ("chosen", "rejected")],
+    ("preference", "prompts"): [("prompt",), ("chosen",)],
+    ("preference", "sft"): [("prompt", "chosen"), ("chosen",)],
+    ("hh", "pairs"): [("chosen", "rejected")], ("hh", "prompts"): [("chosen",)],
+    ("hh", "sft"): [("chosen",)], ("prompt", "prompts"): [("prompt",)],
+    ("sft", "prompts"): [("prompt",), ("messages",)],
+    ("sft", "sft"): [("prompt", "completion"), ("messages",), ("prompt", "chosen")],
+}
+
+
+@dataclass
+class DataConfig:
+    """Where the rows come from and how they become token ids (``data.*`` in a run config)."""
+
+    path: str = MISSING  # HF hub dataset name, local dir, or .json/.jsonl/.parquet/.csv[.gz] file
+    split: str = "train"  # split to train on (a single local file only has "train")
+    eval_path: str | None = None  # separate eval data (hub name, dir or file)
+    eval_split: str | None = None  # eval split of eval_path (default "test") or else of path
+    eval_fraction: float = 0.0  # hold out this fraction of the train rows (seeded) for eval
+    format: str = "auto"  # auto | preference | prompt | sft | hh (Anthropic HH transcripts)
+    max_prompt_length: int = 512  # prompt tokens
+    max_length: int = 1024  # prompt + response tokens
+    on_overlong: str = "truncate"  # error | skip | truncate (prompt from the left, then response)
+    on_empty: str = "error"  # error | skip, for empty or null fields
+    max_rows: int | None = None  # read only the first N rows of each file/split
+    seed: int = 0  # seed of the eval_fraction split
+    num_proc: int | None = None  # worker processes for tokenisation
+    add_eos: bool = True  # end every response with the tokenizer's EOS token
+
+    def __post_init__(self) -> None:
+        self.validate(require_path=False)
+
+    def validate(self, require_path: bool = True) -> None:
+        """Raise ConfigError naming the first invalid field."""
+        for name, allowed in _CHOICES.items():
+            if (value := getattr(self, name)) not in allowed:
+                raise ConfigError(f"data.{name}={value!r}: expected one of {', '.join(allowed)}")
+        if require_path and self.path in (None, "", MISSING):
+            raise ConfigError("data.path is required (a hub dataset name or a local file)")
+        if not 1 <= self.max_prompt_length < self.max_length:
+            raise ConfigError(f"data.max_prompt_length={self.max_prompt_length} must be >= 1 and "
+                              f"< data.max_length={self.max_length} (responses need room)")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ConfigError(f"data.eval_fraction={self.eval_fraction} must be in [0, 1)")
+        if self.eval_fraction > 0 and (self.eval_path or self.eval_split):
+            raise ConfigError("data.eval_fraction cannot be combined with eval_path/eval_split")
+        if self.max_rows is not None and self.max_rows < 1:
+            raise ConfigError(f"data.max_rows={self.max_rows} must be >= 1")
+
+
+@dataclass
+class DataReport:
+    """What :func:`prepare` did to the rows: nothing is dropped without being counted here."""
+
+    source: str
+    kind: str
+    format: str
+    rows_read: int = 0
+    rows_kept: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)  # reason -> rows
+    truncated: dict[str, int] = field(default_factory=dict)  # "prompt"/"response" -> rows
+    examples: dict[str, list[int]] = field(default_factory=dict)  # reason -> first row numbers
+
+    def summary(self) -> str:
+        """One line for the run log."""
+        line = (f"data {self.source} (format={self.format}, kind={self.kind}): "
+                f"{self.rows_read} rows read, {self.rows_kept} kept")
+        if self.skipped:
+            parts = [f"{k}={v} (e.g. row {self.examples[k][0]})" for k, v in self.skipped.items()]
+            line += f"; skipped {sum(self.skipped.values())}: {', '.join(sorted(parts))}"
+        if self.truncated:
+            line += "; truncated rows: " + ", ".join(f"{k}={v}" for k, v in self.truncated.items())
+        return line
+
+
+def split_hh(text: str) -> tuple[str, str]:
+    """Split an Anthropic HH transcript at its last ``"\\n\\nAssistant:"`` into (prompt, response),
+    with ``prompt + response == text``; ValueError when there is no assistant turn."""
+    cut = text.rindex(HH_ASSISTANT) + len(HH_ASSISTANT)
+    return text[:cut], text[cut:]
+
+
+def _builder_for(path: str) -> str | None:
+    name = path.lower().removesuffix(".gz")
+    return next((b for ext, b in _BUILDERS.items() if name.endswith(ext)), None)
+
+
+def load_rows(cfg: DataConfig, split: str | None = None, *, path: str | None = None) -> Dataset:
+    """Raw rows of ``path`` (default ``cfg.path``), split ``split`` (default ``cfg.split``), cut to
+    ``cfg.max_rows``: files via the json/parquet/csv builders, else ``load_dataset(path)``."""
+    path, split = path or cfg.path, split or cfg.split
+    builder = _builder_for(path)
+    if builder is not None and not os.path.isfile(path):
+        raise DataError(f"data file not found: {path}")
+    if builder is not None and split.split("[")[0] != "train":
+        raise ConfigError(f"{path} is a single file, so its only split is 'train' (got {split!r}); "
+                          "give a separate file as data.eval_path")
+    try:
+        ds = (load_dataset(path, split=split) if builder is None
+              else load_dataset(builder, data_files=path, split=split))
+    except Exception as e:  # datasets/arrow/hub raise many types; all mean "cannot read this"
+        first = (str(e).strip().splitlines() or [""])[0]
+        msg = f"could not load {path!r} (split {split!r}): {type(e).__name__}: {first}"
+        raise DataError(msg) from e
+    if cfg.max_rows is not None and len(ds) > cfg.max_rows:
+        ds = ds.select(range(cfg.max_rows))
+    return ds
+
+
+class _Skip(Exception):
+    """Raised inside a row to skip it; ``args[0]`` is the reason counted in the report."""
+
+
+class _RowEncoder:
+    """Validates and tokenises one raw row: a picklable callable for ``Dataset.map``."""
+
+    def __init__(self, tokenizer, cfg, fmt, kind, layout, source, row_ids) -> None:
+        self.tok, self.cfg, self.fmt, self.kind = tokenizer, cfg, fmt, kind
+        self.layout, self.source, self.row_ids = layout, source, row_ids
+        # ids the tokenizer puts before plain text (BOS for Llama, none for GPT-2): located as
+        # the bare encoding's offset inside the full one, so a trailing EOS is never taken
+        full, bare = (tokenizer("a", add_special_tokens=a)["input_ids"] for a in (True, False))
+        starts = [s for s in range(len(full) - len(bare) + 1) if full[s : s + len(bare)] == bare]
+        self.prefix = list(full[: starts[0]]) if starts else []
+        self.eos, self.bos = tokenizer.eos_token_id, tokenizer.bos_token_id
+
+    def __call__(self, row: dict[str, Any], idx: int) -> dict[str, Any]:
+        i = int(self.row_ids[idx]) if self.row_ids is not None else idx
+        try:
+            pfield, prompt, responses = self._extract(row, i)
+            for f, v in [(pfield, prompt), *responses]:
+                self._check(v, f, i)
+                if isinstance(v, str) != isinstance(prompt, str):
+                    raise self._fail(i, f"fields {pfield!r} and {f!r} mix text and message lists")
+            if self.kind == "pairs" and responses[0][1] == responses[1][1]:
+                raise _Skip("identical")
+            p_ids, r_ids = self._tokenise(prompt, responses, i)
+            p_ids, r_ids, trunc = self._fit(pfield, p_ids, [f for f, _ in responses], r_ids, i)
+            if self.kind == "pairs" and r_ids[0] == r_ids[1]:
+                raise _Skip("identical_after_truncation")
+        except _Skip as s:  # empty id lists keep the schema; the row is filtered out later
+            return {**{c: [] for c in _OUT[self.kind]}, "_skip": s.args[0], "_trunc": ""}
+        ids = dict(zip(_OUT[self.kind], [p_ids, *r_ids], strict=True))
+        return {**ids, "_skip": "", "_trunc": ",".join(trunc)}
+
+    def _fail(self, i: int, msg: str) -> DataError:
+        return DataError(f"{self.source} row {i}: {msg}")
+
+    def _extract(self, row: dict[str, Any], i: int) -> tuple[str, Any, list[tuple[str, Any]]]:
+        """(prompt field, prompt, [(response field, response)]) in the row's own form."""
+        lay, want = self.layout, self.kind != "prompts"
+        if lay[0] == "prompt":
+            return "prompt", row["prompt"], [(f, row[f]) for f in lay[1:]]
+        if lay[0] == "messages":  # prompt = every turn before the final assistant message
+            prompt, last = self._split_transcript(row["messages"], "messages", i)
+            return "messages", prompt, ([("messages", last)] if want else [])
+        parts = [(f, self._split_transcript(row[f], f, i)) for f in lay]
+        prompt = parts[0][1][0]
+        if any(p != prompt for _, (p, _) in parts[1:]):
+            raise _Skip("prompt_mismatch")
+        return lay[0], prompt, ([(f, r) for f, (_, r) in parts] if want else [])
+
+    def _split_transcript(self, value: Any, f: str, i: int) -> tuple[Any, Any]:
+        """A full dialogue → (prompt, final response): HH text, or a message list."""
+        self._check(value, f, i)
+        if self.fmt == "hh":
+            if not isinstance(value, str) or HH_ASSISTANT not in value:
+                raise self._fail(i, f"field {f!r} is not text with a {HH_ASSISTANT!r} turn (hh)")
+            return split_hh(value)
+        if not isinstance(value, list):
+            raise self._fail(i, f"field {f!r} must be a list of messages here (for Anthropic HH "
+                                "text transcripts set data.format=hh)")
+        if value[-1]["role"] != "assistant":
+            raise self._fail(i, f"field {f!r} must end with an assistant message")
+        return list(value[:-1]), list(value[-1:])
+
+    def _check(self, value: Any, f: str, i: int) -> None:
+        """Type-check one field, and apply on_empty when it has no content (null or blank)."""
+        if isinstance(value, list):
+            for j, m in enumerate(value):
+                if not (isinstance(m, dict) and isinstance(m.get("role"), str) and "content" in m):
+                    raise self._fail(i, f"field {f!r} message {j} needs 'role' and 'content' keys")
+            # content may be a list of parts (multimodal): only blank or null text is empty
+            empty = not any(isinstance(m["content"], list) or str(m["content"] or "").strip()
+                            for m in value)
+        elif value is None or isinstance(value, str):
+            empty = value is None or not value.strip()
+        else:
+            kind = type(value).__name__
+            raise self._fail(i, f"field {f!r} must be a string or a list of messages, got {kind}")
+        if empty and self.cfg.on_empty == "error":
+            raise self._fail(i, f"field {f!r} is empty (set data.on_empty=skip to skip)")
+        if empty:
+            raise _Skip(f"empty:{f}")
+
+    def _ids(self, text: str) -> list[int]:
+        return list(self.tok(text, add_special_tokens=False)["input_ids"])
+
+    def _render(self, messages: list[dict], gen_prompt: bool, i: int) -> str:
+        try:  # a tokenizer without a chat template raises here too
+            return self.tok.apply_chat_template(messages, tokenize=False,
+                                                add_generation_prompt=gen_prompt)
+        except Exception as e:  # jinja errors: report the row, not a template traceback
+            raise self._fail(i, f"chat template failed: {type(e).__name__}: {e}") from e
+
+    def _with_eos(self, ids: list[int], templated: bool) -> list[int]:
+        if self.cfg.add_eos and templated and self.eos in ids:  # cut text after the end of turn
+            return ids[: len(ids) - ids[::-1].index(self.eos)]
+        return ids if not self.cfg.add_eos or ids[-1:] == [self.eos] else [*ids, self.eos]
+
+    def _tokenise(self, prompt: Any, responses: list[tuple[str, Any]], i: int):
+        if isinstance(prompt, str):
+            r_ids = [self._with_eos(self._ids(r), False) for _, r in responses]
+            return self.prefix + self._ids(prompt), r_ids
+        p_text, r_ids = self._render(prompt, True, i), []
+        for f, r in responses:
+            # the response is the text the full conversation adds after the generation prompt
+            full = self._render([*prompt, *r], False, i)
+            if not full.startswith(p_text):
+                msg = f"the chat template does not render the prompt as a prefix of prompt+{f!r}"
+                raise self._fail(i, msg)
+            r_ids.append(self._with_eos(self._ids(full[len(p_text) :]), True))
+        return self._ids(p_text), r_ids
+
+    def _fit(self, pfield, p_ids, rfields, r_ids, i):
+        """Apply max_prompt_length, then max_length, according to on_overlong."""
+        cfg, trunc = self.cfg, []
+        if len(p_ids) > cfg.max_prompt_length:
+            self._overlong(i, "prompt", f"field {pfield!r} has {len(p_ids)} tokens > "
+                           f"data.max_prompt_length={cfg.max_prompt_length}")
+            head = p_ids[:1] if p_ids[0] == self.bos else []
+            p_ids = head + p_ids[len(p_ids) - (cfg.max_prompt_length - len(head)) :]
+            trunc.append("prompt")
+        budget = cfg.max_length - len(p_ids)
+        over = [(f, len(r)) for f, r in zip(rfields, r_ids, strict=True) if len(r) > budget]
+        if over:
+            self._overlong(i, "response", f"field {over[0][0]!r}: prompt+response has "
+                           f"{len(p_ids) + over[0][1]} tokens > data.max_length={cfg.max_length}")
+            r_ids = [r[:budget] for r in r_ids]
+            trunc.append("response")
+        return p_ids, r_ids, trunc
+
+    def _overlong(self, i: int, what: str, msg: str) -> None:
+        if self.cfg.on_overlong == "error":
+            raise self._fail(i, f"{msg} (set data.on_overlong=skip or truncate)")
+        if self.cfg.on_overlong == "skip":
+            raise _Skip(f"too_long:{what}")
+
+
+def _layout(ds: Dataset, cfg: DataConfig, kind: str, source: str) -> tuple[str, tuple[str, ...]]:
+    """(format, columns to read) for ``kind``, or a DataError listing found/expected columns."""
+    cols, fmt = sorted(ds.column_names), cfg.format
+    if fmt == "auto":  # TRL's column names decide; bare chosen/rejected text is HH transcripts
+        fmt = next((f for f, need in _AUTO if set(need) <= set(cols)), None)
+        if fmt == "hh" and not isinstance(ds[0]["chosen"], str):
+            fmt = "preference"  # conversational chosen/rejected with an implicit prompt
+        if fmt is None:
+            raise DataError(f"{source}: cannot infer data.format from columns {cols}; expected "
+                            + ", ".join(f"{'/'.join(n)} ({f})" for f, n in _AUTO))
+    options = _LAYOUTS.get((fmt, kind))
+    if options is None:
+        raise DataError(f"{source}: format {fmt!r} has no responses to build kind {kind!r} "
+                        f"from (columns: {cols})")
+    layout = next((o for o in options if set(o) <= set(cols)), None)
+    if layout is None:
+        raise DataError(f"{source}: missing column(s) {sorted(set(options[0]) - set(cols))} for "
+                        f"format {fmt!r}, kind {kind!r}; found columns: {cols}; expected: "
+                        + " or ".join("/".join(o) for o in options))
+    return fmt, layout
+
+
+def prepare(ds: Dataset, tokenizer: Any, cfg: DataConfig, kind: str, *, source: str | None = None,
+            row_ids: list[int] | None = None) -> tuple[Dataset, DataReport]:
+    """Validate and tokenise raw rows into the id columns of ``kind``: ``pairs`` → ``prompt_ids``,
+    ``chosen_ids``, ``rejected_ids``; ``prompts`` → ``prompt_ids``; ``sft`` → ``prompt_ids``,
+    ``completion_ids`` (response ids include the EOS). ``source`` names the data in messages;
+    ``row_ids[k]`` is the file row number of ``ds[k]`` when ``ds`` is a subset."""
+    if kind not in _OUT:
+        raise ConfigError(f"unknown data kind {kind!r}: expected one of {', '.join(_OUT)}")
+    cfg.validate(require_path=False)
+    source = source or (cfg.path if cfg.path not in (None, MISSING) else "<dataset>")
+    if len(ds) == 0:
+        raise DataError(f"{source}: the dataset has no rows")
+    fmt, layout = _layout(ds, cfg, kind, source)
+    if cfg.add_eos and kind != "prompts" and tokenizer.eos_token_id is None:
+        raise ConfigError("the tokenizer has no eos_token; set one or set data.add_eos=false")
+    # Skips travel as a column rather than a counter so that they survive num_proc workers.
+    features = {c: Sequence(Value("int32")) for c in _OUT[kind]}
+    features |= {"_skip": Value("string"), "_trunc": Value("string")}
+    encoder = _RowEncoder(tokenizer, cfg, fmt, kind, layout, source, row_ids)
+    out = ds.map(encoder, with_indices=True, remove_columns=ds.column_names, num_proc=cfg.num_proc,
+                 features=Features(features), desc=f"tokenising {kind}")
+    report = DataReport(source=source, kind=kind, format=fmt, rows_read=len(ds))
+    report.truncated = dict(Counter(t for x in out["_trunc"] for t in x.split(",") if t))
+    skips = list(out["_skip"])
+    report.skipped = dict(Counter(filter(None, skips)))
+    for k, reason in enumerate(skips):
+        if reason and len(report.examples.setdefault(reason, [])) < 3:
+            report.examples[reason].append(int(row_ids[k]) if row_ids is not None else k)
+    if report.skipped:
+        out = out.filter(lambda s: s == "", input_columns="_skip", num_proc=cfg.num_proc)
+    out = out.remove_columns(["_skip", "_trunc"])
+    report.rows_kept = len(out)
+    if report.rows_kept == 0:
+        raise DataError(f"{source}: every row was skipped ({report.summary()})")
+    return out, report
+
+
+def _load(cfg: DataConfig, path: str, split: str, part: str | None):
+    """Rows of (path, split), their file row numbers and a name for messages. ``part`` picks
+    "train" or "eval" of the seeded ``eval_fraction`` split (disjoint, file order kept)."""
+    ds, row_ids = load_rows(cfg, split, path=path), None
+    if part is not None:
+        n, n_eval = len(ds), max(1, round(len(ds) * cfg.eval_fraction))
+        if n_eval >= n:
+            raise ConfigError(f"data.eval_fraction={cfg.eval_fraction} leaves no train rows of {n}")
+        perm = np.random.default_rng(cfg.seed).permutation(n)
+        row_ids = sorted((perm[:n_eval] if part == "eval" else perm[n_eval:]).tolist())
+        ds = ds.select(row_ids)
+    return ds, row_ids, (path if _builder_for(path) is not None else f"{path}[{split}]")
+
+
+def build_dataset(cfg: DataConfig, tokenizer: Any, kind: str,
+                  split: str | None = None) -> tuple[Dataset, DataReport]:
+    """Training rows of ``cfg`` (split ``split`` or ``cfg.split``), minus the ``eval_fraction``
+    hold-out, tokenised for ``kind``. The engine logs ``report.summary()``."""
+    cfg.validate()
+    split = split or cfg.split
+    part = "train" if cfg.eval_fraction > 0 and split == cfg.split else None
+    ds, row_ids, source = _load(cfg, cfg.path, split, part)
+    return prepare(ds, tokenizer, cfg, kind, source=source, row_ids=row_ids)
+
+
+def build_eval_dataset(cfg: DataConfig, tokenizer: Any, kind: str) -> Dataset | None:
+    """Eval rows or None. In order: ``eval_path`` (split ``eval_split``, default "test"; a file
+    is used whole), ``eval_split`` of ``path``, or the seeded ``eval_fraction`` hold-out (disjoint
+    from :func:`build_dataset`'s rows). Its report summary is logged here."""
+    cfg.validate()
+    if cfg.eval_path:  # a single file has only "train"; a hub dataset or dir defaults to "test"
+        file_split = "train" if _builder_for(cfg.eval_path) else "test"
+        args = (cfg.eval_path, cfg.eval_split or file_split, None)
+    elif cfg.eval_split:
+        args = (cfg.path, cfg.eval_split, None)
+    elif cfg.eval_fraction > 0:
+        args = (cfg.path, cfg.split, "eval")
+    else:
+        return None
+    ds, row_ids, source = _load(cfg, *args)
+    out, report = prepare(ds, tokenizer, cfg, kind, source=f"eval {source}", row_ids=row_ids)
+    (logger.warning if report.skipped else logger.info)(report.summary())
+    return out
