@@ -1,0 +1,331 @@
+"""Loading the policy π, the reference π₀, and scalar scorers (reward / value models).
+
+π₀ appears in every objective with a KL-to-reference term (β in SPEC (1), (15) and the
+DPO/REBEL baselines). :class:`Reference` serves ln π₀ without doubling memory under LoRA:
+π₀ is then the adapter-disabled policy (the base weights are frozen, so disabling the adapter
+gives exactly the initial model), and a second copy is held only when it must be.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from distalign.errors import ConfigError
+from distalign.lm.logprobs import token_logprobs
+
+logger = logging.getLogger(__name__)
+
+DTYPES: dict[str, Any] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "auto": "auto",
+}
+
+
+@dataclass
+class LoraConfig:
+    """peft LoRA settings. ``target_modules=None`` means every linear layer ("all-linear")."""
+
+    enabled: bool = False
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: list[str] | None = None
+    bias: str = "none"
+
+
+@dataclass
+class ModelConfig:
+    """Which checkpoints to load for π, π₀, the reward model and the value model.
+
+    ``ref_model=None``: π₀ is the policy's initial weights — the adapter-disabled policy under
+    LoRA, otherwise a frozen copy loaded from ``name_or_path``. ``value_model=None``: the PPO
+    value model starts from ``reward_model`` (common PPO practice).
+    """
+
+    name_or_path: str = ""
+    tokenizer: str | None = None
+    gguf_file: str | None = None
+    dtype: str = "float32"  # float32 | bfloat16 | float16 | auto
+    attn_implementation: str | None = None
+    gradient_checkpointing: bool = False
+    trust_remote_code: bool = False
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    ref_model: str | None = None
+    reward_model: str | None = None
+    value_model: str | None = None
+
+
+# Wrappers whose `.module` is the full model. FSDP is deliberately absent: its `.module` holds
+# sharded parameters, so it must be called through the wrapper.
+_PARALLEL_WRAPPERS = {"DistributedDataParallel", "DataParallel", "DeepSpeedEngine"}
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """Strip DDP/DataParallel/DeepSpeed (``.module``) and ``torch.compile`` (``._orig_mod``).
+
+    A peft ``PeftModel`` is *not* stripped: it is the model (its adapter state matters).
+    """
+    while True:
+        if isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        elif type(model).__name__ in _PARALLEL_WRAPPERS:
+            model = model.module
+        else:
+            return model
+
+
+def is_peft_model(model: nn.Module) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:  # peft is a dependency, but keep the core importable without it
+        return False
+    return isinstance(model, PeftModel)
+
+
+def _torch_dtype(name: str) -> Any:
+    if name not in DTYPES:
+        raise ConfigError(f"model.dtype={name!r} is not one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def _load_error(what: str, path: str, err: Exception) -> ConfigError:
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return ConfigError(f"cannot load {what} from {path!r}: {first}")
+
+
+def _common_kwargs(cfg: ModelConfig) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {
+        "dtype": _torch_dtype(cfg.dtype),  # transformers 5: `dtype`, not `torch_dtype`
+        "trust_remote_code": cfg.trust_remote_code,
+    }
+    if cfg.attn_implementation:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    return kwargs
+
+
+def load_tokenizer(cfg: ModelConfig) -> Any:
+    """Tokenizer of ``cfg.tokenizer`` (or of the policy). A missing pad token becomes EOS.
+
+    Pad == EOS is safe in this library because masks, not token ids, mark padding (see
+    :func:`distalign.lm.scoring.sequence_scores`).
+    """
+    from transformers import AutoTokenizer
+
+    path = cfg.tokenizer or cfg.name_or_path
+    if not path:
+        raise ConfigError("model.name_or_path (or model.tokenizer) is empty")
+    kwargs: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}
+    if cfg.gguf_file and not cfg.tokenizer:
+        kwargs["gguf_file"] = cfg.gguf_file
+    try:
+        tok = AutoTokenizer.from_pretrained(path, **kwargs)
+    except ImportError as err:
+        raise ConfigError(f"loading {path!r} needs an extra package: {err}") from err
+    except (OSError, ValueError) as err:
+        raise _load_error("tokenizer", path, err) from err
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise ConfigError(f"tokenizer {path!r} has neither a pad nor an EOS token")
+        tok.pad_token = tok.eos_token
+        logger.info("tokenizer %s has no pad token; using EOS %r as pad", path, tok.eos_token)
+    return tok
+
+
+def _from_pretrained(auto_cls: Any, path: str, cfg: ModelConfig, what: str, **extra: Any) -> Any:
+    kwargs = _common_kwargs(cfg) | extra
+    if cfg.gguf_file and path == cfg.name_or_path:
+        kwargs["gguf_file"] = cfg.gguf_file
+    try:
+        return auto_cls.from_pretrained(path, **kwargs)
+    except ImportError as err:
+        raise ConfigError(f"loading {what} {path!r} needs an extra package: {err}") from err
+    except (OSError, ValueError) as err:
+        raise _load_error(what, path, err) from err
+
+
+def apply_lora(model: nn.Module, lora: LoraConfig, task_type: str = "CAUSAL_LM") -> nn.Module:
+    """Wrap ``model`` in a peft LoRA adapter. For ``task_type="SEQ_CLS"`` peft also trains the
+    (newly initialised) score head, via ``modules_to_save``."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    peft_cfg = PeftLoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules) if lora.target_modules else "all-linear",
+        bias=lora.bias,
+        task_type=task_type,
+    )
+    try:
+        return get_peft_model(model, peft_cfg)
+    except ValueError as err:
+        raise ConfigError(f"model.lora: {str(err).splitlines()[0]}") from err
+
+
+def _enable_gradient_checkpointing(model: nn.Module) -> None:
+    # Non-reentrant checkpointing works with frozen base weights (LoRA) without the
+    # enable_input_require_grads() hack that the reentrant variant needs.
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.config.use_cache = False  # a KV cache is useless (and warned about) in training
+
+
+def load_policy(cfg: ModelConfig) -> nn.Module:
+    """The trainable policy π: an HF causal LM, LoRA-wrapped when ``cfg.lora.enabled``."""
+    from transformers import AutoModelForCausalLM
+
+    if not cfg.name_or_path:
+        raise ConfigError("model.name_or_path is empty")
+    model = _from_pretrained(AutoModelForCausalLM, cfg.name_or_path, cfg, "policy")
+    if cfg.gradient_checkpointing:
+        _enable_gradient_checkpointing(model)
+    if cfg.lora.enabled:
+        model = apply_lora(model, cfg.lora, "CAUSAL_LM")
+    return model
+
+
+def load_scorer(
+    path: str, cfg: ModelConfig, num_labels: int = 1, pad_token_id: int | None = None
+) -> nn.Module:
+    """A reward or value model: ``AutoModelForSequenceClassification`` with ``num_labels`` outputs.
+
+    Loading a *causal LM* checkpoint here keeps its backbone and initialises a new score head:
+    that is how a reward model (SPEC (2), Bradley–Terry) is started from an SFT model.
+    ``config.pad_token_id`` is set (needed by HF for batched inputs) from ``pad_token_id``,
+    else the checkpoint's, else its EOS id. Scores are read with
+    :mod:`distalign.lm.scoring`, which never relies on HF's pad-based pooling.
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    if not path:
+        raise ConfigError("scorer path (model.reward_model / model.value_model) is empty")
+    model = _from_pretrained(
+        AutoModelForSequenceClassification, path, cfg, "scorer", num_labels=num_labels
+    )
+    if pad_token_id is None:
+        pad_token_id = model.config.pad_token_id
+    if pad_token_id is None:
+        eos = model.config.eos_token_id
+        pad_token_id = eos[0] if isinstance(eos, list) else eos
+    model.config.pad_token_id = pad_token_id
+    return model
+
+
+def load_reward_model(cfg: ModelConfig, pad_token_id: int | None = None) -> nn.Module:
+    """The frozen reward model R̂ of ``cfg.reward_model`` (eval mode, no gradients)."""
+    if not cfg.reward_model:
+        raise ConfigError("model.reward_model is empty but this method scores responses")
+    model = load_scorer(cfg.reward_model, cfg, 1, pad_token_id).eval()
+    return model.requires_grad_(False)
+
+
+def load_value_model(cfg: ModelConfig, pad_token_id: int | None = None) -> nn.Module:
+    """The trainable PPO value model: ``cfg.value_model``, else initialised from the reward
+    model (its head then starts as the reward head, as in common PPO practice)."""
+    path = cfg.value_model or cfg.reward_model
+    if not path:
+        raise ConfigError("PPO needs model.value_model or model.reward_model")
+    model = load_scorer(path, cfg, 1, pad_token_id)
+    if cfg.gradient_checkpointing:
+        _enable_gradient_checkpointing(model)
+    return model
+
+
+class Reference:
+    """The reference policy π₀, queried for per-token log-probs under ``torch.no_grad()``.
+
+    Two modes:
+
+    * adapter-disabled (``is_adapter_disabled=True``): the policy is a peft model and π₀ is its
+      base, so ``token_logprobs`` runs the *policy* inside ``disable_adapter()``; no second copy.
+    * frozen copy: an eval-mode, ``requires_grad=False`` model held by this object.
+    """
+
+    def __init__(self, model: nn.Module | None = None) -> None:
+        self.model = model
+        if model is not None:
+            model.eval()
+            model.requires_grad_(False)
+
+    @property
+    def is_adapter_disabled(self) -> bool:
+        return self.model is None
+
+    @classmethod
+    def from_config(cls, policy: nn.Module, cfg: ModelConfig) -> Reference:
+        """π₀ for ``policy`` (call this before training starts).
+
+        LoRA policy and no ``ref_model`` → adapter-disabled. Otherwise the copy is loaded from
+        ``cfg.ref_model`` or ``cfg.name_or_path``; a policy built in memory (empty
+        ``name_or_path``) is deep-copied instead.
+        """
+        from transformers import AutoModelForCausalLM
+
+        inner = unwrap_model(policy)
+        if not cfg.ref_model and is_peft_model(inner):
+            return cls(None)
+        path = cfg.ref_model or cfg.name_or_path
+        if path:
+            model = _from_pretrained(AutoModelForCausalLM, path, cfg, "reference model")
+        else:
+            base = inner.get_base_model() if is_peft_model(inner) else inner
+            model = copy.deepcopy(base)
+        device = next(inner.parameters()).device
+        return cls(model.to(device))
+
+    def to(self, device: torch.device | str) -> Reference:
+        if self.model is not None:
+            self.model.to(device)
+        return self
+
+    @torch.no_grad()
+    def token_logprobs(
+        self,
+        policy: nn.Module | None,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        temperature: float = 1.0,
+    ) -> Tensor:
+        """ln π₀(token_t | prefix), ``[B, L]``, aligned like :func:`token_logprobs`.
+
+        ``policy`` (possibly DDP-wrapped) is needed only in adapter-disabled mode. It is put in
+        eval mode for the call (dropout would otherwise perturb π₀) and restored afterwards.
+        """
+        if self.model is not None:
+            return token_logprobs(self.model, input_ids, attention_mask, temperature)
+        if policy is None:
+            raise ValueError("adapter-disabled reference needs the policy model")
+        # Run the unwrapped module: a DDP forward would register a gradient-sync hook
+        # for a pass that never backpropagates.
+        inner = unwrap_model(policy)
+        was_training = inner.training
+        inner.eval()
+        try:
+            with inner.disable_adapter():
+                return token_logprobs(inner, input_ids, attention_mask, temperature)
+        finally:
+            inner.train(was_training)
+
+    def sequence_logprobs(
+        self,
+        policy: nn.Module | None,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        response_mask: Tensor,
+        temperature: float = 1.0,
+    ) -> Tensor:
+        """ln π₀(response | prompt) = Σ over response tokens, ``[B]``."""
+        tok = self.token_logprobs(policy, input_ids, attention_mask, temperature)
+        return (tok * response_mask.to(tok.dtype)).sum(-1)
