@@ -51,6 +51,17 @@ def token_scores(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) ->
     Values at padded positions are meaningless; mask them.
     """
     backbone, head = _split_head(model)
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        # go through DDP's own forward so its reducer all-reduces the scorer's gradients
+        full = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),
+            output_hidden_states=True,
+            use_cache=False,
+        )
+        scores = head(full.hidden_states[-1]).float()
+        return scores.squeeze(-1) if scores.shape[-1] == 1 else scores
     out = backbone(
         input_ids=input_ids,
         attention_mask=attention_mask,

@@ -140,7 +140,7 @@ class Trainer:
         micro = max(mini // r.grad_accum, 1)
         g = torch.Generator().manual_seed(r.seed * 7_919 + step)
         sums: dict[str, float] = defaultdict(float)
-        count = 0
+        count, lr = 0, 0.0
         params = [p for m in self.trainables for p in m.parameters() if p.requires_grad]
         for _ in range(self.method.update_epochs):
             order = torch.randperm(rows, generator=g) if self.method.update_epochs > 1 else None
@@ -167,12 +167,14 @@ class Trainer:
                 if self.cfg.optim.max_grad_norm > 0:
                     norm = self.acc.clip_grad_norm_(params, self.cfg.optim.max_grad_norm)
                     sums["grad_norm"] += float(norm)
+                # log the lr this update used (the scheduler then moves on to the next one)
+                lr = float(self.optimizer.param_groups[0]["lr"])
                 self.optimizer.step()
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.state.optimizer_steps += 1
                 count += 1
-        return {k: v / max(count, 1) for k, v in sums.items()}
+        return {**{k: v / max(count, 1) for k, v in sums.items()}, "lr": lr}
 
     def _guard(self, loss: torch.Tensor, step: int) -> None:
         bad = torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0])
@@ -231,7 +233,6 @@ class Trainer:
                 metrics = {k: float(self.acc.reduce(torch.tensor(v, device=self.acc.device),
                                                     "mean")) for k, v in metrics.items()}
                 metrics.update(
-                    lr=self.scheduler.get_last_lr()[0],
                     epoch=st.epoch + st.batch_in_epoch / self.steps_per_epoch,
                     step_time=dt,
                     tokens_per_s=sequence_tokens(exp) * self.acc.num_processes / dt,
