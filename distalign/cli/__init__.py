@@ -34,10 +34,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(exc.exit_code)
     except typer.Abort:
         sys.exit(130)
-    except Exception as exc:  # click usage errors carry their own formatting
-        import click
-
-        if isinstance(exc, click.ClickException):
+    except Exception as exc:
+        # typer ships its own click; both kinds of usage error carry these two attributes
+        if hasattr(exc, "format_message") and hasattr(exc, "exit_code"):
             typer.echo(f"error: {exc.format_message()}", err=True)
-            sys.exit(exc.exit_code)
+            sys.exit(exc.exit_code or 2)
         raise

@@ -12,3 +12,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+@app.callback()
+def _root() -> None:
+    """Alignment as distribution learning (see `distalign COMMAND --help`)."""

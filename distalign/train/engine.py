@@ -61,6 +61,9 @@ class Trainer:
             log_with=cfg.run.report_to or None,
             project_dir=str(self.run_dir),
             mixed_precision=cfg.run.mixed_precision,
+            # our schedule counts this process's optimizer steps; by default accelerate would
+            # step it num_processes times per update (sized for one process's batches)
+            step_scheduler_with_optimizer=False,
         )
         set_seed(cfg.run.seed)
         if self.acc.is_main_process:
@@ -71,17 +74,19 @@ class Trainer:
         loader, self.sampler, eval_loader, report = build_data(
             cfg, self.method_cls, self.models, dev
         )
-        if len(loader) == 0:
+        # accelerate gives process i every num_processes-th full batch and drops the rest
+        self.steps_per_epoch = len(loader) // self.acc.num_processes
+        if self.steps_per_epoch == 0:
             raise TrainingError(
                 f"{cfg.data.path}: {len(self.sampler)} usable rows, fewer than one batch "
-                f"of run.batch_size={cfg.run.batch_size}"
+                f"of run.batch_size={cfg.run.batch_size} per process "
+                f"({self.acc.num_processes} processes)"
             )
         self.data_report = report
         trainables = [self.models.model]
         if self.models.value_model is not None:
             trainables.append(self.models.value_model)
         mini = cfg.run.mini_batch_size or cfg.run.batch_size
-        self.steps_per_epoch = math.ceil(len(loader) / self.acc.num_processes)
         self.total_steps = cfg.run.max_steps or max(
             1, math.ceil(cfg.run.epochs * self.steps_per_epoch)
         )
@@ -93,6 +98,10 @@ class Trainer:
         self.trainables = list(prepared[:n])
         self.optimizer, self.loader, self.scheduler = prepared[n:]
         self.eval_loader = self.acc.prepare(eval_loader) if eval_loader is not None else None
+        # All ranks used one seed so that every model starts identical; from here on each rank
+        # samples its own responses (one stream on every rank would correlate them, as TRL's
+        # per-process generation seed also avoids). One process: the seed is unchanged.
+        set_seed(cfg.run.seed, device_specific=True)
         for frozen in (self.models.reward_model,):
             if frozen is not None:
                 frozen.to(dev)
@@ -113,6 +122,7 @@ class Trainer:
         resume_from = latest_checkpoint(self.run_dir) if cfg.run.resume else None
         if resume_from is not None:
             self.state = load_checkpoint(self.acc, resume_from)
+            self._resync_lr()
             log.info("resumed from %s (step %d)", resume_from, self.state.step)
         self.log = RunLog(
             self.run_dir, self.state.step if resume_from else None, self.acc.is_main_process
@@ -121,11 +131,30 @@ class Trainer:
             for stale in ("metrics.jsonl", "samples.jsonl"):
                 (self.run_dir / stale).unlink(missing_ok=True)
 
+    def _resync_lr(self) -> None:
+        """After a resume, set the optimizer's lr from the schedule of *this* config.
+
+        Only the step count is restored (schedule functions are not saved), so a run resumed
+        with a larger ``run.max_steps`` follows the new horizon; without this, its first update
+        would use the lr saved by the old schedule (0 at the end of a linear decay).
+        """
+        sched = getattr(self.scheduler, "scheduler", self.scheduler)
+        if not hasattr(sched, "lr_lambdas"):
+            return
+        pairs = zip(sched.base_lrs, sched.lr_lambdas, strict=True)
+        lrs = [b * f(sched.last_epoch) for b, f in pairs]
+        for group, lr in zip(self.optimizer.param_groups, lrs, strict=True):
+            group["lr"] = lr
+        sched._last_lr = lrs
+
     # ---------------------------------------------------------------------------- data
     def _batches(self):
         """Yield batches from the saved position onward, epoch after epoch."""
         epoch, skip = self.state.epoch, self.state.batch_in_epoch
         while True:
+            # The accelerate loader re-sets the sampler's epoch from its own pass counter at
+            # every pass (and a skip loader inherits that counter), so set the epoch there.
+            self.loader.set_epoch(epoch)
             self.sampler.set_epoch(epoch)
             loader = self.acc.skip_first_batches(self.loader, skip) if skip else self.loader
             for i, batch in enumerate(loader, start=skip):
@@ -188,6 +217,15 @@ class Trainer:
     # ------------------------------------------------------------------------ evaluate
     @torch.no_grad()
     def evaluate(self, step: int) -> dict[str, float]:
+        """Held-out metrics and callbacks. Run under a forked RNG: evaluation samples too,
+        and must not shift the training stream (trajectories independent of eval_every,
+        exact resume, and ranks stay in step when callbacks run on the main process only)."""
+        dev = self.acc.device
+        devices = [dev.index or 0] if dev.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            return self._evaluate(step)
+
+    def _evaluate(self, step: int) -> dict[str, float]:
         out: dict[str, float] = {}
         if self.eval_loader is not None:
             for m in self.trainables:
@@ -246,12 +284,16 @@ class Trainer:
                     if r.report_to:
                         self.acc.log(metrics, step=st.step)
                 progress.update(task, completed=st.step, info=progress_info(metrics))
-                if r.save_every and st.step % r.save_every == 0 and not final:
+                # the last step is saved too, so a finished run can be extended (max_steps)
+                if r.save_every and (st.step % r.save_every == 0 or final):
                     save_checkpoint(self.acc, self.run_dir, st, r.keep_checkpoints)
         save_final(self.acc, self.run_dir, self.trainables, self.models.tokenizer)
         if self.acc.is_main_process:
             write_summary(self.run_dir, self.cfg, st.step, self.log.last)
-        self.acc.end_training()
+        # finish trackers but keep the process group (accelerate's end_training destroys it),
+        # so a script may run several trainings in one `accelerate launch` (e.g. RM then PPO)
+        for tracker in self.acc.trackers:
+            tracker.finish()
         return self.run_dir
 
 

@@ -16,7 +16,7 @@ from distalign.lm.collators import PairCollator, PromptCollator, SFTCollator
 from distalign.lm.data import build_dataset, build_eval_dataset
 from distalign.lm.generation import make_sampler
 from distalign.lm.logprobs import token_logprobs
-from distalign.lm.models import Reference, load_policy, load_scorer, load_tokenizer
+from distalign.lm.models import Reference, apply_lora, load_policy, load_scorer, load_tokenizer
 from distalign.methods.base import Method, as_pairs, seq_sum
 from distalign.train.config import TrainConfig
 
@@ -85,7 +85,16 @@ def _check_vocab(name: str, model: nn.Module, tokenizer: Any) -> None:
 def build_models(cfg: TrainConfig, method_cls: type[Method]) -> Models:
     mc, algo = cfg.model, cfg.algo
     tokenizer = load_tokenizer(mc)
-    model = load_scorer(mc.name_or_path, mc) if method_cls.trains_scorer else load_policy(mc)
+    if method_cls.trains_scorer:
+        model = load_scorer(mc.name_or_path, mc)
+        if mc.gradient_checkpointing:  # as load_policy does (non-reentrant works with LoRA)
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+        if mc.lora.enabled:  # load_scorer leaves LoRA to the caller; peft also trains the head
+            model = apply_lora(model, mc.lora, "SEQ_CLS")
+    else:
+        model = load_policy(mc)
     ref = Reference.from_config(model, mc) if method_cls.needs_reference(algo) else None
     reward_model = value_model = None
     if method_cls.uses_reward_model:
@@ -141,6 +150,9 @@ def build_data(cfg: TrainConfig, method_cls: type[Method], models: Models, devic
         sampler=sampler,
         collate_fn=make_collator(kind, pad, extra),
         drop_last=True,  # PPO-style mini-batching needs full batches; the remainder is logged
+        # each new pass draws a base seed from this generator, not from the global RNG, so a
+        # resumed run (which opens a pass mid-epoch) samples exactly as an uninterrupted one
+        generator=torch.Generator().manual_seed(cfg.run.seed),
     )
     eval_loader = None
     if eval_ds is not None and len(eval_ds) > 0:

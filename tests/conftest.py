@@ -1,0 +1,175 @@
+"""Shared, session-scoped fixtures: tiny checkpoints on disk and tiny jsonl datasets.
+
+Everything is built locally with :mod:`distalign.testing` (no hub access) once per test
+session, so the engine tests can load models "from a path" exactly as a user run does.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from distalign.testing import save_tiny, tiny_causal_lm, tiny_reward_model, tiny_tokenizer
+
+# Tiny models are latency-bound: one intra-op thread is much faster than a pool contending
+# for a couple of shared CI cores (measured ~20x on the engine tests).
+torch.set_num_threads(1)
+
+# Prompt / chosen / rejected rows over the tiny tokenizer's vocabulary (no <unk> tokens).
+# 12 rows with varied lengths, so batches need padding and loss values depend on the rows.
+PROMPTS = [
+    "what is a good name for a cat",
+    "the dog is",
+    "how was your day",
+    "my house is big",
+    "where is the moon",
+    "you are good",
+    "who is that man",
+    "what can i do",
+    "the sun is",
+    "is the water good",
+    "why is the world so big",
+    "what did she have",
+]
+CHOSEN = [
+    "the cat is good", "a good dog", "it was a great day", "yes it is", "the moon is there",
+    "thank you", "he is my first man", "you can do it", "the sun is big and new",
+    "yes", "it is the world", "she had some food",
+]
+REJECTED = [
+    "no", "bad bad", "day", "no it is not big at all", "i do not", "you", "no one",
+    "nothing", "small", "no the water is bad", "why", "she had no food and no water",
+]
+
+
+@dataclass(frozen=True)
+class Tiny:
+    """Paths of the session's tiny checkpoints and datasets."""
+
+    root: Path
+    policy: Path  # causal LM (seed 0) + tokenizer
+    ref: Path  # a *different* causal LM (seed 1), to make π₀ ≠ π in loss checks
+    reward: Path  # scalar scorer (seed 2) + tokenizer
+    pairs: Path  # prompt/chosen/rejected jsonl (also the prompt source of online methods)
+    sft: Path  # prompt/completion jsonl
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Tiny:
+    root = tmp_path_factory.mktemp("tiny")
+    tok = tiny_tokenizer()
+    paths = {}
+    for name, model in {
+        "policy": tiny_causal_lm(tok, seed=0),
+        "ref": tiny_causal_lm(tok, seed=1),
+        "reward": tiny_reward_model(tok, seed=2),
+    }.items():
+        save_tiny(tok, root / name)
+        paths[name] = save_tiny(model, root / name)
+    pairs = _write_jsonl(
+        root / "pairs.jsonl",
+        [
+            {"prompt": p, "chosen": c, "rejected": r}
+            for p, c, r in zip(PROMPTS, CHOSEN, REJECTED, strict=True)
+        ],
+    )
+    sft = _write_jsonl(
+        root / "sft.jsonl",
+        [{"prompt": p, "completion": c} for p, c in zip(PROMPTS, CHOSEN, strict=True)],
+    )
+    return Tiny(root, paths["policy"], paths["ref"], paths["reward"], pairs, sft)
+
+
+def base_config(tiny: Tiny, method: str, run_dir: Path) -> dict[str, Any]:
+    """A small, fast run: batch 4, 6 new tokens, no progress bar, no eval split."""
+    return {
+        "model": {"name_or_path": str(tiny.policy), "reward_model": str(tiny.reward)},
+        "data": {"path": str(tiny.sft if method == "sft" else tiny.pairs)},
+        "gen": {"max_new_tokens": 6, "temperature": 0.7},
+        "optim": {"lr": 1e-3},
+        "run": {
+            "name": run_dir.name,
+            "output_dir": str(run_dir.parent),
+            "batch_size": 4,
+            "max_steps": 2,
+            "progress": False,
+            "num_samples_logged": 1,
+        },
+    }
+
+
+MakeConfig = Callable[..., Any]
+
+
+@pytest.fixture(scope="session")
+def make_config(tiny: Tiny) -> MakeConfig:
+    """``make_config(method, run_dir, "a.b=v", ...)`` → a validated ``TrainConfig``."""
+    from distalign.train import load_config
+
+    def make(method: str, run_dir: Path, *overrides: str) -> Any:
+        return load_config(method, base_config(tiny, method, Path(run_dir)), list(overrides))
+
+    return make
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """Rows of ``metrics.jsonl``."""
+    return [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln]
+
+
+def rows_by_step(run_dir: Path) -> dict[int, dict[str, Any]]:
+    return {r["step"]: r for r in read_metrics(run_dir)}
+
+
+# ------------------------------------------------------------- independent reference maths
+# Written without distalign.lm: every row is run *unpadded* through the plain HF model, so
+# the library's batched, padded (left and right) computation is checked against the simplest
+# possible one.
+def _real_positions(attn_row: torch.Tensor) -> torch.Tensor:
+    return attn_row.bool().nonzero()[:, 0]
+
+
+@torch.no_grad()
+def row_token_logps(model, ids: torch.Tensor, attn: torch.Tensor, temperature: float = 1.0):
+    """``[B, L]``: ln p(ids[t] | real tokens before t) at each real position t (0 elsewhere)."""
+    out = torch.zeros(ids.shape, dtype=torch.float32)
+    for i in range(ids.shape[0]):
+        pos = _real_positions(attn[i])
+        row = ids[i, pos]
+        logits = model(input_ids=row[None]).logits[0].float() / temperature
+        lp = torch.log_softmax(logits[:-1], -1).gather(-1, row[1:, None])[:, 0]
+        out[i, pos[1:]] = lp
+    return out
+
+
+@torch.no_grad()
+def row_head_outputs(scorer, ids: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+    """``[B, L]``: a sequence-classification model's scalar head on each real token's state."""
+    out = torch.zeros(ids.shape, dtype=torch.float32)
+    for i in range(ids.shape[0]):
+        pos = _real_positions(attn[i])
+        hidden = scorer.model(input_ids=ids[i, pos][None]).last_hidden_state
+        out[i, pos] = scorer.score(hidden)[0, :, 0].float()
+    return out
+
+
+def last_one(mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last 1 per row (written out, not distalign's helper)."""
+    return torch.tensor([int(r.nonzero().max()) for r in mask])
+
+
+def row_scores(scorer, ids: torch.Tensor, attn: torch.Tensor, upto: torch.Tensor):
+    """R̂ per row: the head at the last 1 of ``upto`` (the last real response token)."""
+    heads = row_head_outputs(scorer, ids, attn)
+    return heads[torch.arange(ids.shape[0]), last_one(upto)]
