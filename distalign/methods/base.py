@@ -66,7 +66,8 @@ class Method:
 
     @classmethod
     def needs_sampler(cls, algo: Any) -> bool:
-        return cls.data_kind == "prompts" or cls.needs_reference(algo) and cls.data_kind == "pairs"
+        """Online methods sample; offline ones override this if they do (PMLE's KL term)."""
+        return cls.data_kind == "prompts"
 
     @classmethod
     def generation_config(cls, cfg: TrainConfig) -> GenerationConfig:

@@ -82,19 +82,22 @@ def _check_vocab(name: str, model: nn.Module, tokenizer: Any) -> None:
         )
 
 
+def _trainable_scorer(path: str, mc: Any) -> nn.Module:
+    """A scorer to train (reward model, PPO value model) with the policy's memory settings:
+    gradient checkpointing and, when LoRA is on, a SEQ_CLS adapter that also trains the head."""
+    model = load_scorer(path, mc)
+    if mc.gradient_checkpointing:  # non-reentrant works with LoRA
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if mc.lora.enabled:
+        model = apply_lora(model, mc.lora, "SEQ_CLS")
+    return model
+
+
 def build_models(cfg: TrainConfig, method_cls: type[Method]) -> Models:
     mc, algo = cfg.model, cfg.algo
     tokenizer = load_tokenizer(mc)
-    if method_cls.trains_scorer:
-        model = load_scorer(mc.name_or_path, mc)
-        if mc.gradient_checkpointing:  # as load_policy does (non-reentrant works with LoRA)
-            model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
-            )
-        if mc.lora.enabled:  # load_scorer leaves LoRA to the caller; peft also trains the head
-            model = apply_lora(model, mc.lora, "SEQ_CLS")
-    else:
-        model = load_policy(mc)
+    trained = _trainable_scorer if method_cls.trains_scorer else None
+    model = trained(mc.name_or_path, mc) if trained else load_policy(mc)
     ref = Reference.from_config(model, mc) if method_cls.needs_reference(algo) else None
     reward_model = value_model = None
     if method_cls.uses_reward_model:
@@ -106,7 +109,7 @@ def build_models(cfg: TrainConfig, method_cls: type[Method]) -> Models:
         value_path = mc.value_model or mc.reward_model
         if not value_path:
             raise ConfigError(f"method {cfg.method!r} needs model.value_model or reward_model")
-        value_model = load_scorer(value_path, mc)
+        value_model = _trainable_scorer(value_path, mc)
         _check_vocab("model.value_model", value_model, tokenizer)
     return Models(tokenizer, model, ref, reward_model, value_model)
 
