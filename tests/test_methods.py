@@ -108,7 +108,7 @@ def test_pmle_loss_matches_eq5_with_online_kl_surrogate(make_config, tmp_path, t
     assert samples["input_ids"].shape[0] == b * k
     seq_pol, seq_ref = _seq(policy, samples), _seq(ref, samples)
     s = seq_pol - seq_ref
-    adv = s - s.mean() if baseline else s
+    adv = s - (s.sum() - s) / (len(s) - 1) if baseline else s  # leave-one-out baseline
     # REINFORCE surrogate β·mean(stopgrad(s − b)·ln π(a)): its gradient is ∇ β·KL(π‖π₀)
     _close(loss, pref + beta * (adv * seq_pol).mean())
     _close(metrics["kl/online"], s.mean())

@@ -29,7 +29,7 @@ class PMLEConfig:
     gamma: float = 1e-2  # γ, the preference tilt of (3)/(4) (SPEC Table 5: 1e-2)
     beta: float = 1e-5  # β, weight of KL(π‖π₀) in (5) (SPEC Table 5: 1e-5; Table 6: 0)
     kl_samples: int = 1  # fresh responses per prompt for the KL estimate
-    kl_baseline: bool = True  # subtract the batch-mean log-ratio (variance reduction)
+    kl_baseline: bool = True  # subtract the leave-one-out mean log-ratio (variance reduction)
 
     def validate(self) -> None:
         if self.gamma <= 0:

@@ -31,13 +31,16 @@ def online_kl_surrogate(
 
     ``logp``/``ref_logp`` are per-token log-probs ``[B, T]`` of fresh samples a ∼ π_θ and
     ``mask`` marks their response tokens. With s(a) = ln π_θ(a) − ln π₀(a) (sequence level)
-    the gradient of E_π[s] is E_π[(s − b) ∇ ln π_θ(a)] (the E[∇ ln π] term is zero), so the
-    surrogate is β · mean( stopgrad(s − b) · ln π_θ(a) ). ``b`` is the batch-mean of s when
-    ``baseline`` (a leave-none-out baseline; unbiased up to O(1/B)). The surrogate's *value* is
-    not the KL; the KL estimate is reported in the metrics.
+    the gradient of E_π[s] is E_π[(s − b) ∇ ln π_θ(a)] for any b independent of a (the
+    E[∇ ln π] term is zero), so the surrogate is β · mean( stopgrad(s − b) · ln π_θ(a) ).
+    With ``baseline``, b is the leave-one-out mean of the *other* samples' s, which keeps the
+    estimate unbiased (a plain batch mean would include a itself and shrink the expected
+    gradient by 1 − 1/B). The surrogate's *value* is not the KL; the KL estimate is reported
+    in the metrics.
     """
     seq_logp = (logp * mask).sum(-1)
     s = ((logp - ref_logp) * mask).sum(-1).detach()
-    adv = s - s.mean() if baseline and s.numel() > 1 else s
+    n = s.numel()
+    adv = s - (s.sum() - s) / (n - 1) if baseline and n > 1 else s
     loss = beta * (adv * seq_logp).mean()
     return loss, {"kl/online": s.mean(), "loss/kl_surrogate": loss.detach()}

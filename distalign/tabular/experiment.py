@@ -1,0 +1,243 @@
+"""The Figure 1 experiment: every method, every n, every seed, the whole β grid (SPEC §5).
+
+For each n the first n pairs of one long i.i.d. sample are used (nested datasets). Two fits
+are made per method in one batched program: on all n pairs (for the oracle choice and the
+reported numbers) and on the first 80% (train) to score each β by the preference
+log-likelihood of the held-out 20%, ln σ(γ (ln π̂(a⁺|x) − ln π̂(a⁻|x))) (the honest choice).
+The honest β is then used on the full-data fit, like a refit after validation.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+
+from distalign.errors import ConfigError
+from distalign.objectives import preference_logprob
+from distalign.tabular.newton import exact_kl
+from distalign.tabular.solvers import METHODS, SOLVERS, FitInput, fit_reward
+from distalign.tabular.stats import loglog_slope, mean_ci
+from distalign.tabular.world import World, make_world, pair_counts, sample_pairs
+
+#: logit scale of the `strong` preset; see docs/toy.md for the reasoning
+STRONG_LOGIT_SCALE = 1.0
+PRESETS: dict[str, dict[str, float | int]] = {
+    # SPEC §5.1: |X| = K = 10, γ = 0.5, logits iid N(0, 0.1²), μ = π₀, n = 2^5 … 2^16
+    "paper": {"contexts": 10, "responses": 10, "gamma": 0.5, "logit_scale": 0.1},
+    # same world, 10× larger logits: the RLHF floor is ~100× higher, the 1/n regime is reached
+    # well inside n ≤ 2^16
+    "strong": {"contexts": 10, "responses": 10, "gamma": 0.5, "logit_scale": STRONG_LOGIT_SCALE},
+}
+
+
+def default_betas() -> tuple[float, ...]:
+    """{0} ∪ 40 log-spaced values in [1e-3, 1e3] (41 values, 0.15 decade apart)."""
+    return (0.0, *(10 ** (-3 + 6 * k / 39) for k in range(40)))
+
+
+@dataclass(frozen=True)
+class ToyConfig:
+    """One run of the toy. ``ns`` are total pair counts; ``betas`` the tuned-parameter grid."""
+
+    preset: str = "paper"
+    contexts: int = 10
+    responses: int = 10
+    gamma: float = 0.5
+    logit_scale: float = 0.1
+    ns: tuple[int, ...] = tuple(2**k for k in range(5, 17))
+    seeds: int = 8
+    methods: tuple[str, ...] = METHODS
+    betas: tuple[float, ...] = field(default_factory=default_betas)
+    val_fraction: float = 0.2
+    ridge: float = 1e-6
+    mu: str = "ref"
+    seed: int = 0
+    device: str = "cpu"
+    #: torch intra-op threads during the run (restored after). The work is many small batched
+    #: ops, where extra threads mostly add synchronisation; on a busy 2-core machine 2 threads
+    #: were 5× slower than 1 in our measurement.
+    threads: int = 1
+
+    @classmethod
+    def from_preset(cls, preset: str = "paper", **overrides: object) -> ToyConfig:
+        """The preset's world settings, then ``overrides`` (keys of this dataclass)."""
+        if preset not in PRESETS:
+            raise ConfigError(f"unknown preset {preset!r} (expected one of {', '.join(PRESETS)})")
+        unknown = set(overrides) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ConfigError(f"unknown toy setting(s): {', '.join(sorted(unknown))}")
+        cfg = replace(cls(preset=preset, **PRESETS[preset]), **overrides)  # type: ignore[arg-type]
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` with a one-line message for any invalid setting."""
+        if self.contexts < 1:
+            raise ConfigError(f"--contexts must be ≥ 1, got {self.contexts}")
+        if self.responses < 2:
+            raise ConfigError(f"--responses (K) must be ≥ 2, got {self.responses}")
+        if not (self.gamma > 0 and math.isfinite(self.gamma)):
+            raise ConfigError(f"--gamma must be a positive number, got {self.gamma}")
+        if not (self.logit_scale >= 0 and math.isfinite(self.logit_scale)):
+            raise ConfigError(f"--logit-scale must be ≥ 0, got {self.logit_scale}")
+        if self.seeds < 1:
+            raise ConfigError(f"--seeds must be ≥ 1, got {self.seeds}")
+        if not self.ns:
+            raise ConfigError("no sample sizes given")
+        bad = [n for n in self.ns if n < 2]
+        if bad:
+            raise ConfigError(f"every n must be ≥ 2 (one pair is held out), got {bad[0]}")
+        unknown = [m for m in self.methods if m not in SOLVERS]
+        if unknown or not self.methods:
+            what = unknown[0] if unknown else "(none)"
+            raise ConfigError(f"unknown method {what!r} (expected some of {', '.join(METHODS)})")
+        if not self.betas or any(not (b >= 0 and math.isfinite(b)) for b in self.betas):
+            raise ConfigError("the β grid must be non-empty and ≥ 0")
+        if not 0 < self.val_fraction < 1:
+            raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.mu not in ("ref", "uniform"):
+            raise ConfigError(f"mu must be 'ref' or 'uniform', got {self.mu!r}")
+        if self.device != "cpu" and not self.device.startswith("cuda"):
+            raise ConfigError(f"--device must be 'cpu' or 'cuda[:i]', got {self.device!r}")
+        if self.threads < 1:
+            raise ConfigError(f"threads must be ≥ 1, got {self.threads}")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(f"--device {self.device}: CUDA is not available here")
+
+
+@dataclass
+class ToyResults:
+    """Per-(method, n, seed) records, their seed summaries, slopes and the world's KL(π*‖π₀)."""
+
+    config: ToyConfig
+    records: list[dict]
+    kl_star_ref: list[float]
+    seconds: float
+    summary: list[dict] = field(default_factory=list)
+    slopes: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.summary:
+            self.summary = summarise(self.records, self.config)
+        if not self.slopes:
+            self.slopes = fit_slopes(self.records, self.config)
+
+    def to_dict(self) -> dict:
+        kl_ref = mean_ci(self.kl_star_ref)
+        return {
+            "config": asdict(self.config),
+            "kl_star_ref": {"mean": kl_ref[0], "lo": kl_ref[1], "hi": kl_ref[2],
+                            "per_seed": self.kl_star_ref},
+            "slopes": self.slopes,
+            "summary": self.summary,
+            "records": self.records,
+            "seconds": self.seconds,
+        }
+
+
+def summarise(records: list[dict], config: ToyConfig) -> list[dict]:
+    """Mean and 95% t-interval over seeds of each metric, per (method, n, β choice)."""
+    out = []
+    for m in config.methods:
+        for n in config.ns:
+            rows = [r for r in records if r["method"] == m and r["n"] == n]
+            for choice in ("oracle", "honest"):
+                entry: dict = {"method": m, "n": n, "choice": choice}
+                for key in ("fkl", "rkl", "kl_ref", "beta"):
+                    mean, lo, hi = mean_ci([r[f"{key}_{choice}"] for r in rows])
+                    entry.update({key: mean, f"{key}_lo": lo, f"{key}_hi": hi})
+                out.append(entry)
+    return out
+
+
+def fit_slopes(records: list[dict], config: ToyConfig) -> dict[str, dict[str, float]]:
+    """Log-log slope of the seed-mean forward KL over the top decade of n (n ≥ n_max/10).
+
+    Also the mean and 95% interval of the per-seed slopes.
+    """
+    top = [n for n in config.ns if n >= max(config.ns) / 10]
+    out: dict[str, dict[str, float]] = {}
+    for m in config.methods:
+        for choice in ("oracle", "honest"):
+            key = f"fkl_{choice}"
+            by_n = {n: [r[key] for r in records if r["method"] == m and r["n"] == n] for n in top}
+            mean_curve = [sum(v) / len(v) for v in by_n.values()]
+            per_seed = [
+                loglog_slope(top, [by_n[n][s] for n in top]) for s in range(config.seeds)
+            ]
+            _, lo, hi = mean_ci([s for s in per_seed if math.isfinite(s)] or [float("nan")])
+            out.setdefault(m, {})[choice] = loglog_slope(top, mean_curve)
+            out[m][f"{choice}_seed_lo"] = lo
+            out[m][f"{choice}_seed_hi"] = hi
+    out["_range"] = {"n_min": float(min(top)), "n_max": float(max(top))}
+    return out
+
+
+def _val_loglik(
+    log_pi: torch.Tensor, counts: torch.Tensor, n_val: int, gamma: float
+) -> torch.Tensor:
+    """Mean held-out ln σ(γ Δ ln π̂) over the validation pairs: ``[S, B, X, K]`` → ``[S, B]``."""
+    lp = preference_logprob(log_pi[..., :, None], log_pi[..., None, :], gamma)  # [S,B,X,K,K]
+    return (counts[:, None] * lp).sum((-1, -2, -3)) / n_val
+
+
+def run_toy(
+    config: ToyConfig, progress: Callable[[str, int], None] | None = None
+) -> ToyResults:
+    """Run the experiment; ``progress(method, n)`` is called after each (n, method) solve."""
+    config.validate()
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(config.threads)
+    try:
+        return _run(config, progress)
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def _run(config: ToyConfig, progress: Callable[[str, int], None] | None) -> ToyResults:
+    t0 = time.perf_counter()
+    dev = torch.device(config.device)
+    gen = torch.Generator().manual_seed(config.seed)
+    world: World = make_world(config.seeds, config.contexts, config.responses, config.gamma,
+                              config.logit_scale, config.mu, gen, device=dev)
+    pairs = sample_pairs(world, max(config.ns), gen)
+    X, K, S = config.contexts, config.responses, config.seeds
+    betas = torch.tensor(config.betas, dtype=torch.float64, device=dev)
+    star = world.log_star[:, None]  # [S, 1, X, K] against [S, B, X, K]
+    ref = world.log_ref[:, None]
+    kl_star_ref = exact_kl(world.log_star, world.log_ref).mean(-1).tolist()
+    records: list[dict] = []
+    for n in sorted(config.ns):
+        n_val = max(1, round(config.val_fraction * n))
+        n_tr = n - n_val
+        counts = torch.stack([pair_counts(pairs, 0, n, X, K), pair_counts(pairs, 0, n_tr, X, K)])
+        val_counts = pair_counts(pairs, n_tr, n, X, K)
+        n_fit = torch.tensor([n, n_tr], dtype=torch.float64, device=dev)[:, None].expand(2, S)
+        reward = fit_reward(counts, n_fit, config.ridge)
+        inp = FitInput(counts, n_fit, world.log_ref, world.log_mu, reward, config.gamma,
+                       config.ridge)
+        for m in config.methods:
+            log_pi = SOLVERS[m](inp, betas)  # [2, S, B, X, K]: full fit, train fit
+            full = log_pi[0]
+            fkl = exact_kl(star, full).mean(-1)  # E_x over uniform contexts
+            rkl = exact_kl(full, star).mean(-1)
+            kl_ref = exact_kl(full, ref).mean(-1)
+            val = _val_loglik(log_pi[1], val_counts, n_val, config.gamma)
+            pick = {"oracle": fkl.argmin(-1), "honest": val.argmax(-1)}
+            for s in range(S):
+                rec: dict = {"method": m, "n": n, "seed": s}
+                for choice, idx in pick.items():
+                    b = int(idx[s])
+                    rec[f"beta_{choice}"] = float(betas[b])
+                    rec[f"fkl_{choice}"] = float(fkl[s, b])
+                    rec[f"rkl_{choice}"] = float(rkl[s, b])
+                    rec[f"kl_ref_{choice}"] = float(kl_ref[s, b])
+                rec["val_loglik_honest"] = float(val[s, int(pick["honest"][s])])
+                records.append(rec)
+            if progress is not None:
+                progress(m, n)
+    return ToyResults(config, records, kl_star_ref, time.perf_counter() - t0)

@@ -1,0 +1,328 @@
+"""Batched damped Newton for the tabular objectives (SPEC (4)/(5), (6), (9), (10), (12)).
+
+Every iterative objective of the toy has, per context, the form
+
+    F(θ) = Σ_ij W_ij ψ(θ_i − θ_j; e_ij) + c · KL(softmax θ ‖ π₀) + ρ/2 · ‖P(θ − anchor)‖²
+
+with θ ∈ ℝ^K a logit vector, ψ a pairwise library loss from ``distalign.objectives`` evaluated on
+one pair, W the pair weights (counts / n, or μ(i)μ(j) for exact expectations) and P the centring
+projection. All pairwise losses of the paper depend on the two log-probabilities only through
+their difference, in which the log-normaliser cancels; so ψ sees d = θ_i − θ_j.
+
+Why Newton: K is small (10), so a K×K solve per problem is cheap, and thousands of problems
+(seeds × β grid × contexts × {full, train} fits) are solved at once as one batched tensor program.
+ψ's first and second derivatives come from autograd through the library function itself (no
+re-derived losses); the chain rule through the linear map θ ↦ θ_i − θ_j is assembled by hand.
+Softmax logits have a shift gauge; the steps are kept in the centred subspace.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor
+from torch.func import vmap
+
+from distalign.objectives import kl_penalty
+
+PairFn = Callable[..., Tensor]
+MAX_STEP = 8.0
+NEAR = 1e-6  # below this Newton decrement the full step is taken without a line search
+QUADRATIC = 1e-12  # Newton decrement below which one more step converges (see newton_solve)
+
+
+def exact_kl(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """KL(p‖q) = E_p[ln p − ln q] over the last axis, written with the k1 estimator."""
+    p = log_p.exp()
+    return torch.where(p > 0, p * kl_penalty(log_p, log_q, "k1"), torch.zeros_like(p)).sum(-1)
+
+
+def _kl_logits(theta: Tensor, log_ref: Tensor) -> Tensor:
+    return exact_kl(torch.log_softmax(theta, -1), log_ref)
+
+
+def _flat(shape: torch.Size, tensors: tuple[Tensor, ...], keep: int) -> list[Tensor]:
+    """Broadcast to ``shape`` and merge all but the last ``keep`` axes into one batch axis."""
+    tail = shape[len(shape) - keep :] if keep else ()
+    return [t.expand(shape).reshape(-1, *tail) for t in tensors]
+
+
+def pair_index(K: int, ordered: bool = True, device: str | torch.device = "cpu") -> Tensor:
+    """Index pairs ``[2, M]``: all ordered i ≠ j (M = K(K−1)) or only i < j (M = K(K−1)/2).
+
+    Same-response pairs carry no information (every pairwise loss depends on θ_i − θ_j = 0).
+    """
+    i, j = torch.meshgrid(torch.arange(K), torch.arange(K), indexing="ij")
+    keep = (i != j) if ordered else (i < j)
+    return torch.stack([i[keep], j[keep]]).to(device)
+
+
+def gather_pairs(table: Tensor, pairs: Tensor) -> Tensor:
+    """``table[..., i, j]`` for each pair: ``[..., K, K]`` → ``[..., M]``."""
+    return table[..., pairs[0], pairs[1]]
+
+
+@dataclass
+class PairwiseObjective:
+    """F(θ) above for a batch of problems; θ has shape ``[..., K]``.
+
+    ``pairs`` (``[2, M]``, see :func:`pair_index`) lists the pairs (i, j) that enter the sum;
+    ``weight`` and each of ``extras`` broadcast to ``[..., M]``; ``kl_coef`` and ``ridge``
+    to ``[...]``; ``log_ref`` and ``anchor`` to ``[..., K]``. ``pair_fn(d, *extras,
+    weight=None)`` calls a ``distalign.objectives`` loss on pair tensors and returns its
+    (weighted) mean Σ w ψ / Σ w, exactly as the library defines it. ``weighted`` says
+    whether it honours ``weight``; if not, values are computed one pair at a time (vmap).
+    """
+
+    pair_fn: PairFn
+    pairs: Tensor
+    weight: Tensor
+    extras: tuple[Tensor, ...] = ()
+    kl_coef: Tensor | float | None = None
+    log_ref: Tensor | None = None
+    ridge: Tensor | float = 0.0
+    anchor: Tensor | None = None
+    weighted: bool = True
+
+    def flatten(self, batch: torch.Size, K: int) -> PairwiseObjective:
+        """Materialise every field for each of the ``prod(batch)`` problems (axis 0)."""
+        M = self.pairs.shape[1]
+
+        def full(t: Tensor | float | None, tail: tuple[int, ...]) -> Tensor | None:
+            if t is None:
+                return None
+            t = torch.as_tensor(t, dtype=torch.float64, device=self.weight.device)
+            return t.expand(*batch, *tail).reshape(-1, *tail)
+
+        return replace(
+            self,
+            weight=full(self.weight, (M,)),
+            extras=tuple(full(e, (M,)) for e in self.extras),
+            kl_coef=full(self.kl_coef, ()),
+            log_ref=full(self.log_ref, (K,)),
+            ridge=full(self.ridge, ()),
+            anchor=full(self.anchor, (K,)),
+        )
+
+    def subset(self, idx: Tensor) -> PairwiseObjective:
+        """The problems ``idx`` of a flattened objective."""
+
+        def pick(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t[idx]
+
+        return replace(
+            self,
+            weight=self.weight[idx],
+            extras=tuple(e[idx] for e in self.extras),
+            kl_coef=pick(self.kl_coef),
+            log_ref=pick(self.log_ref),
+            ridge=pick(self.ridge),
+            anchor=pick(self.anchor),
+        )
+
+    # ---- pieces -----------------------------------------------------------------------
+    def _incidence(self, K: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """A ``[M, K]`` with A[m] = e_i − e_j (so d = θ Aᵀ) and B ``[M, K²]``, B[m] = vec(AₘAₘᵀ).
+
+        Both are ±1/0 matrices, so the products below are exact sums of the pair terms.
+        """
+        key = (K, dtype)
+        if getattr(self, "_inc_key", None) != key:
+            M = self.pairs.shape[1]
+            A = torch.zeros(M, K, dtype=dtype, device=self.pairs.device)
+            rows = torch.arange(M, device=self.pairs.device)
+            A[rows, self.pairs[0]] = 1.0
+            A[rows, self.pairs[1]] = -1.0
+            B = (A[:, :, None] * A[:, None, :]).reshape(M, K * K)
+            object.__setattr__(self, "_inc", (A, B))
+            object.__setattr__(self, "_inc_key", key)
+        return self._inc
+
+    def _diff(self, theta: Tensor) -> Tensor:
+        A, _ = self._incidence(theta.shape[-1], theta.dtype)
+        return theta @ A.T
+
+    def _centred_dev(self, theta: Tensor) -> Tensor:
+        dev = theta if self.anchor is None else theta - self.anchor
+        return dev - dev.mean(-1, keepdim=True)
+
+    def value(self, theta: Tensor) -> Tensor:
+        """F(θ) per problem, shape ``[...]`` (used by the line search)."""
+        d = self._diff(theta)
+        shape = torch.broadcast_shapes(d.shape, self.weight.shape, *(e.shape for e in self.extras))
+        fn = self.pair_fn
+        if self.weighted:
+            # one library call per problem: Σ_m W_m ψ_m = (weighted mean) · Σ W
+            def per_problem(d_p: Tensor, w_p: Tensor, *e_p: Tensor) -> Tensor:
+                return fn(d_p, *e_p, weight=w_p) * w_p.sum()
+
+            args = _flat(shape, (d, self.weight, *self.extras), keep=1)
+            out = vmap(per_problem)(*args).reshape(shape[:-1])
+        else:
+            psi = vmap(fn)(*_flat(shape, (d, *self.extras), keep=0)).reshape(shape)
+            out = (self.weight * psi).sum(-1)
+        if self.kl_coef is not None:
+            out = out + self.kl_coef * _kl_logits(theta, self.log_ref)
+        dev = self._centred_dev(theta)
+        return out + 0.5 * torch.as_tensor(self.ridge, dtype=theta.dtype) * (dev * dev).sum(-1)
+
+    def grad_hess(self, theta: Tensor) -> tuple[Tensor, Tensor]:
+        """Gradient ``[..., K]`` and Hessian ``[..., K, K]`` of F at θ.
+
+        The library losses are plain means of per-pair terms, so ``numel · loss`` is Σ_m ψ(d_m)
+        and its gradient is ψ'(d_m) element by element; the gradient of Σ_m ψ'(d_m) is ψ''.
+        Two backward passes of ordinary autograd therefore give every pair's derivatives.
+        """
+        d = self._diff(theta).detach().requires_grad_(True)
+        with torch.enable_grad():
+            total = self.pair_fn(d, *self.extras) * d.numel()
+            (d1,) = torch.autograd.grad(total, d, create_graph=True)
+            (d2,) = torch.autograd.grad(d1.sum(), d)
+        # chain rule through d = θ Aᵀ: g = Aᵀ(Wψ'), H = Aᵀ diag(Wψ'') A = Σ_m Wψ''_m AₘAₘᵀ
+        K = theta.shape[-1]
+        A, B = self._incidence(K, theta.dtype)
+        g = (self.weight * d1.detach()) @ A
+        H = ((self.weight * d2) @ B).reshape(*theta.shape[:-1], K, K)
+        if self.kl_coef is not None:
+            gk, hk = kl_grad_hess(theta, self.log_ref)
+            c = torch.as_tensor(self.kl_coef, dtype=theta.dtype).expand(theta.shape[:-1])
+            g = g + c[..., None] * gk
+            H = H + c[..., None, None] * hk
+        ridge = torch.as_tensor(self.ridge, dtype=theta.dtype).expand(theta.shape[:-1])
+        proj = torch.eye(K, dtype=theta.dtype, device=theta.device) - 1.0 / K
+        g = g + ridge[..., None] * self._centred_dev(theta)
+        H = H + ridge[..., None, None] * proj
+        return g, H
+
+
+def kl_grad_hess(theta: Tensor, log_ref: Tensor) -> tuple[Tensor, Tensor]:
+    """Gradient and Hessian in the logits θ of KL(softmax θ ‖ π₀) (checked against autograd).
+
+    With p = softmax θ, h = ln p − ln π₀ and k = E_p h = KL: g = p ⊙ (h − k) and
+    H = diag(g + p) − p gᵀ − g pᵀ − p pᵀ. H is not PSD far from π₀: the KL is convex in p,
+    not in the logits.
+    """
+    log_p = torch.log_softmax(theta, -1)
+    p = log_p.exp()
+    h = log_p - log_ref
+    g = p * (h - (p * h).sum(-1, keepdim=True))
+    # p gᵀ + g pᵀ + p pᵀ = p uᵀ + u pᵀ with u = g + p/2: one outer product instead of three
+    outer = p[..., :, None] * (g + 0.5 * p)[..., None, :]
+    H = torch.diag_embed(g + p) - outer - outer.transpose(-1, -2)
+    return g, H
+
+
+def _newton_step(g: Tensor, H: Tensor) -> Tensor:
+    """Solve (H + c·11ᵀ/K) s = −g in the centred subspace; clip indefinite curvature."""
+    K = g.shape[-1]
+    g = g - g.mean(-1, keepdim=True)  # F is shift-invariant; remove rounding drift
+    scale = H.diagonal(dim1=-2, dim2=-1).abs().mean(-1).clamp_min(1e-300)
+    ones = torch.full((K, K), 1.0 / K, dtype=H.dtype, device=H.device)
+    Hs = H + scale[..., None, None] * ones
+    L, info = torch.linalg.cholesky_ex(Hs)
+    step = -torch.cholesky_solve(g[..., None], L)[..., 0]
+    bad = info > 0
+    if bool(bad.any()):
+        # non-convex region (the KL term is not convex in logits): |eigenvalues| (Nocedal–Wright)
+        evals, evecs = torch.linalg.eigh(Hs[bad])
+        # floor relative to the largest curvature: a near-flat direction must not get a step
+        # of 1e12 (the trust cap in newton_solve would then waste the iteration)
+        evals = evals.abs().clamp_min(1e-6 * evals.abs().amax(-1, keepdim=True))
+        coef = (evecs.transpose(-1, -2) @ g[bad][..., None])[..., 0] / evals
+        step[bad] = -(evecs @ coef[..., None])[..., 0]
+    return step - step.mean(-1, keepdim=True)
+
+
+def newton_solve(
+    objective: PairwiseObjective,
+    theta0: Tensor,
+    max_iter: int = 100,
+    tol: float = 1e-22,
+) -> tuple[Tensor, dict[str, float]]:
+    """Minimise ``objective`` from ``theta0`` (``[..., K]``) for every problem at once.
+
+    A problem stops when its Newton decrement gᵀH⁻¹g is below ``tol``, or below QUADRATIC
+    (then one last full step is taken: Newton converges quadratically), or when it has
+    stalled at rounding level. Later iterations run on the still active problems only.
+    Steps are capped at MAX_STEP per logit; far from the optimum (decrement > NEAR) an
+    Armijo backtracking line search with quadratic interpolation guards them. The loops are
+    over iterations and step sizes, never over problems.
+
+    ``max_iter`` caps the work. The slowest problems in the toy are corner solutions of tiny β
+    on separable small-n data, where a never-winning response walks towards probability 0,
+    held only by the ridge; they converge slowly, typically within 50 iterations.
+    Their count is returned as ``stats["unconverged"]``.
+    """
+    batch, K = theta0.shape[:-1], theta0.shape[-1]
+    obj_all = objective.flatten(batch, K)
+    theta = theta0.reshape(-1, K).clone()
+    active = torch.arange(theta.shape[0], device=theta.device)
+    obj = obj_all
+    F = torch.full((theta.shape[0],), float("nan"), dtype=theta.dtype, device=theta.device)
+    dec_prev = torch.full_like(F, float("inf"))
+    it, work, n_stalled = 0, 0, 0
+    for it in range(1, max_iter + 1):  # noqa: B007 - ``it`` is reported below
+        th = theta[active]
+        work += th.shape[0]
+        g, H = obj.grad_hess(th)
+        step = _newton_step(g, H)
+        dec = -(g * step).sum(-1)
+        # Stalled: non-convex, nearly flat corners (a response pushed towards probability 0,
+        # held only by the tiny ridge) stop improving at rounding level; in the quadratic
+        # regime dec would instead collapse (dec_k+1 ~ dec_k²).
+        stalled = (dec < 1e-12) & (dec > 0.25 * dec_prev)
+        n_stalled += int(stalled.sum())
+        # In the quadratic regime one more full step makes θ exact to ~dec; take it and retire.
+        final = (dec < QUADRATIC) & ~stalled
+        theta[active[final]] = th[final] + step[final]
+        live = (dec >= tol) & ~final & ~stalled
+        if not bool(live.all()):  # drop finished problems before doing more work on them
+            active, th, step, F = active[live], th[live], step[live], F[live]
+            g, dec = g[live], dec[live]
+            obj = obj.subset(live.nonzero()[:, 0])
+        if active.numel() == 0:
+            break
+        # trust cap: no logit moves by more than MAX_STEP in one iteration (flat, saturated
+        # regions give huge Newton steps; the line search would spend many halvings on them)
+        step = step * (MAX_STEP / step.abs().amax(-1).clamp_min(MAX_STEP))[..., None]
+        # Near the optimum (small decrement) the full Newton step is taken without paying for
+        # loss values; farther out, Armijo backtracking on the values of those problems only.
+        far = (dec > NEAR).nonzero()[:, 0]
+        new_th = th + step
+        F_new = torch.full_like(F, float("nan"))
+        if far.numel():
+            sub = obj.subset(far)
+            th_f, step_f = th[far], step[far]
+            F_f = F[far]
+            missing = F_f.isnan()
+            if bool(missing.any()):
+                F_f[missing] = sub.subset(missing.nonzero()[:, 0]).value(th_f[missing])
+            slope = -(g[far] * step_f).sum(-1)
+            t = torch.ones_like(slope)
+            trial = th_f + step_f
+            F_trial = sub.value(trial)
+            for _ in range(30):
+                ok = F_trial <= F_f - 1e-4 * t * slope
+                if bool(ok.all()):
+                    break
+                # minimiser of the quadratic through F(0), F'(0) and F(t), kept in [t/10, t/2]
+                curv = (F_trial - F_f + t * slope).clamp_min(1e-300)
+                t_q = (slope * t * t / (2 * curv)).clamp(0.1 * t, 0.5 * t)
+                t = torch.where(ok, t, t_q)
+                trial = torch.where(ok[..., None], trial, th_f + t[..., None] * step_f)
+                F_trial = torch.where(ok, F_trial, sub.value(trial))
+            ok = F_trial <= F_f
+            new_th[far] = torch.where(ok[..., None], trial, th_f)
+            F_new[far] = torch.where(ok, F_trial, F_f)
+        theta[active] = new_th
+        F = F_new
+        dec_prev = dec
+    stats = {
+        "iterations": float(it),
+        "unconverged": float(active.numel()),
+        "stalled": float(n_stalled),
+        "work": float(work),
+    }
+    return theta.reshape(*batch, K), stats

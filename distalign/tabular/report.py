@@ -1,0 +1,123 @@
+"""Write a toy run to disk: results.json, results.csv and the Figure 1 plot."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+from distalign.tabular.experiment import ToyResults
+
+LABELS = {
+    "rlhf": "RLHF (1)",
+    "rkl": "reverse KL (15)",
+    "pmle": "PMLE (5)",
+    "distill": "pref. distillation (12)",
+    "dpo": "DPO (6)",
+    "rebel": "REBEL (10)",
+}
+STYLE = {  # distribution-learning methods solid, their RLHF-side analogues dashed
+    "rlhf": ("tab:red", "--"),
+    "rkl": ("tab:blue", "-"),
+    "pmle": ("tab:green", "-"),
+    "distill": ("tab:purple", "-"),
+    "dpo": ("tab:olive", "--"),
+    "rebel": ("tab:orange", ":"),
+}
+
+
+def _json_safe(obj: object) -> object:
+    """NaN/inf are not JSON: write them as null."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def write_json(results: ToyResults, path: Path) -> None:
+    path.write_text(json.dumps(_json_safe(results.to_dict()), indent=1))
+
+
+def write_csv(results: ToyResults, path: Path) -> None:
+    """One row per (method, n, seed), the same fields as the JSON records."""
+    fields = list(results.records[0])
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(results.records)
+
+
+def plot_figure1(results: ToyResults, path: Path, title: str | None = None) -> None:
+    """Log-log forward KL vs n per method, 95% bands; left oracle β, right honest β."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cfg = results.config
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.3), sharey=True)
+    kl0 = sum(results.kl_star_ref) / len(results.kl_star_ref)
+    # y-range from the curves near the interesting range: the honest choice at tiny n can pick
+    # a near-greedy policy with a huge KL, which would squash every other curve
+    means = [r["fkl"] for r in results.summary if 0 < r["fkl"] <= 10 * kl0]
+    ylim = (0.3 * min(means, default=kl0 / 10), 4 * kl0)
+    for ax, choice in zip(axes, ("oracle", "honest"), strict=True):
+        for m in cfg.methods:
+            rows = sorted(
+                (r for r in results.summary if r["method"] == m and r["choice"] == choice),
+                key=lambda r: r["n"],
+            )
+            ns = [r["n"] for r in rows]
+            mean = [r["fkl"] for r in rows]
+            lo = [max(r["fkl_lo"], ylim[0] / 10) for r in rows]
+            hi = [r["fkl_hi"] for r in rows]
+            color, ls = STYLE.get(m, ("black", "-"))
+            slope = results.slopes[m][choice]
+            ax.plot(ns, mean, ls, color=color, marker="o", ms=3,
+                    label=f"{LABELS.get(m, m)}  slope {slope:+.2f}")
+            ax.fill_between(ns, lo, hi, color=color, alpha=0.15, lw=0)
+        ax.axhline(kl0, color="gray", lw=1, ls="-.", label="KL(π*‖π₀)")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_ylim(*ylim)
+        ax.set_xlabel("n (labelled pairs)")
+        ax.set_title(f"{choice} β" + (" (best true forward KL)" if choice == "oracle"
+                                      else " (best held-out pref. log-lik.)"))
+        ax.grid(True, which="both", alpha=0.25)
+    axes[0].set_ylabel("E_x KL(π* ‖ π̂)")
+    for ax in axes:
+        ax.legend(fontsize=6.5, loc="lower left")
+    fig.suptitle(title or (f"toy '{cfg.preset}': |X|={cfg.contexts}, K={cfg.responses}, "
+                           f"γ={cfg.gamma}, logit scale {cfg.logit_scale}, {cfg.seeds} seeds "
+                           "(mean, 95% t-interval)"), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_outputs(results: ToyResults, out: Path) -> dict[str, Path]:
+    """Write all outputs into ``out`` (created) and return their paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "json": out / "results.json",
+        "csv": out / "results.csv",
+        "figure": out / "figure1.png",
+    }
+    write_json(results, paths["json"])
+    write_csv(results, paths["csv"])
+    plot_figure1(results, paths["figure"])
+    return paths
+
+
+def load_results(path: Path) -> ToyResults:
+    """Read a results.json written by :func:`write_json` back (e.g. to re-plot it)."""
+    from distalign.tabular.experiment import ToyConfig
+
+    data = json.loads(Path(path).read_text())
+    cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in data["config"].items()}
+    return ToyResults(ToyConfig(**cfg), data["records"], data["kl_star_ref"]["per_seed"],
+                      data["seconds"], data["summary"], data["slopes"])

@@ -1,0 +1,270 @@
+"""Exact tabular solvers for the six methods of the paper (SPEC §2, Appendix B).
+
+Shapes: a :class:`FitInput` holds batch dims ``[...]`` (for the toy: {full, train} fit × seed)
+followed by ``[X, K]`` (or ``[X, K, K]`` for win counts). A solver takes a β grid ``[B]`` and
+returns log π̂ of shape ``[..., B, X, K]``: the β grid is one more batch axis, never a loop.
+
+Per-context scaling: x is uniform, so E_x KL = (1/X) Σ_x KL and each context's share of an
+objective is its pairs' weight plus (β/X)·KL. Every iterative objective carries a tiny ridge
+``ridge`` (λ, default 1e-6, in *reward* units, see each solver) on the centred logits: with few
+pairs some responses are never compared (or always win) and the MLE is not identified; the
+ridge picks the solution nearest the anchor and changes nothing measurable otherwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from distalign.objectives import (
+    bt_reward_loss,
+    distill_loss,
+    dpo_loss,
+    pmle_loss,
+    preference_logprob,
+    rebel_loss,
+)
+from distalign.tabular.newton import PairwiseObjective, gather_pairs, newton_solve, pair_index
+
+#: the methods in the order of the paper's Table 1 / Figure legend
+METHODS = ("rlhf", "rkl", "pmle", "distill", "dpo", "rebel")
+#: what the tuned grid parameter means for each method
+TUNED = {
+    "rlhf": "β (KL-to-π₀ weight, eq. 1)",
+    "rkl": "β (KL-to-π₀ weight, eq. 15; entropy weight fixed to γ)",
+    "pmle": "β (KL-to-π₀ weight, eq. 5)",
+    "distill": "β (KL-to-π₀ weight, eq. 12)",
+    "dpo": "DPO temperature (the γ of eq. 6; 'β' in Tables 5/6)",
+    "rebel": "η (REBEL reward scale, eq. 10)",
+}
+BETA_FLOOR = 1e-12  # RLHF at β = 0 is the greedy policy; evaluated as its β → 0⁺ limit
+
+
+@dataclass(frozen=True)
+class FitInput:
+    """Everything a solver may use: data, reference, μ and the BT reward of (9)."""
+
+    counts: Tensor  # [..., X, K, K] win counts C[x, winner, loser]
+    n: Tensor  # [...] pairs behind ``counts``
+    log_ref: Tensor  # [..., X, K] (broadcastable)
+    log_mu: Tensor  # [..., X, K] (broadcastable)
+    reward: Tensor  # [..., X, K] R̂ from (9)
+    gamma: float
+    ridge: float = 1e-6
+
+    @property
+    def contexts(self) -> int:
+        return self.counts.shape[-3]
+
+    @property
+    def responses(self) -> int:
+        return self.counts.shape[-1]
+
+    def pairs(self) -> Tensor:
+        """All ordered pairs i ≠ j (the labelled pairs (a⁺, a⁻) = (i, j) of D_n)."""
+        return pair_index(self.responses, ordered=True, device=self.counts.device)
+
+    def pair_weight(self) -> Tensor:
+        """W = C / n: the mean over D_n as a weighted sum, ``[..., 1, X, M]`` over ``pairs()``."""
+        w = self.counts / self.n[..., None, None, None]
+        return gather_pairs(w, self.pairs())[..., None, :, :]
+
+
+def _grid(betas: Tensor) -> Tensor:
+    """β grid ``[B]`` → ``[B, 1, 1]`` so it broadcasts against ``[..., 1, X, K]``."""
+    return betas[:, None, None]
+
+
+# ---------------------------------------------------------------------- (9) reward model
+def _bt_pair(d: Tensor, weight: Tensor | None = None) -> Tensor:
+    return bt_reward_loss(d, torch.zeros_like(d), weight)[0]
+
+
+def fit_reward(counts: Tensor, n: Tensor, ridge: float = 1e-6) -> Tensor:
+    """BT reward MLE, SPEC eq. (9), by Newton on tabular logistic regression.
+
+    Minimises (1/n) Σ_{D_n} −ln σ(R(x,a⁺) − R(x,a⁻)) + (λ/2X) Σ_x ‖R(x) − mean R(x)‖². The
+    ridge λ makes the MLE unique when a response is unseen or undefeated (small n); R̂ is
+    returned centred per context (the shift is not identified and cancels everywhere).
+    """
+    X, K = counts.shape[-3], counts.shape[-1]
+    pairs = pair_index(K, ordered=True, device=counts.device)
+    weight = gather_pairs(counts / n[..., None, None, None], pairs)
+    obj = PairwiseObjective(_bt_pair, pairs, weight, ridge=ridge / X)
+    theta0 = torch.zeros(counts.shape[:-1], dtype=counts.dtype, device=counts.device)
+    r, _ = newton_solve(obj, theta0)
+    return r - r.mean(-1, keepdim=True)
+
+
+# ---------------------------------------------------------------------- closed forms
+def rlhf_policy(inp: FitInput, betas: Tensor) -> Tensor:
+    """RLHF (1) with reward R̂: π ∝ π₀ exp(R̂/β) (SPEC App. B). β = 0 → greedy limit."""
+    b = _grid(betas).clamp_min(BETA_FLOOR)
+    return torch.log_softmax(inp.log_ref[..., None, :, :] + inp.reward[..., None, :, :] / b, -1)
+
+
+def rkl_policy(inp: FitInput, betas: Tensor) -> Tensor:
+    """Reverse KL (15): π ∝ π₀^{β/(β+γ)} exp(R̂/(β+γ)) (SPEC App. B); γ is the entropy weight."""
+    b = _grid(betas)
+    logits = (b * inp.log_ref[..., None, :, :] + inp.reward[..., None, :, :]) / (b + inp.gamma)
+    return torch.log_softmax(logits, -1)
+
+
+# ---------------------------------------------------------------------- iterative methods
+def pmle_policy(inp: FitInput, betas: Tensor) -> Tensor:
+    """PMLE with KL, SPEC eq. (5): (4) on D_n + β·KL(π‖π₀) (exact KL, no sampling).
+
+    Ridge λγ² on the centred logits, i.e. λ on the implied reward γ ln π, so that at β = 0
+    PMLE's optimum is exactly π ∝ exp(R̂/γ), the reverse-KL optimum at β = 0.
+    """
+    gamma = inp.gamma
+
+    def pair(d: Tensor, weight: Tensor | None = None) -> Tensor:
+        return pmle_loss(d, torch.zeros_like(d), gamma, weight)[0]
+
+    X = inp.contexts
+    b = _grid(betas)
+    obj = PairwiseObjective(
+        pair,
+        inp.pairs(),
+        inp.pair_weight(),
+        kl_coef=b[..., 0] / X,
+        log_ref=inp.log_ref[..., None, :, :],
+        ridge=inp.ridge * gamma**2 / X,
+    )
+    return _solve(obj, rkl_policy(inp, betas), inp.log_ref[..., None, :, :])
+
+
+def distill_policy(inp: FitInput, betas: Tensor) -> Tensor:
+    """Preference distillation with KL, SPEC eq. (12), the pair expectation EXACT under μ.
+
+    E_{x, a, b ∼ μ(x)} KL(Bern(σ(R̂_a − R̂_b)) ‖ Bern(σ(γ(ln π_a − ln π_b)))) + β KL(π‖π₀). With
+    μ of full support this is strictly convex in the centred logits, so no ridge is needed.
+    """
+    gamma = inp.gamma
+
+    def pair(d: Tensor, target: Tensor, weight: None = None) -> Tensor:
+        return distill_loss(d, torch.zeros_like(d), target, gamma)[0]
+
+    X = inp.contexts
+    # The pair loss is symmetric (swapping a, b flips d and p̃ and keeps the KL) and μ(a)μ(b)
+    # is symmetric, so the exact expectation is 2 Σ_{i<j} μ_i μ_j ψ_ij: half the pairs.
+    pairs = pair_index(inp.responses, ordered=False, device=inp.counts.device)
+    mu = inp.log_mu.exp()
+    weight = gather_pairs(2 * mu[..., :, None] * mu[..., None, :] / X, pairs)[..., None, :, :]
+    r = gather_pairs(inp.reward[..., :, None] - inp.reward[..., None, :], pairs)
+    # preference simulator P_π̃(a ≻ b) = σ(R̂_a − R̂_b) (SPEC, "Preference simulator")
+    target = preference_logprob(r, torch.zeros_like(r), 1.0).exp()[..., None, :, :]
+    b = _grid(betas)
+    obj = PairwiseObjective(
+        pair,
+        pairs,
+        weight,
+        extras=(target,),
+        kl_coef=b[..., 0] / X,
+        log_ref=inp.log_ref[..., None, :, :],
+        weighted=False,  # distill_loss has no weight argument: values are taken pair by pair
+    )
+    return _solve(obj, rkl_policy(inp, betas), inp.log_ref[..., None, :, :])
+
+
+def dpo_policy(inp: FitInput, temps: Tensor) -> Tensor:
+    """DPO, SPEC eq. (6), with temperature τ from the grid (Tables 5/6 call it "β").
+
+    Ridge λτ² on the centred π/π₀ log-ratio, i.e. λ on the implied reward τ ln(π/π₀): the
+    same ridge as (9), so the tabular DPO optimum is exactly RLHF's closed form at β = τ
+    (Rafailov et al.). At τ = 0 the loss is constant and the ridge λ returns π₀.
+    """
+
+    def pair(d: Tensor, d_ref: Tensor, tau: Tensor, weight: Tensor | None = None) -> Tensor:
+        z = torch.zeros_like(d)
+        return dpo_loss(d, z, d_ref, z, tau, weight)[0]
+
+    X = inp.contexts
+    tau = _grid(temps)
+    ref = inp.log_ref[..., None, :, :]
+    d_ref = gather_pairs(ref[..., :, None] - ref[..., None, :], inp.pairs())
+    ridge = torch.where(tau > 0, inp.ridge * tau**2, torch.full_like(tau, inp.ridge)) / X
+    obj = PairwiseObjective(
+        pair,
+        inp.pairs(),
+        inp.pair_weight(),
+        extras=(d_ref, tau),
+        ridge=ridge[..., 0],
+        anchor=ref,
+    )
+    # start at the exact optimum (RLHF's closed form); τ = 0 starts at π₀ (its answer)
+    init = torch.where(temps > 0, temps, torch.full_like(temps, float("inf")))
+    return _solve(obj, rlhf_policy(inp, init))
+
+
+def rebel_policy(inp: FitInput, etas: Tensor) -> Tensor:
+    """REBEL, SPEC eq. (10), relative to π₀, on the labelled pairs of D_n; η is tuned.
+
+    Least squares (ln(π/π₀)(a⁺) − ln(π/π₀)(a⁻) − η(R̂(a⁺) − R̂(a⁻)))² + ridge λ on the centred
+    ln(π/π₀) (for responses never compared). When every context's comparison graph is
+    connected the optimum is π ∝ π₀ exp(η R̂): RLHF at β = 1/η.
+    """
+
+    def pair(
+        d: Tensor, d_ref: Tensor, dr: Tensor, eta: Tensor, weight: Tensor | None = None
+    ) -> Tensor:
+        # rebel_loss has no weight argument, but its residual is linear in every input, so
+        # scaling the inputs by √w turns its mean of squares into a w-weighted one (exact).
+        z = torch.zeros_like(d)
+        if weight is None:
+            return rebel_loss(d, z, d_ref, z, dr, z, eta)[0]
+        s = weight.sqrt()
+        wsum = weight.sum().clamp_min(1e-12)
+        return rebel_loss(d * s, z, d_ref * s, z, dr * s, z, eta)[0] * s.numel() / wsum
+
+    X = inp.contexts
+    eta = _grid(etas)
+    ref = inp.log_ref[..., None, :, :]
+    r = inp.reward[..., None, :, :]
+    d_ref = gather_pairs(ref[..., :, None] - ref[..., None, :], inp.pairs())
+    d_r = gather_pairs(r[..., :, None] - r[..., None, :], inp.pairs())
+    obj = PairwiseObjective(
+        pair,
+        inp.pairs(),
+        inp.pair_weight(),
+        extras=(d_ref, d_r, eta),
+        ridge=inp.ridge / X,
+        anchor=ref,
+    )
+    # start at RLHF's closed form at β = 1/η (REBEL's optimum when the pairs connect)
+    init_beta = torch.where(etas > 0, 1.0 / etas, torch.full_like(etas, float("inf")))
+    return _solve(obj, rlhf_policy(inp, init_beta))
+
+
+def _solve(obj: PairwiseObjective, *inits: Tensor) -> Tensor:
+    """Newton from each start (one batched program); keep the lowest objective per problem.
+
+    PMLE (5) and distillation (12) with β > 0 are not convex: KL(π‖π₀) is bounded as one
+    response's probability goes to 0, while the preference loss keeps rewarding pushing a
+    never-winning response down (for γ < 1 the data force e^{γθ} beats the KL's θe^{θ}).
+    Local minima with and without such a collapsed response coexist, so those solvers are
+    started both from the closed-form reverse-KL policy and from π₀.
+    """
+    shape = torch.broadcast_shapes(*(i.shape for i in inits))
+    starts = torch.stack([i.expand(shape) for i in inits])
+    theta, _ = newton_solve(obj, starts)
+    if len(inits) > 1:
+        K = shape[-1]
+        values = obj.flatten(theta.shape[:-1], K).value(theta.reshape(-1, K))
+        best = values.reshape(theta.shape[:-1]).argmin(0)
+        theta = torch.gather(theta, 0, best[None, ..., None].expand(1, *shape))
+    return torch.log_softmax(theta[0], -1)
+
+
+SOLVERS: dict[str, Callable[[FitInput, Tensor], Tensor]] = {
+    "rlhf": rlhf_policy,
+    "rkl": rkl_policy,
+    "pmle": pmle_policy,
+    "distill": distill_policy,
+    "dpo": dpo_policy,
+    "rebel": rebel_policy,
+}
