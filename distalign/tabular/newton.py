@@ -43,12 +43,6 @@ def _kl_logits(theta: Tensor, log_ref: Tensor) -> Tensor:
     return exact_kl(torch.log_softmax(theta, -1), log_ref)
 
 
-def _flat(shape: torch.Size, tensors: tuple[Tensor, ...], keep: int) -> list[Tensor]:
-    """Broadcast to ``shape`` and merge all but the last ``keep`` axes into one batch axis."""
-    tail = shape[len(shape) - keep :] if keep else ()
-    return [t.expand(shape).reshape(-1, *tail) for t in tensors]
-
-
 def pair_index(K: int, ordered: bool = True, device: str | torch.device = "cpu") -> Tensor:
     """Index pairs ``[2, M]``: all ordered i ≠ j (M = K(K−1)) or only i < j (M = K(K−1)/2).
 
@@ -86,24 +80,47 @@ class PairwiseObjective:
     anchor: Tensor | None = None
     weighted: bool = True
 
+    #: per-problem pair indices ``[N, M']`` once flattened (see :meth:`flatten`)
+    index: tuple[Tensor, Tensor] | None = None
+
     def flatten(self, batch: torch.Size, K: int) -> PairwiseObjective:
-        """Materialise every field for each of the ``prod(batch)`` problems (axis 0)."""
+        """Materialise every field for each of the ``prod(batch)`` problems (axis 0).
+
+        Pairs of zero weight contribute exactly 0 to F, g and H, so each problem keeps only its
+        weighted pairs (padded with zero-weight ones to the largest count M' ≤ M): with few
+        data most of the K(K−1) cells are empty, and the pair work shrinks accordingly.
+        """
         M = self.pairs.shape[1]
+        dev = self.weight.device
 
         def full(t: Tensor | float | None, tail: tuple[int, ...]) -> Tensor | None:
             if t is None:
                 return None
-            t = torch.as_tensor(t, dtype=torch.float64, device=self.weight.device)
+            t = torch.as_tensor(t, dtype=torch.float64, device=dev)
             return t.expand(*batch, *tail).reshape(-1, *tail)
 
+        weight = full(self.weight, (M,))
+        extras = tuple(full(e, (M,)) for e in self.extras)
+        nz = weight != 0
+        m_keep = max(int(nz.sum(-1).max()) if weight.numel() else 0, 1)
+        if m_keep < M:
+            # stable sort puts each problem's nonzero pairs first, in their original order
+            keep = torch.sort((~nz).to(torch.uint8), dim=-1, stable=True).indices[:, :m_keep]
+            weight = weight.gather(1, keep)
+            extras = tuple(e.gather(1, keep) for e in extras)
+            index = (self.pairs[0][keep], self.pairs[1][keep])
+        else:
+            n = weight.shape[0]
+            index = (self.pairs[0].expand(n, M), self.pairs[1].expand(n, M))
         return replace(
             self,
-            weight=full(self.weight, (M,)),
-            extras=tuple(full(e, (M,)) for e in self.extras),
+            weight=weight,
+            extras=extras,
             kl_coef=full(self.kl_coef, ()),
             log_ref=full(self.log_ref, (K,)),
             ridge=full(self.ridge, ()),
             anchor=full(self.anchor, (K,)),
+            index=index,
         )
 
     def subset(self, idx: Tensor) -> PairwiseObjective:
@@ -112,6 +129,7 @@ class PairwiseObjective:
         def pick(t: Tensor | None) -> Tensor | None:
             return None if t is None else t[idx]
 
+        assert self.index is not None, "subset() needs a flattened objective"
         return replace(
             self,
             weight=self.weight[idx],
@@ -120,29 +138,21 @@ class PairwiseObjective:
             log_ref=pick(self.log_ref),
             ridge=pick(self.ridge),
             anchor=pick(self.anchor),
+            index=(self.index[0][idx], self.index[1][idx]),
         )
 
     # ---- pieces -----------------------------------------------------------------------
-    def _incidence(self, K: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """A ``[M, K]`` with A[m] = e_i − e_j (so d = θ Aᵀ) and B ``[M, K²]``, B[m] = vec(AₘAₘᵀ).
-
-        Both are ±1/0 matrices, so the products below are exact sums of the pair terms.
-        """
-        key = (K, dtype)
-        if getattr(self, "_inc_key", None) != key:
-            M = self.pairs.shape[1]
-            A = torch.zeros(M, K, dtype=dtype, device=self.pairs.device)
-            rows = torch.arange(M, device=self.pairs.device)
-            A[rows, self.pairs[0]] = 1.0
-            A[rows, self.pairs[1]] = -1.0
-            B = (A[:, :, None] * A[:, None, :]).reshape(M, K * K)
-            object.__setattr__(self, "_inc", (A, B))
-            object.__setattr__(self, "_inc_key", key)
-        return self._inc
+    def _flat_call(self, theta: Tensor, method: str) -> tuple[Tensor, ...]:
+        """Evaluate ``method`` on a not yet flattened objective (θ carries the full batch)."""
+        batch, K = theta.shape[:-1], theta.shape[-1]
+        out = getattr(self.flatten(batch, K), method)(theta.reshape(-1, K))
+        out = out if isinstance(out, tuple) else (out,)
+        return tuple(o.reshape(*batch, *o.shape[1:]) for o in out)
 
     def _diff(self, theta: Tensor) -> Tensor:
-        A, _ = self._incidence(theta.shape[-1], theta.dtype)
-        return theta @ A.T
+        """d_m = θ_i − θ_j for each problem's pairs (gathers; exact)."""
+        i, j = self.index
+        return theta.gather(-1, i) - theta.gather(-1, j)
 
     def _centred_dev(self, theta: Tensor) -> Tensor:
         dev = theta if self.anchor is None else theta - self.anchor
@@ -150,23 +160,24 @@ class PairwiseObjective:
 
     def value(self, theta: Tensor) -> Tensor:
         """F(θ) per problem, shape ``[...]`` (used by the line search)."""
+        if self.index is None:
+            return self._flat_call(theta, "value")[0]
         d = self._diff(theta)
-        shape = torch.broadcast_shapes(d.shape, self.weight.shape, *(e.shape for e in self.extras))
         fn = self.pair_fn
         if self.weighted:
             # one library call per problem: Σ_m W_m ψ_m = (weighted mean) · Σ W
             def per_problem(d_p: Tensor, w_p: Tensor, *e_p: Tensor) -> Tensor:
                 return fn(d_p, *e_p, weight=w_p) * w_p.sum()
 
-            args = _flat(shape, (d, self.weight, *self.extras), keep=1)
-            out = vmap(per_problem)(*args).reshape(shape[:-1])
+            out = vmap(per_problem)(d, self.weight, *self.extras)
         else:
-            psi = vmap(fn)(*_flat(shape, (d, *self.extras), keep=0)).reshape(shape)
+            shape = d.shape
+            psi = vmap(fn)(*(t.reshape(-1) for t in (d, *self.extras))).reshape(shape)
             out = (self.weight * psi).sum(-1)
         if self.kl_coef is not None:
             out = out + self.kl_coef * _kl_logits(theta, self.log_ref)
         dev = self._centred_dev(theta)
-        return out + 0.5 * torch.as_tensor(self.ridge, dtype=theta.dtype) * (dev * dev).sum(-1)
+        return out + 0.5 * self.ridge * (dev * dev).sum(-1)
 
     def grad_hess(self, theta: Tensor) -> tuple[Tensor, Tensor]:
         """Gradient ``[..., K]`` and Hessian ``[..., K, K]`` of F at θ.
@@ -175,25 +186,32 @@ class PairwiseObjective:
         and its gradient is ψ'(d_m) element by element; the gradient of Σ_m ψ'(d_m) is ψ''.
         Two backward passes of ordinary autograd therefore give every pair's derivatives.
         """
+        if self.index is None:
+            g, H = self._flat_call(theta, "grad_hess")
+            return g, H
         d = self._diff(theta).detach().requires_grad_(True)
         with torch.enable_grad():
             total = self.pair_fn(d, *self.extras) * d.numel()
             (d1,) = torch.autograd.grad(total, d, create_graph=True)
             (d2,) = torch.autograd.grad(d1.sum(), d)
-        # chain rule through d = θ Aᵀ: g = Aᵀ(Wψ'), H = Aᵀ diag(Wψ'') A = Σ_m Wψ''_m AₘAₘᵀ
-        K = theta.shape[-1]
-        A, B = self._incidence(K, theta.dtype)
-        g = (self.weight * d1.detach()) @ A
-        H = ((self.weight * d2) @ B).reshape(*theta.shape[:-1], K, K)
+        # chain rule through d_m = θ_i − θ_j: g_i += Wψ', g_j −= Wψ'; H gets Wψ'' on (i,i) and
+        # (j,j) and −Wψ'' on (i,j) and (j,i). Scatter-adds: exact sums of the pair terms.
+        N, K = theta.shape
+        i, j = self.index
+        s1 = self.weight * d1.detach()
+        s2 = self.weight * d2
+        g = torch.zeros_like(theta).scatter_add_(1, i, s1).scatter_add_(1, j, -s1)
+        H = torch.zeros(N, K * K, dtype=theta.dtype, device=theta.device)
+        H.scatter_add_(1, i * (K + 1), s2).scatter_add_(1, j * (K + 1), s2)
+        H.scatter_add_(1, i * K + j, -s2).scatter_add_(1, j * K + i, -s2)
+        H = H.reshape(N, K, K)
         if self.kl_coef is not None:
             gk, hk = kl_grad_hess(theta, self.log_ref)
-            c = torch.as_tensor(self.kl_coef, dtype=theta.dtype).expand(theta.shape[:-1])
-            g = g + c[..., None] * gk
-            H = H + c[..., None, None] * hk
-        ridge = torch.as_tensor(self.ridge, dtype=theta.dtype).expand(theta.shape[:-1])
+            g = g + self.kl_coef[:, None] * gk
+            H = H + self.kl_coef[:, None, None] * hk
         proj = torch.eye(K, dtype=theta.dtype, device=theta.device) - 1.0 / K
-        g = g + ridge[..., None] * self._centred_dev(theta)
-        H = H + ridge[..., None, None] * proj
+        g = g + self.ridge[:, None] * self._centred_dev(theta)
+        H = H + self.ridge[:, None, None] * proj
         return g, H
 
 
@@ -210,7 +228,8 @@ def kl_grad_hess(theta: Tensor, log_ref: Tensor) -> tuple[Tensor, Tensor]:
     g = p * (h - (p * h).sum(-1, keepdim=True))
     # p gᵀ + g pᵀ + p pᵀ = p uᵀ + u pᵀ with u = g + p/2: one outer product instead of three
     outer = p[..., :, None] * (g + 0.5 * p)[..., None, :]
-    H = torch.diag_embed(g + p) - outer - outer.transpose(-1, -2)
+    H = -(outer + outer.transpose(-1, -2))
+    H.diagonal(dim1=-2, dim2=-1).add_(g + p)  # in place: no K×K diag_embed temporary
     return g, H
 
 
