@@ -1,0 +1,52 @@
+"""``distalign report RUNS... [--metrics a,b] [--group-by method] [--out report.md]``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from distalign.cli._app import app
+
+
+def _split(value: str | None) -> list[str] | None:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+@app.command(
+    help="Aggregate run directories (synthetic or real) into a Table-2-style markdown table "
+    "(mean ± std over runs, one row per method) and a bar plot."
+)
+def report(
+    runs: Annotated[
+        list[Path], typer.Argument(help="run directories, or folders searched for them")
+    ],
+    metrics: Annotated[
+        str | None,
+        typer.Option("--metrics", "-m", help="comma-separated metric keys (default: known "
+                     "quality, reward and KL metrics found in the runs)"),
+    ] = None,
+    group_by: Annotated[
+        str, typer.Option("--group-by", "-g", help="comma-separated: method, name, seed or "
+                          "dotted config keys such as algo.beta")
+    ] = "method",
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="also write the table to this .md file")
+    ] = None,
+    plot: Annotated[
+        Path | None, typer.Option("--plot", help="write the bar plot here (default: next to "
+                                  "--out, as .png)")
+    ] = None,
+) -> None:
+    from distalign.eval.report import report as build
+
+    plot_path = plot or (out.with_suffix(".png") if out else None)
+    table, rows = build(runs, _split(metrics), _split(group_by), plot_path)
+    typer.echo(table, nl=False)
+    n = sum(len(r.runs) for r in rows)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(table)
+    where = ", ".join(str(p) for p in (out, plot_path) if p)
+    typer.echo(f"\n{n} runs in {len(rows)} rows" + (f"; wrote {where}" if where else ""))

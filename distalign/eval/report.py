@@ -1,0 +1,266 @@
+"""``distalign report``: aggregate run directories into a table shaped like the paper's Table 2.
+
+A run directory is what the engine writes (``config.yaml``, ``summary.json``, ``metrics.jsonl``).
+Runs are grouped (by method by default), and each chosen metric becomes a column of
+"mean ± std over runs" (the paper: 3 seeds). Values come from ``summary.json``'s ``metrics``;
+a run without one (killed, or still running) falls back to the last value of every key in
+``metrics.jsonl``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from statistics import mean, stdev
+from typing import Any
+
+import yaml
+
+from distalign.errors import ConfigError, DataError
+
+# Table 2's row order; other methods follow alphabetically.
+METHOD_ORDER = ("sft", "reward", "dpo", "pmle", "rebel", "distill", "rlhf", "rkl")
+METHOD_NAMES = {
+    "sft": "SFT", "reward": "Reward model", "dpo": "DPO", "pmle": "PMLE", "rebel": "REBEL",
+    "distill": "Pref. Distill.", "rlhf": "RLHF", "rkl": "Reverse KL",
+}
+# label and direction (↑ higher is better, ↓ lower) of metrics the project logs
+KNOWN = {
+    "synthetic/win_ref": ("win-rate vs π₀", "↑"),
+    "synthetic/win_star": ("win-rate vs π*", "↑"),
+    "synthetic/kl_fwd": ("KL(π*‖π)", "↓"),
+    "synthetic/kl_rev": ("KL(π‖π*)", "↓"),
+    "synthetic/kl_ref": ("KL(π‖π₀)", "↓"),
+    "synthetic/entropy": ("entropy", ""),
+    "synthetic/leak": ("mass off 𝒜", "↓"),
+    "synthetic/rm_kl_fwd": ("KL(π*‖π̃_R)", "↓"),
+    "eval/win_rate": ("win-rate", "↑"),
+    "eval/rm_score": ("RM score", "↑"),
+    "eval/kl_ref": ("KL(π‖π₀)", "↓"),
+    "env/score": ("RM score", "↑"),
+    "env/kl": ("KL(π‖π₀)", "↓"),
+    "kl/online": ("KL(π‖π₀)", "↓"),
+}
+DEFAULT_CANDIDATES = (
+    "synthetic/win_ref", "synthetic/kl_fwd", "synthetic/kl_ref", "eval/win_rate",
+    "eval/rm_score", "env/score", "eval/kl_ref", "env/kl", "kl/online",
+)
+
+
+@dataclass
+class Run:
+    path: Path
+    method: str
+    name: str
+    seed: int | None
+    config: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def _is_run(path: Path) -> bool:
+    return (path / "summary.json").is_file() or (path / "metrics.jsonl").is_file()
+
+
+def find_runs(paths: list[str | Path]) -> list[Path]:
+    """Run directories among ``paths``: each path is a run or is searched recursively."""
+    found: list[Path] = []
+    for p in map(Path, paths):
+        if not p.exists():
+            raise DataError(f"no such run directory: {p}")
+        if _is_run(p):
+            found.append(p)
+            continue
+        found.extend(sorted(d for d in p.rglob("*") if d.is_dir() and _is_run(d)))
+    runs = sorted(set(found))
+    if not runs:
+        raise DataError(
+            "no run directories (with summary.json or metrics.jsonl) under "
+            + ", ".join(str(p) for p in paths)
+        )
+    return runs
+
+
+def _numeric(v: Any) -> float | None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    return float(v)
+
+
+def load_run(path: str | Path) -> Run:
+    """Read one run directory (``config.yaml`` + ``summary.json``, else ``metrics.jsonl``)."""
+    path = Path(path)
+    config: dict[str, Any] = {}
+    if (path / "config.yaml").is_file():
+        try:
+            config = yaml.safe_load((path / "config.yaml").read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise DataError(f"{path / 'config.yaml'}: cannot parse YAML ({exc})") from exc
+    summary: dict[str, Any] = {}
+    if (path / "summary.json").is_file():
+        try:
+            summary = json.loads((path / "summary.json").read_text())
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path / 'summary.json'}: invalid JSON ({exc})") from exc
+    raw = summary.get("metrics") or _last_values(path / "metrics.jsonl")
+    metrics = {k: f for k, v in raw.items() if (f := _numeric(v)) is not None}
+    run_cfg = config.get("run", {}) if isinstance(config.get("run"), dict) else {}
+    seed = summary.get("seed", run_cfg.get("seed"))
+    return Run(
+        path=path,
+        method=str(summary.get("method") or config.get("method") or "unknown"),
+        name=str(summary.get("name") or run_cfg.get("name") or path.name),
+        seed=int(seed) if seed is not None else None,
+        config=config,
+        metrics=metrics,
+    )
+
+
+def _last_values(path: Path) -> dict[str, Any]:
+    """The last logged value of every key in ``metrics.jsonl`` (later rows win)."""
+    out: dict[str, Any] = {}
+    if not path.is_file():
+        return out
+    for i, line in enumerate(path.read_text().splitlines()):
+        if not line.strip():
+            continue
+        try:
+            out.update(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path} line {i + 1}: invalid JSON ({exc.msg})") from exc
+    out.pop("time", None)
+    return out
+
+
+def _lookup(run: Run, key: str) -> str:
+    if key in ("method", "name", "seed"):
+        return str(getattr(run, key))
+    node: Any = run.config
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise ConfigError(f"--group-by {key!r}: not a key of {run.path / 'config.yaml'}")
+        node = node[part]
+    return str(node)
+
+
+def default_metrics(runs: list[Run]) -> list[str]:
+    """Known metrics present in at least one run, in Table 2's spirit (quality, then KL)."""
+    present = set().union(*(r.metrics for r in runs))
+    picked = [m for m in DEFAULT_CANDIDATES if m in present]
+    kl = [m for m in picked if "kl" in m]
+    # one KL-to-π₀ column is enough; keep the exact one when both exist
+    if len(kl) > 1:
+        keep = {"synthetic/kl_fwd", kl[0] if kl[0] != "synthetic/kl_fwd" else kl[1]}
+        picked = [m for m in picked if "kl" not in m or m in keep]
+    if not picked:
+        raise ConfigError(
+            "none of the usual metrics are in these runs; pick some with --metrics "
+            f"(available: {', '.join(sorted(present)[:20])})"
+        )
+    return picked
+
+
+@dataclass
+class Row:
+    label: str
+    runs: list[Run]
+    stats: dict[str, tuple[float, float, int]]  # metric -> (mean, std, count)
+
+
+def aggregate(runs: list[Run], metrics: list[str], group_by: list[str] | None = None) -> list[Row]:
+    """Group runs and take mean ± std (sample std; 0 for one run) of each metric."""
+    group_by = group_by or ["method"]
+    present = set().union(*(r.metrics for r in runs))
+    missing = [m for m in metrics if m not in present]
+    if missing:
+        raise ConfigError(
+            f"metric {missing[0]!r} is in none of the runs (available: "
+            f"{', '.join(sorted(present)[:20])})"
+        )
+    groups: dict[tuple[str, ...], list[Run]] = {}
+    for r in runs:
+        groups.setdefault(tuple(_lookup(r, k) for k in group_by), []).append(r)
+
+    def order(key: tuple[str, ...]) -> tuple:
+        m = key[0] if group_by[0] == "method" else ""
+        rank = METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER)
+        return (rank, key)
+
+    rows = []
+    for key in sorted(groups, key=order):
+        members = groups[key]
+        stats = {}
+        for m in metrics:
+            vals = [r.metrics[m] for r in members if m in r.metrics and math.isfinite(r.metrics[m])]
+            if vals:
+                stats[m] = (mean(vals), stdev(vals) if len(vals) > 1 else 0.0, len(vals))
+        rows.append(Row(_label(key, group_by), members, stats))
+    return rows
+
+
+def _label(key: tuple[str, ...], group_by: list[str]) -> str:
+    parts = []
+    for k, v in zip(group_by, key, strict=True):
+        parts.append(METHOD_NAMES.get(v, v) if k == "method" else f"{k.split('.')[-1]}={v}")
+    return parts[0] + (f" ({', '.join(parts[1:])})" if len(parts) > 1 else "")
+
+
+def metric_label(metric: str) -> str:
+    name, arrow = KNOWN.get(metric, (metric, ""))
+    return f"{name} {arrow}".strip()
+
+
+def markdown(rows: list[Row], metrics: list[str], digits: int = 3) -> str:
+    """``| Algorithm | metric ↑ | ... |`` with "mean ± std" cells and the run count."""
+    head = "| Algorithm | " + " | ".join(metric_label(m) for m in metrics) + " | runs |"
+    lines = [head, "|---" * (len(metrics) + 2) + "|"]
+    for row in rows:
+        cells = []
+        for m in metrics:
+            if m not in row.stats:
+                cells.append("–")
+                continue
+            mu, sd, _ = row.stats[m]
+            cells.append(f"{mu:.{digits}f} ± {sd:.{digits}f}")
+        lines.append(f"| {row.label} | " + " | ".join(cells) + f" | {len(row.runs)} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[Row], metrics: list[str], path: str | Path) -> Path:
+    """One bar chart per metric: mean with ± std error bars, one bar per row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics) + 0.8, 3.6))
+    axes = [axes] if len(metrics) == 1 else list(axes)
+    labels = [r.label for r in rows]
+    for ax, m in zip(axes, metrics, strict=True):
+        mu = [r.stats.get(m, (math.nan, 0.0, 0))[0] for r in rows]
+        sd = [r.stats.get(m, (math.nan, 0.0, 0))[1] for r in rows]
+        ax.bar(range(len(rows)), mu, yerr=sd, capsize=3, color=[f"C{i}" for i in range(len(rows))])
+        ax.set_xticks(range(len(rows)), labels, rotation=35, ha="right", fontsize=8)
+        ax.set_title(metric_label(m), fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def report(
+    paths: list[str | Path],
+    metrics: list[str] | None = None,
+    group_by: list[str] | None = None,
+    plot_path: str | Path | None = None,
+) -> tuple[str, list[Row]]:
+    """Find, load and aggregate runs; returns (markdown, rows) and writes the plot if asked."""
+    runs = [load_run(p) for p in find_runs(list(paths))]
+    metrics = metrics or default_metrics(runs)
+    rows = aggregate(runs, metrics, group_by)
+    if plot_path is not None:
+        plot(rows, metrics, plot_path)
+    return markdown(rows, metrics), rows
