@@ -276,9 +276,10 @@ class Trainer:
                     tokens_per_s=sequence_tokens(exp) * self.acc.num_processes / dt,
                 )
                 final = st.step == self.total_steps
-                if (r.eval_every and st.step % r.eval_every == 0) or final:
+                evaluated = bool(r.eval_every and st.step % r.eval_every == 0) or final
+                if evaluated:
                     metrics.update(self.evaluate(st.step))
-                if st.step % r.log_every == 0 or final:
+                if st.step % r.log_every == 0 or evaluated:  # never drop an evaluation
                     self.log.write(st.step, metrics)
                     self.log.write_samples(st.step, self.method.samples)
                     if r.report_to:
