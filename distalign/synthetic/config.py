@@ -117,7 +117,7 @@ def quick_config(**overrides: Any) -> SyntheticConfig:
         seeds=(0,),
         sft_samples=4096,
         sft=Stage(
-            run={"batch_size": 128, "epochs": 6},
+            run={"batch_size": 128, "epochs": 4},
             optim={"lr": 3e-3, "scheduler": "cosine", "warmup_steps": 20},
         ),
         reward=Stage(
