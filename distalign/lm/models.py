@@ -144,11 +144,18 @@ def _from_pretrained(auto_cls: Any, path: str, cfg: ModelConfig, what: str, **ex
     if cfg.gguf_file and path == cfg.name_or_path:
         kwargs["gguf_file"] = cfg.gguf_file
     try:
-        return auto_cls.from_pretrained(path, **kwargs)
+        model = auto_cls.from_pretrained(path, **kwargs)
     except ImportError as err:
         raise ConfigError(f"loading {what} {path!r} needs an extra package: {err}") from err
     except (OSError, ValueError) as err:
         raise _load_error(what, path, err) from err
+    if "gguf_file" in kwargs:
+        # transformers dequantises GGUF weights to `dtype` on load but keeps its GGUF quantizer
+        # attached, which makes save_pretrained (so final/ and merged LoRA) raise; the model is
+        # an ordinary one now, so detach it.
+        model.hf_quantizer = None
+        model.config.__dict__.pop("quantization_config", None)
+    return model
 
 
 def apply_lora(model: nn.Module, lora: LoraConfig, task_type: str = "CAUSAL_LM") -> nn.Module:
@@ -297,6 +304,7 @@ class Reference:
         input_ids: Tensor,
         attention_mask: Tensor,
         temperature: float = 1.0,
+        response_mask: Tensor | None = None,
     ) -> Tensor:
         """ln π₀(token_t | prefix), ``[B, L]``, aligned like :func:`token_logprobs`.
 
@@ -304,7 +312,9 @@ class Reference:
         eval mode for the call (dropout would otherwise perturb π₀) and restored afterwards.
         """
         if self.model is not None:
-            return token_logprobs(self.model, input_ids, attention_mask, temperature)
+            return token_logprobs(
+                self.model, input_ids, attention_mask, temperature, response_mask
+            )
         if policy is None:
             raise ValueError("adapter-disabled reference needs the policy model")
         # Run the unwrapped module: a DDP forward would register a gradient-sync hook
@@ -314,7 +324,7 @@ class Reference:
         inner.eval()
         try:
             with inner.disable_adapter():
-                return token_logprobs(inner, input_ids, attention_mask, temperature)
+                return token_logprobs(inner, input_ids, attention_mask, temperature, response_mask)
         finally:
             inner.train(was_training)
 
@@ -327,5 +337,24 @@ class Reference:
         temperature: float = 1.0,
     ) -> Tensor:
         """ln π₀(response | prompt) = Σ over response tokens, ``[B]``."""
-        tok = self.token_logprobs(policy, input_ids, attention_mask, temperature)
+        tok = self.token_logprobs(policy, input_ids, attention_mask, temperature, response_mask)
         return (tok * response_mask.to(tok.dtype)).sum(-1)
+
+    @torch.no_grad()
+    def pair_logprobs(self, policy: nn.Module | None, batch: dict[str, Tensor]) -> Tensor:
+        """``[B, 2]`` ln π₀ of (chosen, rejected) for a stacked pair batch, prompt computed once
+        (:func:`distalign.lm.pairs.pair_sequence_logprobs`)."""
+        from distalign.lm.pairs import pair_sequence_logprobs
+
+        if self.model is not None:
+            return pair_sequence_logprobs(self.model, batch)
+        if policy is None:
+            raise ValueError("adapter-disabled reference needs the policy model")
+        inner = unwrap_model(policy)
+        was_training = inner.training
+        inner.eval()
+        try:
+            with inner.disable_adapter():
+                return pair_sequence_logprobs(inner, batch)
+        finally:
+            inner.train(was_training)

@@ -100,13 +100,15 @@ class Method:
     # shared helpers -------------------------------------------------------------------
     def policy_token_logprobs(self, batch: Batch, temperature: float = 1.0) -> Tensor:
         return token_logprobs(
-            self.ctx.policy, batch["input_ids"], batch["attention_mask"], temperature
+            self.ctx.policy, batch["input_ids"], batch["attention_mask"], temperature,
+            batch.get("response_mask"),
         )
 
     def ref_token_logprobs(self, batch: Batch, temperature: float = 1.0) -> Tensor:
         assert self.ctx.ref is not None, f"{self.name} needs a reference model"
         return self.ctx.ref.token_logprobs(
-            self.ctx.policy, batch["input_ids"], batch["attention_mask"], temperature
+            self.ctx.policy, batch["input_ids"], batch["attention_mask"], temperature,
+            batch.get("response_mask"),
         )
 
     def sample(self, batch: Batch, num_samples: int) -> Rollout:

@@ -8,7 +8,8 @@ import torch
 from torch import Tensor
 
 from distalign.errors import ConfigError
-from distalign.methods.base import Batch, Method, Metrics, as_pairs, from_pairs, seq_sum
+from distalign.lm.pairs import pair_sequence_logprobs
+from distalign.methods.base import Batch, Method, Metrics, as_pairs, from_pairs
 from distalign.objectives import dpo_loss
 
 PAIR_KEYS = ("input_ids", "attention_mask", "response_mask")
@@ -31,17 +32,16 @@ def pair_experience(method: Method, batch: Batch) -> Batch:
     if "ref_logp" in batch:
         exp["ref_logp"] = batch["ref_logp"]
     else:
-        ref_tok = method.ref_token_logprobs(batch)
-        exp["ref_logp"] = as_pairs(seq_sum(ref_tok, batch["response_mask"]))
+        assert method.ctx.ref is not None, f"{method.name} needs a reference model"
+        exp["ref_logp"] = method.ctx.ref.pair_logprobs(method.ctx.policy, batch)
     return exp
 
 
 def pair_logprobs(method: Method, exp: Batch) -> tuple[Tensor, Tensor]:
     """Policy sequence log-probs of (chosen, rejected) from one stacked forward."""
     flat = {k: from_pairs(exp[k]) for k in PAIR_KEYS}
-    logp = seq_sum(method.policy_token_logprobs(flat), flat["response_mask"])
-    b = logp.shape[0] // 2
-    return logp[:b], logp[b:]
+    logp = pair_sequence_logprobs(method.ctx.policy, flat)
+    return logp[:, 0], logp[:, 1]
 
 
 class DPO(Method):

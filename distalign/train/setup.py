@@ -17,7 +17,7 @@ from distalign.lm.data import build_dataset, build_eval_dataset
 from distalign.lm.generation import make_sampler
 from distalign.lm.logprobs import token_logprobs
 from distalign.lm.models import Reference, apply_lora, load_policy, load_scorer, load_tokenizer
-from distalign.methods.base import Method, as_pairs, seq_sum
+from distalign.methods.base import Method
 from distalign.train.config import TrainConfig
 
 log = logging.getLogger("distalign")
@@ -131,8 +131,7 @@ def precompute_reference(ds: Any, models: Models, cfg: TrainConfig, device: Any)
         batch = collate([ds[i] for i in range(start, min(start + bs, len(ds)))])
         batch = {k: v.to(device) for k, v in batch.items()}
         assert models.ref is not None
-        tok = models.ref.token_logprobs(policy, batch["input_ids"], batch["attention_mask"])
-        values.extend(as_pairs(seq_sum(tok, batch["response_mask"])).tolist())
+        values.extend(models.ref.pair_logprobs(policy, batch).tolist())
     return ds.add_column("ref_logp", values)
 
 

@@ -1,0 +1,106 @@
+"""Sequence log-probs of preference pairs with the shared prompt computed once.
+
+A pair batch stacks prompt+chosen rows then prompt+rejected rows, so the prompt x goes through
+the model twice. Here each pair becomes ONE packed row ``[x, a⁺, a⁻]`` with a custom 4-D
+attention mask in which a⁻ attends to x and to itself but not to a⁺, and a⁻'s position ids
+restart after x. Every token then sees exactly the context it has in the stacked layout, so
+ln π(a⁺|x) and ln π(a⁻|x) are unchanged (up to float reassociation) while the model processes
+|x| + |a⁺| + |a⁻| tokens per pair instead of 2|x| + |a⁺| + |a⁻|. The LM head runs only on the
+positions that predict response tokens (transformers' boolean ``logits_to_keep``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from distalign.lm.logprobs import token_logprobs
+
+_SUPPORTED_ATTN = ("sdpa", "eager")
+
+
+def _inner_config(model: nn.Module):
+    from distalign.lm.models import unwrap_model
+
+    inner = unwrap_model(model)
+    base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    return base.config
+
+
+def _split(batch: dict[str, Tensor]) -> list[tuple[int, int, int]] | None:
+    """(prompt, chosen, rejected) lengths per pair, or None if a pair's rows do not share one
+    prompt prefix (then the stacked path is used)."""
+    ids, resp = batch["input_ids"], batch["response_mask"].bool()
+    b = ids.shape[0] // 2
+    p = resp.int().argmax(-1).tolist()
+    n = resp.sum(-1).tolist()
+    out = []
+    for i in range(b):
+        if p[i] != p[b + i] or p[i] == 0 or not torch.equal(ids[i, : p[i]], ids[b + i, : p[i]]):
+            return None
+        out.append((p[i], int(n[i]), int(n[b + i])))
+    return out
+
+
+def pair_sequence_logprobs(
+    model: nn.Module, batch: dict[str, Tensor], temperature: float = 1.0
+) -> Tensor:
+    """``[B, 2]`` = (ln π(a⁺|x), ln π(a⁻|x)) for a stacked ``[2B, L]`` pair batch."""
+    cfg = _inner_config(model)
+    lens = _split(batch)
+    impl = getattr(cfg, "_attn_implementation", None)
+    width = max((p + c + r for p, c, r in lens), default=0) if lens else 0
+    window = getattr(cfg, "sliding_window", None)
+    if lens is None or impl not in _SUPPORTED_ATTN or (window and width > window):
+        tok = token_logprobs(
+            model, batch["input_ids"], batch["attention_mask"], temperature,
+            batch["response_mask"],
+        )
+        seq = (tok * batch["response_mask"].to(tok.dtype)).sum(-1)
+        half = seq.shape[0] // 2
+        return torch.stack([seq[:half], seq[half:]], dim=1)
+
+    ids = batch["input_ids"]
+    b, dev = len(lens), ids.device
+    packed = torch.zeros((b, width), dtype=ids.dtype, device=dev)
+    pos = torch.zeros((b, width), dtype=torch.long, device=dev)
+    seg = torch.full((b, width), -1, dtype=torch.long, device=dev)  # 0 x, 1 a⁺, 2 a⁻, -1 pad
+    src_rows, src_cols, tgt, which = [], [], [], []
+    for i, (p, c, r) in enumerate(lens):
+        packed[i, :p] = ids[i, :p]
+        packed[i, p : p + c] = ids[i, p : p + c]
+        packed[i, p + c : p + c + r] = ids[b + i, p : p + r]
+        pos[i, : p + c] = torch.arange(p + c, device=dev)
+        pos[i, p + c : p + c + r] = torch.arange(p, p + r, device=dev)
+        seg[i, :p], seg[i, p : p + c], seg[i, p + c : p + c + r] = 0, 1, 2
+        # token at column j is predicted from column j-1, except a⁻'s first token: from x's last
+        chosen_src = list(range(p - 1, p + c - 1))
+        rejected_src = [p - 1, *range(p + c, p + c + r - 1)] if r else []
+        src_rows += [i] * (c + r)
+        src_cols += chosen_src + rejected_src
+        tgt += packed[i, p : p + c + r].tolist()
+        which += [2 * i] * c + [2 * i + 1] * r
+
+    q = torch.arange(width, device=dev)
+    allowed = (q[:, None] >= q[None, :])[None] & (seg >= 0)[:, None, :]
+    allowed &= ~((seg[:, :, None] == 2) & (seg[:, None, :] == 1))
+    allowed |= torch.eye(width, dtype=torch.bool, device=dev)[None]  # pad rows: no empty softmax
+    dtype = next(p for p in model.parameters()).dtype
+    mask = allowed[:, None] if impl == "sdpa" else torch.zeros(
+        allowed[:, None].shape, dtype=dtype, device=dev
+    ).masked_fill(~allowed[:, None], torch.finfo(dtype).min)
+
+    keep = torch.zeros((b, width), dtype=torch.bool, device=dev)
+    rows_t = torch.tensor(src_rows, device=dev)
+    cols_t = torch.tensor(src_cols, device=dev, dtype=torch.long)
+    keep[rows_t, cols_t] = True
+    logits = model(
+        input_ids=packed, attention_mask=mask, position_ids=pos, use_cache=False,
+        logits_to_keep=keep,
+    ).logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    row_of = (keep.flatten().cumsum(0) - 1).view(b, width)[rows_t, cols_t]
+    tok = logits[row_of, torch.tensor(tgt, device=dev)] - torch.logsumexp(logits, -1)[row_of]
+    out = tok.new_zeros(2 * b).index_add(0, torch.tensor(which, device=dev), tok)
+    return out.view(b, 2)
