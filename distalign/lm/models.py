@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -297,6 +299,26 @@ class Reference:
             self.model.to(device)
         return self
 
+    @contextmanager
+    def module(self, policy: nn.Module | None) -> Iterator[nn.Module]:
+        """The module that computes π₀: the frozen copy, or the unwrapped policy in eval mode
+        with its adapter disabled (dropout would otherwise perturb π₀; train mode is restored).
+        Unwrapped because a DDP forward would register a gradient-sync hook for a pass that
+        never backpropagates."""
+        if self.model is not None:
+            yield self.model
+            return
+        if policy is None:
+            raise ValueError("adapter-disabled reference needs the policy model")
+        inner = unwrap_model(policy)
+        was_training = inner.training
+        inner.eval()
+        try:
+            with inner.disable_adapter():
+                yield inner
+        finally:
+            inner.train(was_training)
+
     @torch.no_grad()
     def token_logprobs(
         self,
@@ -307,26 +329,9 @@ class Reference:
         response_mask: Tensor | None = None,
     ) -> Tensor:
         """ln π₀(token_t | prefix), ``[B, L]``, aligned like :func:`token_logprobs`.
-
-        ``policy`` (possibly DDP-wrapped) is needed only in adapter-disabled mode. It is put in
-        eval mode for the call (dropout would otherwise perturb π₀) and restored afterwards.
-        """
-        if self.model is not None:
-            return token_logprobs(
-                self.model, input_ids, attention_mask, temperature, response_mask
-            )
-        if policy is None:
-            raise ValueError("adapter-disabled reference needs the policy model")
-        # Run the unwrapped module: a DDP forward would register a gradient-sync hook
-        # for a pass that never backpropagates.
-        inner = unwrap_model(policy)
-        was_training = inner.training
-        inner.eval()
-        try:
-            with inner.disable_adapter():
-                return token_logprobs(inner, input_ids, attention_mask, temperature, response_mask)
-        finally:
-            inner.train(was_training)
+        ``policy`` (possibly DDP-wrapped) is needed only in adapter-disabled mode."""
+        with self.module(policy) as m:
+            return token_logprobs(m, input_ids, attention_mask, temperature, response_mask)
 
     def sequence_logprobs(
         self,
@@ -346,15 +351,5 @@ class Reference:
         (:func:`distalign.lm.pairs.pair_sequence_logprobs`)."""
         from distalign.lm.pairs import pair_sequence_logprobs
 
-        if self.model is not None:
-            return pair_sequence_logprobs(self.model, batch)
-        if policy is None:
-            raise ValueError("adapter-disabled reference needs the policy model")
-        inner = unwrap_model(policy)
-        was_training = inner.training
-        inner.eval()
-        try:
-            with inner.disable_adapter():
-                return pair_sequence_logprobs(inner, batch)
-        finally:
-            inner.train(was_training)
+        with self.module(policy) as m:
+            return pair_sequence_logprobs(m, batch)
