@@ -268,6 +268,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     spec = {k: v for k, v in vars(a).items() if k not in ("child", "workdir", "variants", "alt")}
     (work / "spec.json").write_text(json.dumps(spec))
+    child_setup(a.threads)  # quiet transformers' save progress bars
     build_fixtures(work, a)
     env = pin_threads(a.threads)
     env["HF_DATASETS_CACHE"] = str(work / "hf_datasets_cache")  # no cache hits across runs
