@@ -22,6 +22,7 @@ from accelerate.utils import set_seed
 from distalign.errors import TrainingError
 from distalign.methods import get_method
 from distalign.methods.base import Batch, Context, Method
+from distalign.progress import StepProgress
 from distalign.train.checkpoint import (
     TrainState,
     latest_checkpoint,
@@ -37,7 +38,7 @@ from distalign.train.setup import (
     build_sampler,
     sequence_tokens,
 )
-from distalign.train.tracking import RunLog, make_progress, progress_info, write_summary
+from distalign.train.tracking import RunLog, progress_info, write_summary
 
 log = logging.getLogger("distalign")
 
@@ -253,10 +254,12 @@ class Trainer:
         r, st = self.cfg.run, self.state
         if st.step == 0:
             self.log.write(0, self.evaluate(0))
-        progress = make_progress(r.progress and self.acc.is_main_process)
+        progress = StepProgress(
+            self.cfg.method, self.total_steps, st.step,
+            enabled=r.progress and self.acc.is_main_process, every=r.log_every,
+        )
         with progress:
-            task = progress.add_task(self.cfg.method, total=self.total_steps, completed=st.step)
-            progress.update(task, info=self.data_report.summary())
+            progress.note(f"{self.cfg.method}: {self.data_report.summary()}")
             batches = self._batches()
             while st.step < self.total_steps:
                 epoch, i, batch = next(batches)
@@ -284,7 +287,7 @@ class Trainer:
                     self.log.write_samples(st.step, self.method.samples)
                     if r.report_to:
                         self.acc.log(metrics, step=st.step)
-                progress.update(task, completed=st.step, info=progress_info(metrics))
+                progress.update(st.step, info=progress_info(metrics))
                 # the last step is saved too, so a finished run can be extended (max_steps)
                 if r.save_every and (st.step % r.save_every == 0 or final):
                     save_checkpoint(self.acc, self.run_dir, st, r.keep_checkpoints)

@@ -1,4 +1,4 @@
-"""Run directory bookkeeping: metrics.jsonl (always), samples.jsonl, summary.json, progress."""
+"""Run directory bookkeeping: metrics.jsonl (always), samples.jsonl, summary.json."""
 
 from __future__ import annotations
 
@@ -7,15 +7,6 @@ import math
 import time
 from pathlib import Path
 from typing import Any
-
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 
 KEY_METRICS = ("loss", "rewards/accuracy", "pref/accuracy", "rm/accuracy", "env/score", "kl/online")
 
@@ -74,20 +65,6 @@ def write_summary(run_dir: Path, cfg: Any, step: int, metrics: dict[str, Any]) -
         "metrics": {k: _plain(v) for k, v in metrics.items() if k not in ("step", "time")},
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-
-
-def make_progress(enabled: bool) -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("eta"),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[info]}"),
-        disable=not enabled,
-        transient=False,
-    )
 
 
 def progress_info(metrics: dict[str, Any]) -> str:
