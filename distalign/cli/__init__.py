@@ -10,7 +10,7 @@ import typer
 from distalign.cli._app import app
 from distalign.errors import DistalignError
 
-_COMMAND_MODULES = ("toy", "train", "synthetic", "report")
+_COMMAND_MODULES = ("toy", "train", "generate", "eval", "report", "synthetic", "pipeline")
 
 
 def _register() -> None:
