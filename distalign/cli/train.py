@@ -29,12 +29,17 @@ def train(
     print_config: Annotated[
         bool, typer.Option("--print-config", help="print the resolved config and exit")
     ] = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option("--overwrite", help="replace the run that run.output_dir/run.name holds"),
+    ] = False,
 ) -> None:
     from distalign.train import load_config
     from distalign.train import train as run_training
     from distalign.train.config import to_yaml
 
-    cfg = load_config(method, config, list(overrides or []))
+    extra = ["run.overwrite=true"] if overwrite else []
+    cfg = load_config(method, config, [*(overrides or []), *extra])
     if print_config:
         typer.echo(to_yaml(cfg))
         return

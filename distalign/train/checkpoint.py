@@ -41,14 +41,18 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def save_checkpoint(
-    accelerator: Any, run_dir: Path, state: TrainState, keep: int, tag: str | None = None
+    accelerator: Any, run_dir: Path, state: TrainState, keep: int, tag: str | None = None,
+    config_yaml: str | None = None,
 ) -> Path:
     """Save everything needed to continue; the state file is written last, so a checkpoint
-    interrupted mid-write is never picked up by ``latest_checkpoint``."""
+    interrupted mid-write is never picked up by ``latest_checkpoint``. ``config_yaml`` is kept
+    with it: a rerun may continue it only with the same config (``train/rundir.py``)."""
     out = run_dir / "checkpoints" / (tag or f"step-{state.step}")
     accelerator.wait_for_everyone()
     accelerator.save_state(str(out))
     if accelerator.is_main_process:
+        if config_yaml is not None:
+            (out / "config.yaml").write_text(config_yaml)
         state.save(out / "trainer_state.json")
         if keep > 0 and tag is None:
             for old in checkpoint_dirs(run_dir)[:-keep]:

@@ -45,7 +45,8 @@ class RunConfig:
     eval_every: int = 0  # 0: evaluate only at the start and the end
     save_every: int = 0  # 0: no intermediate checkpoints
     keep_checkpoints: int = 2
-    resume: bool = True  # continue from the newest checkpoint in the run directory
+    resume: bool = True  # continue from the newest checkpoint (same config only); false: restart
+    overwrite: bool = False  # replace whatever run the directory holds (`--overwrite`)
     report_to: list[str] = field(default_factory=list)  # accelerate trackers: tensorboard, wandb
     progress: bool = True
     mixed_precision: str = "no"  # no | bf16 | fp16 (accelerate)

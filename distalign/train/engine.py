@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+import yaml
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
@@ -23,12 +24,8 @@ from distalign.errors import TrainingError
 from distalign.methods import get_method
 from distalign.methods.base import Batch, Context, Method
 from distalign.progress import StepProgress
-from distalign.train.checkpoint import (
-    TrainState,
-    latest_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
-)
+from distalign.train import rundir
+from distalign.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from distalign.train.config import TrainConfig, to_yaml
 from distalign.train.save import save_final
 from distalign.train.setup import (
@@ -67,9 +64,10 @@ class Trainer:
             step_scheduler_with_optimizer=False,
         )
         set_seed(cfg.run.seed)
-        if self.acc.is_main_process:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
+        self.config_yaml = to_yaml(cfg)
+        # decided (read-only) before loading, applied after: a failed load changes nothing
+        plan = rundir.plan(self.run_dir, yaml.safe_load(self.config_yaml), cfg.run.resume,
+                           cfg.run.overwrite)
         self.models = build_models(cfg, self.method_cls)
         dev = self.acc.device
         loader, self.sampler, eval_loader, report = build_data(
@@ -120,7 +118,14 @@ class Trainer:
         )
         self.method = self.method_cls(cfg, self.ctx)
         self.state = TrainState()
-        resume_from = latest_checkpoint(self.run_dir) if cfg.run.resume else None
+        self.acc.wait_for_everyone()  # every rank has read the run directory
+        if self.acc.is_main_process:
+            if plan.clear:
+                rundir.clear(self.run_dir, plan.reason)
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / rundir.CONFIG_NAME).write_text(self.config_yaml)
+        self.acc.wait_for_everyone()
+        resume_from = plan.resume_from
         if resume_from is not None:
             self.state = load_checkpoint(self.acc, resume_from)
             self._resync_lr()
@@ -128,9 +133,6 @@ class Trainer:
         self.log = RunLog(
             self.run_dir, self.state.step if resume_from else None, self.acc.is_main_process
         )
-        if resume_from is None and self.acc.is_main_process:
-            for stale in ("metrics.jsonl", "samples.jsonl"):
-                (self.run_dir / stale).unlink(missing_ok=True)
 
     def _resync_lr(self) -> None:
         """After a resume, set the optimizer's lr from the schedule of *this* config.
@@ -290,7 +292,8 @@ class Trainer:
                 progress.update(st.step, info=progress_info(metrics))
                 # the last step is saved too, so a finished run can be extended (max_steps)
                 if r.save_every and (st.step % r.save_every == 0 or final):
-                    save_checkpoint(self.acc, self.run_dir, st, r.keep_checkpoints)
+                    save_checkpoint(self.acc, self.run_dir, st, r.keep_checkpoints,
+                                    config_yaml=self.config_yaml)
         save_final(self.acc, self.run_dir, self.trainables, self.models.tokenizer)
         if self.acc.is_main_process:
             write_summary(self.run_dir, self.cfg, st.step, self.log.last)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger("distalign")
 
 KEY_METRICS = ("loss", "rewards/accuracy", "pref/accuracy", "rm/accuracy", "env/score", "kl/online")
 
@@ -35,10 +38,23 @@ class RunLog:
 
     @staticmethod
     def _truncate(path: Path, step: int) -> None:
+        """Keep rows up to ``step``. A line that does not parse (a kill mid-write tears the
+        last one) is dropped with a warning: the resumed run rewrites that step."""
         if not path.exists():
             return
-        rows = [ln for ln in path.read_text().splitlines() if ln.strip()]
-        kept = [ln for ln in rows if json.loads(ln).get("step", 0) <= step]
+        kept, torn = [], 0
+        for ln in path.read_text(errors="replace").splitlines():
+            if not ln.strip():
+                continue
+            try:
+                row = json.loads(ln)
+            except json.JSONDecodeError:
+                torn += 1
+                continue
+            if isinstance(row, dict) and row.get("step", 0) <= step:
+                kept.append(ln)
+        if torn:
+            log.warning("%s: dropped %d unreadable line(s) (interrupted write)", path, torn)
         path.write_text("".join(f"{ln}\n" for ln in kept))
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
