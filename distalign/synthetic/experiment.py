@@ -20,14 +20,14 @@ import json
 import math
 import time
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import asdict
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from distalign.pipeline.runner import Outcome, run_stages
+from distalign.pipeline.runner import Stage as RunStage
 from distalign.synthetic.config import ONLINE, Stage, SyntheticConfig
 from distalign.synthetic.labels import (
     PairSet,
@@ -232,47 +232,40 @@ def run_grid(
     needs_rm = any(m in ONLINE for m in cfg.methods)
     # biggest cells first: their runs are the longest, so they should not start last
     order = sorted(cells, key=lambda c: (-c[0], c[1]))
-    first = [job("reward", n, s, {}) for n, s in order if needs_rm]
-    first += [job(m, n, s, p) for n, s in order for m in cfg.methods if m not in ONLINE
-              for p in cfg.grids[m]]
-
-    def online_jobs(rec):
-        rm = str(Path(rec["run_dir"]) / "final")
-        n, s = rec["n"], rec["seed"]
-        return [job(m, n, s, p, rm) for m in cfg.methods if m in ONLINE for p in cfg.grids[m]]
-
-    records = _execute(first, online_jobs, cfg.workers, log)
+    stages = [_stage(job("reward", n, s, {})) for n, s in order if needs_rm]
+    stages += [_stage(job(m, n, s, p)) for n, s in order for m in cfg.methods if m not in ONLINE
+               for p in cfg.grids[m]]
+    for n, s in order:  # each on-policy run starts once its cell's reward model is done
+        rm = str(out / "runs" / f"n{n}-s{s}" / "reward" / "final")
+        stages += [_stage(job(m, n, s, p, rm), deps=(f"n{n}-s{s}/reward",))
+                   for m in cfg.methods if m in ONLINE for p in cfg.grids[m]]
+    records = _execute(stages, cfg.workers, overwrite, log)
     results = summarise(cfg, setup, records, time.perf_counter() - t_start)
     write_outputs(results, out)
     return results
 
 
-def _execute(first: list[dict], follow: Callable, workers: int, log: Log) -> list[dict]:
-    """Run ``first`` jobs; each finished ``reward`` job releases ``follow(record)`` jobs."""
-    records: list[dict] = []
-    total = [len(first)]
+def _stage(job: dict[str, Any], deps: tuple[str, ...] = ()) -> RunStage:
+    run = job["config"]["run"]
+    return RunStage(name=f"n{job['n']}-s{job['seed']}/{job['tag']}", kind="train",
+                 target="distalign.synthetic.experiment:run_job", spec={"job": job},
+                 out=Path(run["output_dir"]) / run["name"], deps=deps)
 
-    def done(rec: dict) -> list[dict]:
+
+def _execute(stages: list[RunStage], workers: int, overwrite: bool, log: Log) -> list[dict]:
+    """Run the grid's stages through the pipeline runner (one scheduler in the codebase)."""
+    records: list[dict] = []
+
+    def done(outcome: Outcome) -> None:
+        rec = dict(outcome.result)
+        if outcome.reused:
+            rec.update(seconds=0.0, reused=True)
         records.append(rec)
         m = rec["metrics"]
         kl = m.get("kl_fwd", m.get("rm_kl_fwd", float("nan")))
         how = "reused" if rec.get("reused") else f"{rec['seconds']:.0f}s"
-        log(f"[{len(records)}/{total[0]}] n={rec['n']} seed={rec['seed']} {rec['tag']}: "
+        log(f"[{len(records)}/{len(stages)}] n={rec['n']} seed={rec['seed']} {rec['tag']}: "
             f"KL(π*‖·)={kl:.4f} ({how})")
-        more = follow(rec) if rec["method"] == "reward" else []
-        total[0] += len(more)
-        return more
 
-    if workers <= 1:
-        queue = list(first)
-        while queue:
-            queue.extend(done(run_job(queue.pop(0))))
-        return records
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-        pending: set[Future] = {pool.submit(run_job, j) for j in first}
-        while pending:
-            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-            for fut in finished:
-                for j in done(fut.result()):
-                    pending.add(pool.submit(run_job, j))
+    run_stages(stages, workers=workers, force=overwrite, log=lambda _: None, on_done=done)
     return records

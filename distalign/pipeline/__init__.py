@@ -1,0 +1,1 @@
+"""The stage runner behind `distalign pipeline` (and `distalign synthetic`)."""
