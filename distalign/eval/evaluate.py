@@ -1,0 +1,327 @@
+"""``distalign eval``: RM score, KL(π‖π₀) and judge win-rates of a generations file.
+
+Input: a generations JSONL written by ``distalign generate`` (one row per sample, with the exact
+``prompt_token_ids``/``output_token_ids``) and its ``<stem>.meta.json`` sidecar. Output:
+``eval.json`` (``{"metrics": {...}, ...details}``, the keys ``distalign report`` reads) and,
+with a judge, ``annotations.json`` in AlpacaEval's schema (baseline = the reference).
+
+- **RM score**: R̂ at the last real token of prompt + output (eq. (1)), batched; outputs that
+  hit the length limit (no EOS) are counted separately and also averaged on their own.
+- **KL(π‖π₀)** (Table 2's column): per sample, ln π(y|x) − ln π₀(y|x) with *both* log-probs
+  recomputed by forward passes (never the sampler's). k1 is that difference's mean; k3 is the
+  mean of r − 1 − ln r with r = π₀(y|x)/π(y|x), non-negative per sample and also unbiased.
+  Log-probs are taken at the sampling temperature T of the sidecar (T = 1 for greedy), so the
+  estimate is of KL(π_T‖π₀_T), the distribution the samples came from; top-k/top-p truncation
+  makes it approximate (``kl_exact`` says so).
+- **Win-rate** (a judge): 100 · mean P(output ≻ reference), discrete win-rate (ties = ½), SE,
+  bootstrap CI, flip rate, unparsed count, mean lengths of both sides.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from distalign.errors import ConfigError, DataError
+from distalign.eval.annotations import write_annotations
+from distalign.eval.judges.base import Pair
+from distalign.eval.judges.reward import length_batches, resolve_model_dir
+from distalign.eval.stats import bootstrap_ci, mean_se, winrate
+
+REQUIRED = {"prompt_id": str, "prompt": str, "output": str, "prompt_token_ids": list,
+            "output_token_ids": list, "ended": bool}
+
+
+def sidecar_path(generations: str | Path) -> Path:
+    p = Path(generations)
+    return p.with_name(p.name.removesuffix(".jsonl") + ".meta.json")
+
+
+def read_generations(path: str | Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Rows (checked field by field) and the sidecar (``{}`` when absent)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such generations file")
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path} line {i + 1}: invalid JSON ({exc.msg})") from exc
+            for key, kind in REQUIRED.items():
+                if key not in row:
+                    raise DataError(f"{path} row {i}: missing field {key!r}")
+                if not isinstance(row[key], kind):
+                    raise DataError(f"{path} row {i}: field {key!r} is not a {kind.__name__}")
+            row["_line"] = i
+            rows.append(row)
+    if not rows:
+        raise DataError(f"{path}: no generations")
+    meta: dict[str, Any] = {}
+    side = sidecar_path(path)
+    if side.is_file():
+        try:
+            meta = json.loads(side.read_text())
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{side}: invalid JSON ({exc.msg})") from exc
+    return rows, meta
+
+
+def prompt_pairs(rows: list[dict[str, Any]]) -> set[tuple[str, str]]:
+    return {(str(r["prompt_id"]), r["prompt"]) for r in rows}
+
+
+def check_prompt_set(rows: list[dict[str, Any]], path: Path, other: str | Path) -> None:
+    """Stop when ``other`` (a generations file of the comparison) holds other prompts."""
+    theirs = prompt_pairs(read_generations(other)[0])
+    ours = prompt_pairs(rows)
+    if ours != theirs:
+        diff = sorted(ours ^ theirs)[0]
+        side = "only in" if diff in ours else "missing from"
+        raise DataError(f"{path}: generated from a different prompt set than {other}: prompt_id "
+                        f"{diff[0]!r} is {side} {path.name} (field 'prompt')")
+
+
+def _load_lm(path: str, gguf: str | None = None) -> tuple[Any, Any]:
+    from distalign.lm.models import ModelConfig, load_policy, load_tokenizer
+
+    cfg = ModelConfig(name_or_path=resolve_model_dir(path), gguf_file=gguf)
+    return load_policy(cfg).eval().requires_grad_(False), load_tokenizer(cfg)
+
+
+def _policy_tokenizer(meta: dict[str, Any], policy_model: str | None) -> Any:
+    from distalign.lm.models import ModelConfig, load_tokenizer
+
+    path = policy_model or meta.get("tokenizer_path") or meta.get("model_path")
+    if not path:
+        raise ConfigError("the generations have no sidecar naming the policy; pass policy_model")
+    gguf = meta.get("gguf_file") if not policy_model else None
+    return load_tokenizer(ModelConfig(name_or_path=resolve_model_dir(path), gguf_file=gguf))
+
+
+def _progress(name: str, total: int, enabled: bool) -> Any:
+    from distalign.progress import StepProgress
+
+    return StepProgress(name, total, enabled=enabled, every=max(total // 10, 1))
+
+
+def rm_scores(rows: list[dict[str, Any]], reward_model: str, policy_tok: Any, batch_size: int,
+              progress: bool) -> dict[str, Any]:
+    from distalign.eval.judges.reward import load_scorer_dir, score_sequences
+    from distalign.lm.tokenizers import check_same_tokenizer
+
+    model, tok = load_scorer_dir(reward_model)
+    check_same_tokenizer(policy_tok, tok, "the policy", f"reward model {reward_model}")
+    seqs = [(r["prompt_token_ids"], r["output_token_ids"]) for r in rows]
+    done = 0
+    with _progress("rm score", len(rows), progress) as bar:
+        def step(n: int) -> None:
+            nonlocal done
+            done += n
+            bar.update(done)
+        scores = score_sequences(model, seqs, tok.pad_token_id, batch_size, step)
+    mean, se = mean_se(scores)
+    ended = [s for s, r in zip(scores, rows, strict=True) if r["ended"]]
+    cut = [s for s, r in zip(scores, rows, strict=True) if not r["ended"]]
+    return {"scores": scores, "metrics": {"eval/rm_score": mean, "eval/rm_score_se": se},
+            "rm_score_ended": mean_se(ended)[0], "rm_score_no_eos": mean_se(cut)[0],
+            "no_eos": len(cut), "reward_model": reward_model}
+
+
+@torch.no_grad()
+def kl_estimates(rows: list[dict[str, Any]], policy: str, gguf: str | None, ref_model: str,
+                 temperature: float, batch_size: int, progress: bool) -> dict[str, Any]:
+    from distalign.lm.logprobs import sequence_logprobs
+    from distalign.lm.tokenizers import check_same_tokenizer
+
+    pi, pi_tok = _load_lm(policy, gguf)
+    pi0, pi0_tok = _load_lm(ref_model)
+    check_same_tokenizer(pi_tok, pi0_tok, f"the policy {policy}", f"reference model {ref_model}")
+    seqs = [(r["prompt_token_ids"], r["output_token_ids"]) for r in rows]
+    lp = [math.nan] * len(rows)
+    lr = [math.nan] * len(rows)
+    with _progress("kl", len(rows), progress) as bar:
+        done = 0
+        for idx, ids, attn, resp in length_batches(seqs, pi_tok.pad_token_id, batch_size):
+            a = sequence_logprobs(pi, ids, attn, resp, temperature).tolist()
+            b = sequence_logprobs(pi0, ids, attn, resp, temperature).tolist()
+            for i, x, y in zip(idx, a, b, strict=True):
+                lp[i], lr[i] = x, y
+            done += len(idx)
+            bar.update(done)
+    k1 = [x - y for x, y in zip(lp, lr, strict=True)]
+    k3 = [math.expm1(-d) + d for d in k1]  # r − 1 − ln r with ln r = −d
+    (m1, s1), (m3, s3) = mean_se(k1), mean_se(k3)
+    return {"k1": k1, "metrics": {"eval/kl_ref": m1, "eval/kl_ref_se": s1,
+                                  "eval/kl_ref_k3": m3, "eval/kl_ref_k3_se": s3},
+            "policy_model": policy, "ref_model": ref_model}
+
+
+def _pairs(rows: list[dict[str, Any]], path: Path) -> list[Pair]:
+    pairs = []
+    for r in rows:
+        ref = r.get("reference")
+        if not isinstance(ref, str) or not ref.strip():
+            raise DataError(f"{path} row {r['_line']}: field 'reference' is missing or empty; "
+                            "a judge compares each output with its reference")
+        if not r["output"].strip():
+            raise DataError(f"{path} row {r['_line']}: field 'output' is empty; a judge cannot "
+                            "compare it (regenerate with gen.min_new_tokens >= 1)")
+        pairs.append(Pair(r["prompt"], r["output"], ref, r["prompt_token_ids"],
+                          r["output_token_ids"]))
+    return pairs
+
+
+def _finite(obj: Any) -> Any:
+    """NaN/inf → null, so that eval.json is strict JSON."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def _write_json(path: Path, obj: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(_finite(obj), indent=2) + "\n")
+    tmp.replace(path)
+
+
+def judge_winrate(rows: list[dict[str, Any]], path: Path, out_dir: Path, judge_spec: str,
+                  meta: dict[str, Any], policy_tok: Any, **kw: Any) -> dict[str, Any]:
+    from distalign.eval.judges.base import make_judge
+    from distalign.eval.judges.cache import JudgeCache
+
+    pairs = _pairs(rows, path)
+    cache = JudgeCache(Path(kw.pop("cache_dir") or out_dir) / "judge_cache.sqlite")
+    progress = kw.pop("progress")
+    try:
+        judge = make_judge(judge_spec, cache=cache, policy_tokenizer=policy_tok, **kw)
+        if hasattr(judge, "chat"):
+            judge.chat = bool(meta.get("chat_template"))
+        t0 = time.perf_counter()
+        verdicts = judge.judge(pairs, progress=progress)
+        seconds = time.perf_counter() - t0
+    finally:
+        cache.close()
+    prefs = [None if v.p is None else 1.0 + v.p for v in verdicts]
+    st = winrate(prefs)
+    flips = [v.flipped for v in verdicts if v.flipped is not None]
+    generator = meta.get("generator") or (rows[0].get("generator") or "model")
+    ann = [{"instruction": p.prompt, "output_1": p.reference, "generator_1": "reference",
+            "output_2": p.output, "generator_2": r.get("generator") or generator,
+            "annotator": judge.id, "preference": pref, "prompt_id": r["prompt_id"],
+            "sample": r.get("sample", 0)}
+           for p, r, pref in zip(pairs, rows, prefs, strict=True)]
+    write_annotations(ann, out_dir / "annotations.json")
+    return {
+        "metrics": {"eval/win_rate": st["win_rate"], "eval/win_rate_se": st["standard_error"],
+                    "eval/win_rate_discrete": st["discrete_win_rate"]},
+        "judge": judge.id, "template": judge.template_id, "judge_calls": judge.calls,
+        "judge_seconds": seconds, "wins": st["n_wins"], "losses": st["n_wins_base"],
+        "ties": st["n_draws"], "unparsed": st["n_dropped"], "judged": st["n_total"],
+        "win_rate_ci95": [st["ci_low"], st["ci_high"]],
+        "flip_rate": sum(flips) / len(flips) if flips else None,
+        "both_orders": sum(v.p_first is not None or v.p_second is not None for v in verdicts),
+        "mean_length_output": _mean_len(p.output for p in pairs),
+        "mean_length_reference": _mean_len(p.reference for p in pairs),
+    }
+
+
+def _mean_len(texts: Any) -> float:
+    lengths = [len(t) for t in texts]
+    return sum(lengths) / len(lengths)
+
+
+def evaluate(
+    generations: str | Path,
+    out_dir: str | Path,
+    *,
+    judge: str | None = None,
+    reward_model: str | None = None,
+    ref_model: str | None = None,
+    policy_model: str | None = None,
+    template: str | None = None,
+    batch_size: int = 16,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+    judge_url: str | None = None,
+    prompt_set: str | Path | None = None,
+) -> dict[str, Any]:
+    """Evaluate a generations file; writes ``out_dir/eval.json`` and returns its content.
+
+    ``prompt_set``: another generations file that must hold the same (prompt_id, prompt)
+    pairs (e.g. the baseline of a comparison). Each part is written as soon as it is done, so
+    an error in a later part keeps the earlier ones (and judge answers stay cached)."""
+    path, out = Path(generations), Path(out_dir)
+    if not (judge or reward_model or ref_model):
+        raise ConfigError("nothing to evaluate: give a judge, a reward model or a ref model")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"--out {out}: cannot create it ({exc.strerror})") from exc
+    rows, meta = read_generations(path)
+    if prompt_set is not None:
+        check_prompt_set(rows, path, prompt_set)
+    lengths = [len(r["output_token_ids"]) for r in rows]
+    result: dict[str, Any] = {
+        "metrics": {"eval/n": len(rows), "eval/length": sum(lengths) / len(lengths)},
+        "generations": str(path), "prompt_set": meta.get("prompt_set"),
+        "num_prompts": len({r["prompt_id"] for r in rows}),
+        "no_eos": sum(not r["ended"] for r in rows), "model": meta.get("model"),
+    }
+    policy_tok = None
+    if reward_model or ref_model or (judge or "").startswith("reward:"):
+        policy_tok = _policy_tokenizer(meta, policy_model)
+
+    def save(part: dict[str, Any]) -> None:
+        result["metrics"].update(part.pop("metrics"))
+        result.update(part)
+        _write_json(out / "eval.json", result)
+
+    if reward_model:
+        part = rm_scores(rows, reward_model, policy_tok, batch_size, progress)
+        part.pop("scores")
+        save(part)
+    if ref_model:
+        policy = policy_model or meta.get("model_path")
+        if not policy:
+            raise ConfigError(f"{sidecar_path(path)}: no model_path; pass --policy-model for KL")
+        gen = meta.get("gen") or {}
+        t = float(gen.get("temperature", 1.0) or 1.0)
+        part = kl_estimates(rows, policy, None if policy_model else meta.get("gguf_file"),
+                            ref_model, t, batch_size, progress)
+        part.pop("k1")
+        part["kl_temperature"] = t
+        part["kl_exact"] = int(gen.get("top_k", 0) or 0) == 0 and float(
+            gen.get("top_p", 1.0)) >= 1.0 and int(gen.get("min_new_tokens", 0) or 0) == 0
+        save(part)
+    if judge:
+        save(judge_winrate(rows, path, out, judge, meta, policy_tok, judge_url=judge_url,
+                           template=template, batch_size=batch_size, cache_dir=cache_dir,
+                           progress=progress))
+    return result
+
+
+def evaluate_annotations(annotations: str | Path, out_dir: str | Path) -> dict[str, Any]:
+    """``distalign eval --annotations``: aggregate an AlpacaEval annotations file, no judge."""
+    from distalign.eval.annotations import aggregate_annotations, read_annotations
+
+    out = Path(out_dir)
+    result = aggregate_annotations(read_annotations(annotations), str(annotations))
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / "eval.json", result)
+    return result
+
+
+__all__ = ["bootstrap_ci", "evaluate", "evaluate_annotations", "read_generations"]
