@@ -383,6 +383,15 @@ def build_eval_dataset(cfg: DataConfig, tokenizer: Any, kind: str) -> Dataset | 
     """Eval rows or None. In order: ``eval_path`` (split ``eval_split``, default "test"; a file
     is used whole), ``eval_split`` of ``path``, or the seeded ``eval_fraction`` hold-out (disjoint
     from :func:`build_dataset`'s rows). Its report summary is logged here."""
+    out, report = eval_dataset_and_report(cfg, tokenizer, kind)
+    if report is not None:
+        (logger.warning if report.skipped else logger.info)(report.summary())
+    return out
+
+
+def eval_dataset_and_report(cfg: DataConfig, tokenizer: Any,
+                            kind: str) -> tuple[Dataset | None, DataReport | None]:
+    """:func:`build_eval_dataset` with its :class:`DataReport` (for the run's summary)."""
     cfg.validate()
     if cfg.eval_path:  # a single file has only "train"; a hub dataset or dir defaults to "test"
         file_split = "train" if _builder_for(cfg.eval_path) else "test"
@@ -392,8 +401,6 @@ def build_eval_dataset(cfg: DataConfig, tokenizer: Any, kind: str) -> Dataset | 
     elif cfg.eval_fraction > 0:
         args = (cfg.path, cfg.split, "eval")
     else:
-        return None
+        return None, None
     ds, row_ids, source = _load(cfg, *args)
-    out, report = prepare(ds, tokenizer, cfg, kind, source=f"eval {source}", row_ids=row_ids)
-    (logger.warning if report.skipped else logger.info)(report.summary())
-    return out
+    return prepare(ds, tokenizer, cfg, kind, source=f"eval {source}", row_ids=row_ids)

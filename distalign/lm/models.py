@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -54,6 +55,7 @@ class ModelConfig:
 
     name_or_path: str = ""
     tokenizer: str | None = None
+    chat_template: str | None = None  # a Jinja template, or a file holding one (overrides)
     gguf_file: str | None = None
     dtype: str = "float32"  # float32 | bfloat16 | float16 | auto
     attn_implementation: str | None = None
@@ -127,12 +129,15 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
     kwargs: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}
     if cfg.gguf_file and not cfg.tokenizer:
         kwargs["gguf_file"] = cfg.gguf_file
+    _check_local(path, "tokenizer")
     try:
         tok = AutoTokenizer.from_pretrained(path, **kwargs)
     except ImportError as err:
         raise ConfigError(f"loading {path!r} needs an extra package: {err}") from err
     except (OSError, ValueError) as err:
         raise _load_error("tokenizer", path, err) from err
+    if cfg.chat_template:
+        tok.chat_template = _read_template(cfg.chat_template)
     if tok.pad_token is None:
         if tok.eos_token is None:
             raise ConfigError(f"tokenizer {path!r} has neither a pad nor an EOS token")
@@ -141,12 +146,38 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
     return tok
 
 
-def _from_pretrained(auto_cls: Any, path: str, cfg: ModelConfig, what: str, **extra: Any) -> Any:
-    kwargs = _common_kwargs(cfg) | extra
+def _read_template(value: str) -> str:
+    """``model.chat_template``: template text, or the path of a file (.jinja etc.) holding it."""
+    if "{" not in value:
+        path = os.path.expanduser(value)
+        if not os.path.isfile(path):
+            raise ConfigError(f"model.chat_template={value!r}: neither a Jinja template (no "
+                              "'{') nor an existing file")
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    return value
+
+
+def _check_local(path: str, what: str) -> None:
+    """A path that names a local directory but does not exist: say so, instead of the hub's
+    "Repo id must be in the form..." that transformers answers for it."""
+    local = path.startswith(("/", "./", "../", "~")) or path.count("/") > 1
+    if local and not os.path.exists(os.path.expanduser(path)):
+        raise ConfigError(f"cannot load {what} from {path!r}: no such directory")
+
+
+def _from_pretrained(
+    auto_cls: Any, path: str, cfg: ModelConfig, what: str, head: str = "new-ok", **extra: Any
+) -> Any:
+    """Load ``path`` with ``auto_cls``. ``head`` says what a head missing from the checkpoint
+    (so randomly initialised) means: "error" (a frozen or generating model would be silently
+    wrong), "warn" (a trained head starts from scratch) or "new-ok" (expected: a new RM)."""
+    kwargs = _common_kwargs(cfg) | extra | {"output_loading_info": True}
+    _check_local(path, what)
     if cfg.gguf_file and path == cfg.name_or_path:
         kwargs["gguf_file"] = cfg.gguf_file
     try:
-        model = auto_cls.from_pretrained(path, **kwargs)
+        model, info = auto_cls.from_pretrained(path, **kwargs)
     except ImportError as err:
         raise ConfigError(f"loading {what} {path!r} needs an extra package: {err}") from err
     except (OSError, ValueError) as err:
@@ -157,6 +188,21 @@ def _from_pretrained(auto_cls: Any, path: str, cfg: ModelConfig, what: str, **ex
         # an ordinary one now, so detach it.
         model.hf_quantizer = None
         model.config.__dict__.pop("quantization_config", None)
+    prefix = getattr(model, "base_model_prefix", "") + "."
+    missing = sorted(info.get("missing_keys") or ())
+    new_head = [k for k in missing if not k.startswith(prefix)]
+    if new_head and head == "error":
+        arch = ", ".join(getattr(model.config, "architectures", None) or ["?"])
+        raise ConfigError(
+            f"{what} {path!r} has no trained {new_head[0].split('.')[0]!r} head (checkpoint "
+            f"architecture: {arch}); it would be random. Give a checkpoint of the right kind "
+            "(a causal LM for policies, a `distalign train reward` model for scorers)"
+        )
+    if new_head and head == "warn":
+        logger.warning("%s %s: new randomly initialised head %s", what, path, new_head)
+    if len(missing) > len(new_head):
+        logger.warning("%s %s: %d weights missing from the checkpoint were initialised "
+                       "randomly", what, path, len(missing) - len(new_head))
     return model
 
 
@@ -197,7 +243,7 @@ def load_policy(cfg: ModelConfig) -> nn.Module:
 
     if not cfg.name_or_path:
         raise ConfigError("model.name_or_path is empty")
-    model = _from_pretrained(AutoModelForCausalLM, cfg.name_or_path, cfg, "policy")
+    model = _from_pretrained(AutoModelForCausalLM, cfg.name_or_path, cfg, "policy", "error")
     if cfg.gradient_checkpointing:
         _enable_gradient_checkpointing(model)
     if cfg.lora.enabled:
@@ -206,12 +252,14 @@ def load_policy(cfg: ModelConfig) -> nn.Module:
 
 
 def load_scorer(
-    path: str, cfg: ModelConfig, num_labels: int = 1, pad_token_id: int | None = None
+    path: str, cfg: ModelConfig, num_labels: int = 1, pad_token_id: int | None = None,
+    head: str = "new-ok", what: str = "scorer",
 ) -> nn.Module:
     """A reward or value model: ``AutoModelForSequenceClassification`` with ``num_labels`` outputs.
 
     Loading a *causal LM* checkpoint here keeps its backbone and initialises a new score head:
-    that is how a reward model (SPEC (2), Bradley–Terry) is started from an SFT model.
+    that is how a reward model (paper eq. (2), Bradley–Terry) is started from an SFT model.
+    ``head="error"`` refuses that (a frozen scorer with a random head scores nothing).
     ``config.pad_token_id`` is set (needed by HF for batched inputs) from ``pad_token_id``,
     else the checkpoint's, else its EOS id. Scores are read with
     :mod:`distalign.lm.scoring`, which never relies on HF's pad-based pooling.
@@ -221,7 +269,7 @@ def load_scorer(
     if not path:
         raise ConfigError("scorer path (model.reward_model / model.value_model) is empty")
     model = _from_pretrained(
-        AutoModelForSequenceClassification, path, cfg, "scorer", num_labels=num_labels
+        AutoModelForSequenceClassification, path, cfg, what, head, num_labels=num_labels
     )
     if pad_token_id is None:
         pad_token_id = model.config.pad_token_id
@@ -232,24 +280,34 @@ def load_scorer(
     return model
 
 
+def trainable_scorer(path: str, cfg: ModelConfig, what: str, head: str) -> nn.Module:
+    """A scorer to train (reward model, PPO value model) with the policy's memory settings:
+    gradient checkpointing and, when LoRA is on, a SEQ_CLS adapter that also trains the head."""
+    model = load_scorer(path, cfg, head=head, what=what)
+    if cfg.gradient_checkpointing:
+        _enable_gradient_checkpointing(model)
+    if cfg.lora.enabled:
+        model = apply_lora(model, cfg.lora, "SEQ_CLS")
+    return model
+
+
 def load_reward_model(cfg: ModelConfig, pad_token_id: int | None = None) -> nn.Module:
-    """The frozen reward model R̂ of ``cfg.reward_model`` (eval mode, no gradients)."""
+    """The frozen reward model R̂ of ``cfg.reward_model`` (eval mode, no gradients); a
+    checkpoint without a trained score head is refused."""
     if not cfg.reward_model:
         raise ConfigError("model.reward_model is empty but this method scores responses")
-    model = load_scorer(cfg.reward_model, cfg, 1, pad_token_id).eval()
+    model = load_scorer(cfg.reward_model, cfg, 1, pad_token_id, head="error",
+                        what="model.reward_model").eval()
     return model.requires_grad_(False)
 
 
-def load_value_model(cfg: ModelConfig, pad_token_id: int | None = None) -> nn.Module:
+def load_value_model(cfg: ModelConfig) -> nn.Module:
     """The trainable PPO value model: ``cfg.value_model``, else initialised from the reward
     model (its head then starts as the reward head, as in common PPO practice)."""
     path = cfg.value_model or cfg.reward_model
     if not path:
         raise ConfigError("PPO needs model.value_model or model.reward_model")
-    model = load_scorer(path, cfg, 1, pad_token_id)
-    if cfg.gradient_checkpointing:
-        _enable_gradient_checkpointing(model)
-    return model
+    return trainable_scorer(path, cfg, "model.value_model", head="warn")
 
 
 class Reference:
@@ -287,7 +345,7 @@ class Reference:
             return cls(None)
         path = cfg.ref_model or cfg.name_or_path
         if path:
-            model = _from_pretrained(AutoModelForCausalLM, path, cfg, "reference model")
+            model = _from_pretrained(AutoModelForCausalLM, path, cfg, "reference model", "error")
         else:
             base = inner.get_base_model() if is_peft_model(inner) else inner
             model = copy.deepcopy(base)

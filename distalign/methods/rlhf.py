@@ -47,6 +47,12 @@ class RLHFConfig:
             raise ConfigError(f"algo.update_epochs must be >= 1, got {self.update_epochs}")
         if not 0 <= self.gae_lambda <= 1 or not 0 <= self.discount <= 1:
             raise ConfigError("algo.gae_lambda and algo.discount must lie in [0, 1]")
+        if self.clip_range <= 0:
+            raise ConfigError(f"algo.clip_range must be > 0, got {self.clip_range}")
+        if self.value_clip < 0:
+            raise ConfigError(f"algo.value_clip must be >= 0, got {self.value_clip}")
+        if self.vf_coef < 0:
+            raise ConfigError(f"algo.vf_coef must be >= 0, got {self.vf_coef}")
 
 
 def state_values(value_model: torch.nn.Module, ids: Tensor, attn: Tensor) -> Tensor:

@@ -6,7 +6,8 @@ Method hyper-parameters live in ``algo``, a dataclass each method file declares.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,7 @@ class RunConfig:
     overwrite: bool = False  # replace whatever run the directory holds (`--overwrite`)
     report_to: list[str] = field(default_factory=list)  # accelerate trackers: tensorboard, wandb
     progress: bool = True
-    mixed_precision: str = "no"  # no | bf16 | fp16 (accelerate)
+    mixed_precision: str = "no"  # no | bf16 | fp16 | fp8 (accelerate; YAML `no` is accepted)
     num_samples_logged: int = 2  # generations written to samples.jsonl per logged step
 
 
@@ -120,13 +121,95 @@ def _omegaconf_message(exc: OmegaConfBaseException) -> str:
     return f"config key {key!r}: {msg}" if key else msg
 
 
+def _floats(obj: Any, prefix: str = "") -> list[tuple[str, float]]:
+    out: list[tuple[str, float]] = []
+    for f in fields(obj) if is_dataclass(obj) else ():
+        v = getattr(obj, f.name)
+        key = f"{prefix}{f.name}"
+        if is_dataclass(v):
+            out += _floats(v, key + ".")
+        elif isinstance(v, float):
+            out.append((key, v))
+    return out
+
+
+MIXED_PRECISION = ("no", "bf16", "fp16", "fp8")
+# (key, test, requirement) for values whose type alone admits nonsense
+_RULES: list[tuple[str, Any, str]] = [
+    ("run.epochs", lambda v: v > 0, "> 0"),
+    ("run.log_every", lambda v: v >= 1, ">= 1"),
+    ("run.eval_every", lambda v: v >= 0, ">= 0 (0: only at the start and the end)"),
+    ("run.save_every", lambda v: v >= 0, ">= 0 (0: no intermediate checkpoints)"),
+    ("run.keep_checkpoints", lambda v: v >= 0, ">= 0 (0: keep all)"),
+    ("run.num_samples_logged", lambda v: v >= 0, ">= 0"),
+    ("optim.lr", lambda v: v > 0, "> 0"),
+    ("optim.warmup_steps", lambda v: v >= 0, ">= 0"),
+    ("optim.weight_decay", lambda v: v >= 0, ">= 0"),
+    ("optim.max_grad_norm", lambda v: v >= 0, ">= 0 (0 disables clipping)"),
+    ("optim.adam_beta1", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("optim.adam_beta2", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("optim.adam_eps", lambda v: v > 0, "> 0"),
+    ("model.lora.r", lambda v: v >= 1, ">= 1"),
+    ("model.lora.alpha", lambda v: v > 0, "> 0"),
+    ("model.lora.dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("gen.max_new_tokens", lambda v: v >= 1, ">= 1"),
+    ("gen.min_new_tokens", lambda v: v >= 0, ">= 0"),
+    ("gen.temperature", lambda v: v > 0, "> 0 for training (samples must be stochastic)"),
+    ("gen.top_k", lambda v: v >= 0, ">= 0 (0 disables top-k)"),
+    ("gen.top_p", lambda v: 0 < v <= 1, "in (0, 1]"),
+]
+_CHOICES: list[tuple[str, tuple[str, ...]]] = [
+    ("optim.scheduler", ("linear", "cosine", "constant")),
+    ("run.mixed_precision", MIXED_PRECISION),
+    ("model.lora.bias", ("none", "all", "lora_only")),
+    ("model.dtype", ("float32", "bfloat16", "float16", "auto")),
+]
+
+
+def _get(cfg: TrainConfig, key: str) -> Any:
+    obj: Any = cfg
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def check_trackers(names: list[str]) -> None:
+    """Every ``run.report_to`` entry must be a tracker accelerate knows and can import (it
+    would otherwise drop it with a log line, and the run would log nothing)."""
+    import accelerate.utils as au
+    from accelerate.utils import LoggerType
+
+    known = [t.value for t in LoggerType if t.value != "all"]
+    for name in names:
+        if name not in known:
+            raise ConfigError(f"run.report_to: unknown tracker {name!r}; one of {', '.join(known)}")
+        available = getattr(au, f"is_{name}_available", None)
+        if available is not None and not available():
+            hint = ("pip install 'distalign[tensorboard]'" if name == "tensorboard"
+                    else f"pip install {name}")
+            raise ConfigError(f"run.report_to: tracker {name!r} is not installed ({hint})")
+
+
 def validate(cfg: TrainConfig) -> None:
-    """Cross-field checks that types alone cannot express."""
-    r, o = cfg.run, cfg.optim
+    """Cross-field and range checks that types alone cannot express; one line per problem,
+    naming the key."""
+    r = cfg.run
     if not cfg.model.name_or_path:
         raise ConfigError("model.name_or_path is required")
     if not cfg.data.path:
         raise ConfigError("data.path is required")
+    # YAML 1.1 reads the documented `no` as False, which OmegaConf stores as "False"
+    if str(r.mixed_precision).lower() in ("false", "none"):
+        r.mixed_precision = "no"
+    for key, value in _floats(cfg):
+        if not math.isfinite(value):
+            raise ConfigError(f"{key} must be a finite number, got {value}")
+    for key, ok, need in _RULES:
+        if not ok(value := _get(cfg, key)):
+            raise ConfigError(f"{key} must be {need}, got {value}")
+    for key, allowed in _CHOICES:
+        if (value := _get(cfg, key)) not in allowed:
+            raise ConfigError(f"{key}={value!r}: expected one of {', '.join(allowed)}")
     if r.batch_size < 1:
         raise ConfigError(f"run.batch_size must be >= 1, got {r.batch_size}")
     mini = r.mini_batch_size or r.batch_size
@@ -138,14 +221,9 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"run.grad_accum ({r.grad_accum}) must divide the mini-batch ({mini})")
     if r.max_steps is not None and r.max_steps < 1:
         raise ConfigError(f"run.max_steps must be >= 1, got {r.max_steps}")
-    if o.lr <= 0:
-        raise ConfigError(f"optim.lr must be > 0, got {o.lr}")
-    if o.scheduler not in ("linear", "cosine", "constant"):
-        raise ConfigError(
-            f"optim.scheduler must be linear, cosine or constant, got {o.scheduler!r}"
-        )
-    if cfg.gen.temperature <= 0:
-        raise ConfigError(f"gen.temperature must be > 0, got {cfg.gen.temperature}")
+    if not r.name or "/" in r.name or r.name in (".", ".."):
+        raise ConfigError(f"run.name={r.name!r} must be a plain directory name")
+    check_trackers(list(r.report_to))
     check = getattr(cfg.algo, "validate", None)
     if check is not None:
         check()

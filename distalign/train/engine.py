@@ -12,6 +12,7 @@ import logging
 import math
 import time
 from collections import defaultdict
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -33,6 +34,7 @@ from distalign.train.setup import (
     build_models,
     build_optimizer,
     build_sampler,
+    launch_mismatch,
     sequence_tokens,
 )
 from distalign.train.tracking import RunLog, progress_info, write_summary
@@ -64,6 +66,8 @@ class Trainer:
             step_scheduler_with_optimizer=False,
         )
         set_seed(cfg.run.seed)
+        if (why := launch_mismatch(self.acc.num_processes)) is not None:
+            log.warning(why)
         self.config_yaml = to_yaml(cfg)
         # decided (read-only) before loading, applied after: a failed load changes nothing
         plan = rundir.plan(self.run_dir, yaml.safe_load(self.config_yaml), cfg.run.resume,
@@ -81,7 +85,7 @@ class Trainer:
                 f"of run.batch_size={cfg.run.batch_size} per process "
                 f"({self.acc.num_processes} processes)"
             )
-        self.data_report = report
+        self.data_reports = report
         trainables = [self.models.model]
         if self.models.value_model is not None:
             trainables.append(self.models.value_model)
@@ -212,9 +216,13 @@ class Trainer:
         bad = torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0])
         if float(self.acc.reduce(bad.to(self.acc.device), "sum")) > 0:
             path = save_checkpoint(self.acc, self.run_dir, self.state, 0, tag=f"nan-step-{step}")
+            hint = "Lower optim.lr or check the data."
+            if self.cfg.model.dtype == "float16":
+                hint = ("model.dtype=float16 trains in pure fp16, which overflows: use "
+                        "model.dtype=float32 with run.mixed_precision=fp16 (or bf16).")
             raise TrainingError(
                 f"non-finite loss at step {step + 1} ({self.cfg.method}); state before the "
-                f"update saved to {path}. Lower optim.lr or check the data."
+                f"update saved to {path}. {hint}"
             )
 
     # ------------------------------------------------------------------------ evaluate
@@ -261,7 +269,9 @@ class Trainer:
             enabled=r.progress and self.acc.is_main_process, every=r.log_every,
         )
         with progress:
-            progress.note(f"{self.cfg.method}: {self.data_report.summary()}")
+            for rep in self.data_reports:
+                if rep is not None:
+                    progress.note(f"{self.cfg.method}: {rep.summary()}")
             batches = self._batches()
             while st.step < self.total_steps:
                 epoch, i, batch = next(batches)
@@ -296,7 +306,9 @@ class Trainer:
                                     config_yaml=self.config_yaml)
         save_final(self.acc, self.run_dir, self.trainables, self.models.tokenizer)
         if self.acc.is_main_process:
-            write_summary(self.run_dir, self.cfg, st.step, self.log.last)
+            data = {name: asdict(rep) for name, rep in zip(("train", "eval"), self.data_reports,
+                                                            strict=True) if rep is not None}
+            write_summary(self.run_dir, self.cfg, st.step, self.log.last, data)
         # finish trackers but keep the process group (accelerate's end_training destroys it),
         # so a script may run several trainings in one `accelerate launch` (e.g. RM then PPO)
         for tracker in self.acc.trackers:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -13,10 +15,18 @@ from transformers import get_scheduler
 
 from distalign.errors import ConfigError
 from distalign.lm.collators import PairCollator, PromptCollator, SFTCollator
-from distalign.lm.data import build_dataset, build_eval_dataset
+from distalign.lm.data import build_dataset, eval_dataset_and_report
 from distalign.lm.generation import make_sampler
 from distalign.lm.logprobs import token_logprobs
-from distalign.lm.models import Reference, apply_lora, load_policy, load_scorer, load_tokenizer
+from distalign.lm.models import (
+    Reference,
+    load_policy,
+    load_reward_model,
+    load_tokenizer,
+    load_value_model,
+    trainable_scorer,
+)
+from distalign.lm.tokenizers import check_same_tokenizer
 from distalign.methods.base import Method
 from distalign.train.config import TrainConfig
 
@@ -67,12 +77,6 @@ class Models:
     value_model: nn.Module | None
 
 
-def _frozen(model: nn.Module) -> nn.Module:
-    model.eval()
-    model.requires_grad_(False)
-    return model
-
-
 def _check_vocab(name: str, model: nn.Module, tokenizer: Any) -> None:
     vocab = getattr(model.config, "vocab_size", None)
     if vocab is not None and vocab < len(tokenizer):
@@ -82,35 +86,74 @@ def _check_vocab(name: str, model: nn.Module, tokenizer: Any) -> None:
         )
 
 
-def _trainable_scorer(path: str, mc: Any) -> nn.Module:
-    """A scorer to train (reward model, PPO value model) with the policy's memory settings:
-    gradient checkpointing and, when LoRA is on, a SEQ_CLS adapter that also trains the head."""
-    model = load_scorer(path, mc)
-    if mc.gradient_checkpointing:  # non-reentrant works with LoRA
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if mc.lora.enabled:
-        model = apply_lora(model, mc.lora, "SEQ_CLS")
-    return model
+def _check_tokenizer(what: str, path: str, model: nn.Module, tokenizer: Any, mc: Any) -> None:
+    """``path``'s model reads the policy's token ids: its tokenizer must map ids the same way
+    (a vocabulary that merely fits is not enough)."""
+    _check_vocab(what, model, tokenizer)
+    if path == (mc.tokenizer or mc.name_or_path):
+        return
+    from transformers import AutoTokenizer
+
+    try:
+        other = AutoTokenizer.from_pretrained(path, trust_remote_code=mc.trust_remote_code)
+    except (OSError, ValueError, TypeError) as err:
+        log.warning("%s %s has no tokenizer to compare with the policy's (%s); only its "
+                    "vocabulary size was checked", what, path, str(err).splitlines()[0][:80])
+        return
+    check_same_tokenizer(tokenizer, other, "the policy", f"{what} {path!r}")
+
+
+def launch_mismatch(world_size: int) -> str | None:
+    """A warning when ``accelerate launch --num_processes N`` started a 1-process run.
+
+    With ``--cpu``, accelerate's simple launcher runs a single process whatever N says (it
+    sets no process count for us to read), so look at the launcher's own command line.
+    """
+    try:
+        argv = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:  # not Linux, or no parent: nothing to compare
+        return None
+    args = argv.split("\0")
+    if "launch" not in args or not any(a.endswith("accelerate") for a in args[:3]):
+        return None
+    asked = None
+    for i, a in enumerate(args):
+        if a in ("--num_processes", "--num-processes") and i + 1 < len(args):
+            asked = args[i + 1]
+        elif a.startswith(("--num_processes=", "--num-processes=")):
+            asked = a.split("=", 1)[1]
+    if asked is None or not asked.isdigit() or int(asked) <= world_size:
+        return None
+    return (f"accelerate launch asked for {asked} processes but this run has {world_size}; "
+            f"on CPU launch with `ACCELERATE_USE_CPU=true accelerate launch --multi_gpu "
+            f"--num_processes {asked} -m distalign train ...` (--cpu runs one process)")
 
 
 def build_models(cfg: TrainConfig, method_cls: type[Method]) -> Models:
-    mc, algo = cfg.model, cfg.algo
+    mc = cfg.model
     tokenizer = load_tokenizer(mc)
-    trained = _trainable_scorer if method_cls.trains_scorer else None
-    model = trained(mc.name_or_path, mc) if trained else load_policy(mc)
-    ref = Reference.from_config(model, mc) if method_cls.needs_reference(algo) else None
+    if method_cls.trains_scorer:  # `reward` starts a new score head on an SFT backbone
+        model = trainable_scorer(mc.name_or_path, mc, "model.name_or_path", head="new-ok")
+    else:
+        model = load_policy(mc)
+    ref = None
+    if method_cls.needs_reference(cfg.algo):
+        ref = Reference.from_config(model, mc)
+        if ref.model is not None:
+            _check_tokenizer("model.ref_model", mc.ref_model or mc.name_or_path, ref.model,
+                             tokenizer, mc)
     reward_model = value_model = None
     if method_cls.uses_reward_model:
         if not mc.reward_model:
             raise ConfigError(f"method {cfg.method!r} needs model.reward_model (a scorer path)")
-        reward_model = _frozen(load_scorer(mc.reward_model, mc))
-        _check_vocab("model.reward_model", reward_model, tokenizer)
+        reward_model = load_reward_model(mc)
+        _check_tokenizer("model.reward_model", mc.reward_model, reward_model, tokenizer, mc)
     if method_cls.uses_value_model:
-        value_path = mc.value_model or mc.reward_model
-        if not value_path:
+        if not (mc.value_model or mc.reward_model):
             raise ConfigError(f"method {cfg.method!r} needs model.value_model or reward_model")
-        value_model = _trainable_scorer(value_path, mc)
-        _check_vocab("model.value_model", value_model, tokenizer)
+        value_model = load_value_model(mc)
+        _check_tokenizer("model.value_model", mc.value_model or mc.reward_model,
+                         value_model, tokenizer, mc)
     return Models(tokenizer, model, ref, reward_model, value_model)
 
 
@@ -136,10 +179,11 @@ def precompute_reference(ds: Any, models: Models, cfg: TrainConfig, device: Any)
 
 
 def build_data(cfg: TrainConfig, method_cls: type[Method], models: Models, device: Any):
-    """Datasets and loaders; returns (train_loader, sampler, eval_loader | None, report)."""
+    """Datasets and loaders; returns (train_loader, sampler, eval_loader | None,
+    (train report, eval report | None))."""
     kind = method_cls.data_kind
     ds, report = build_dataset(cfg.data, models.tokenizer, kind)
-    eval_ds = build_eval_dataset(cfg.data, models.tokenizer, kind)
+    eval_ds, eval_report = eval_dataset_and_report(cfg.data, models.tokenizer, kind)
     extra: tuple[str, ...] = ()
     if getattr(cfg.algo, "precompute_ref", False):
         ds = precompute_reference(ds, models, cfg, device)
@@ -161,7 +205,7 @@ def build_data(cfg: TrainConfig, method_cls: type[Method], models: Models, devic
         eval_loader = DataLoader(
             eval_ds, batch_size=cfg.run.batch_size, collate_fn=make_collator(kind, pad)
         )
-    return loader, sampler, eval_loader, report
+    return loader, sampler, eval_loader, (report, eval_report)
 
 
 def build_optimizer(cfg: TrainConfig, trainables: list[nn.Module], total_updates: int):

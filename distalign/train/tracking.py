@@ -72,13 +72,17 @@ class RunLog:
                     f.write(json.dumps({"step": step, **s}) + "\n")
 
 
-def write_summary(run_dir: Path, cfg: Any, step: int, metrics: dict[str, Any]) -> None:
+def write_summary(run_dir: Path, cfg: Any, step: int, metrics: dict[str, Any],
+                  data: dict[str, Any] | None = None) -> None:
+    """``summary.json``: the final step's metrics and what the data loading kept, skipped and
+    truncated (``data``: train/eval :class:`~distalign.lm.data.DataReport` fields)."""
     summary = {
         "method": cfg.method,
         "name": cfg.run.name,
         "seed": cfg.run.seed,
         "step": step,
         "metrics": {k: _plain(v) for k, v in metrics.items() if k not in ("step", "time")},
+        "data": data or {},
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
