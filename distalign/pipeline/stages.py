@@ -1,0 +1,116 @@
+"""What each pipeline stage does: the same library calls users make directly.
+
+Every function takes JSON-able arguments (so the runner can hand it to a child process or
+``accelerate launch``), writes into its own directory and returns a small JSON-able result
+that the runner keeps in the stage's done marker.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+from distalign.errors import DataError
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    opener = gzip.open if path.suffix == ".gz" else open
+    rows = []
+    with opener(path, "rt", encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path} line {i + 1}: invalid JSON ({exc.msg})") from None
+    return rows
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> str:
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def split_pairs(source: str, out: str, seed: int, heldout: int,
+                train: int | None = None) -> dict[str, Any]:
+    """Shuffle the rows with ``seed``; the first ``heldout`` are held out (their prompts are
+    generated from and their chosen replies are the references, and the reward model's
+    held-out pair accuracy is measured on them), the next ``train`` (default: all the rest)
+    are the training pairs. Each row keeps its position in the source as ``id``."""
+    rows = _read_jsonl(Path(source))
+    if heldout < 1 or heldout >= len(rows):
+        raise DataError(f"{source}: data.split.heldout={heldout} must be in [1, {len(rows) - 1}]"
+                        f" ({len(rows)} rows)")
+    idx = list(range(len(rows)))
+    random.Random(seed).shuffle(idx)
+    held = sorted(idx[:heldout])
+    rest = idx[heldout:]
+    tr = sorted(rest if train is None else rest[:train])
+    d = Path(out)
+    d.mkdir(parents=True, exist_ok=True)
+    sha = {
+        "heldout": _write_jsonl(d / "heldout.jsonl", [{"id": str(i), **rows[i]} for i in held]),
+        "train": _write_jsonl(d / "train.jsonl", [{"id": str(i), **rows[i]} for i in tr]),
+    }
+    return {"source_rows": len(rows), "heldout": len(held), "train": len(tr), "sha256": sha}
+
+
+def export_model(model: dict[str, Any], out: str) -> dict[str, Any]:
+    """Load π₀ once (e.g. de-quantise a GGUF file to fp32) and save it as a plain HF model
+    directory, which every later stage loads in a fraction of the time."""
+    from distalign.lm.models import ModelConfig, load_policy, load_tokenizer
+
+    cfg = ModelConfig(**model)
+    tok, policy = load_tokenizer(cfg), load_policy(cfg)
+    policy.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return {"parameters": sum(p.numel() for p in policy.parameters())}
+
+
+def train_run(method: str, config: dict[str, Any]) -> dict[str, Any]:
+    """``distalign train METHOD``: ``load_config`` + ``train``. A run that already finished
+    with this very config (killed before its marker was written) is not trained again."""
+    from distalign.train import load_config, train
+    from distalign.train.config import to_yaml
+
+    cfg = load_config(method, config)
+    summary = cfg.run_dir / "summary.json"
+    same = (cfg.run_dir / "config.yaml").is_file() and (
+        (cfg.run_dir / "config.yaml").read_text() == to_yaml(cfg))
+    if not (summary.is_file() and same):
+        train(cfg)
+    return json.loads(summary.read_text()).get("metrics", {})
+
+
+def generate_run(gen: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+    """``distalign generate`` (resumes a partial file by prompt id)."""
+    from distalign.eval.generate import gen_config, generate
+
+    cfg = gen_config([f"gen.{k}={v}" for k, v in gen.items() if v is not None])
+    path = generate(gen=cfg, **kwargs)
+    rows = sum(1 for line in Path(path).read_text().splitlines() if line.strip())
+    return {"generations": str(path), "rows": rows}
+
+
+def eval_run(judge_url: str | None = None, **kwargs: Any) -> dict[str, Any]:
+    """``distalign eval``: writes ``out_dir/eval.json``; returns its metrics."""
+    from distalign.eval.evaluate import evaluate
+
+    if judge_url:
+        kwargs["judge_url"] = judge_url
+    return dict(evaluate(**kwargs).get("metrics", {}))
+
+
+def report_run(**kwargs: Any) -> dict[str, Any]:
+    """The Table-2-style report with the π₀ row (see :mod:`distalign.pipeline.report`)."""
+    from distalign.pipeline.report import write_report
+
+    return write_report(**kwargs)
