@@ -165,14 +165,14 @@ def kl_estimates(rows: list[dict[str, Any]], policy: str, gguf: str | None, ref_
             "policy_model": policy, "ref_model": ref_model}
 
 
-def _pairs(rows: list[dict[str, Any]], path: Path) -> list[Pair]:
+def _pairs(rows: list[dict[str, Any]], path: Path, text_judge: bool) -> list[Pair]:
     pairs = []
     for r in rows:
         ref = r.get("reference")
         if not isinstance(ref, str) or not ref.strip():
             raise DataError(f"{path} row {r['_line']}: field 'reference' is missing or empty; "
                             "a judge compares each output with its reference")
-        if not r["output"].strip():
+        if text_judge and not r["output"].strip():
             raise DataError(f"{path} row {r['_line']}: field 'output' is empty; a judge cannot "
                             "compare it (regenerate with gen.min_new_tokens >= 1)")
         pairs.append(Pair(r["prompt"], r["output"], ref, r["prompt_token_ids"],
@@ -202,7 +202,9 @@ def judge_winrate(rows: list[dict[str, Any]], path: Path, out_dir: Path, judge_s
     from distalign.eval.judges.base import make_judge
     from distalign.eval.judges.cache import JudgeCache
 
-    pairs = _pairs(rows, path)
+    # LLM judges read text, so an empty output is an error for them; the reward and oracle
+    # judges score it like any other response (the synthetic world's invalid empty string)
+    pairs = _pairs(rows, path, judge_spec.split(":")[0] in ("hf", "openai"))
     cache = JudgeCache(Path(kw.pop("cache_dir") or out_dir) / "judge_cache.sqlite")
     progress = kw.pop("progress")
     try:
@@ -257,12 +259,15 @@ def evaluate(
     progress: bool = True,
     judge_url: str | None = None,
     prompt_set: str | Path | None = None,
+    judge_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Evaluate a generations file; writes ``out_dir/eval.json`` and returns its content.
 
     ``prompt_set``: another generations file that must hold the same (prompt_id, prompt)
     pairs (e.g. the baseline of a comparison). Each part is written as soon as it is done, so
-    an error in a later part keeps the earlier ones (and judge answers stay cached)."""
+    an error in a later part keeps the earlier ones (and judge answers stay cached).
+    ``judge_options``: extra settings of the judge (openai: concurrency, timeout,
+    max_retries)."""
     path, out = Path(generations), Path(out_dir)
     if not (judge or reward_model or ref_model):
         raise ConfigError("nothing to evaluate: give a judge, a reward model or a ref model")
@@ -309,7 +314,7 @@ def evaluate(
     if judge:
         save(judge_winrate(rows, path, out, judge, meta, policy_tok, judge_url=judge_url,
                            template=template, batch_size=batch_size, cache_dir=cache_dir,
-                           progress=progress))
+                           progress=progress, **(judge_options or {})))
     return result
 
 

@@ -126,7 +126,7 @@ class PairwiseJudge:
         answers: dict[int, float | None] = {}
         todo = []
         for i, it in enumerate(items):
-            hit = self.cache.get(self.id, self.template_id, *it) if self.cache else None
+            hit = self.cache.get(self.id, self.template_id, *it) if self.cache is not None else None
             if hit is not None:
                 answers[i] = hit[0]
             else:
@@ -142,7 +142,7 @@ class PairwiseJudge:
                     answers[i] = p
                     if p is None and len(self.unparsed_examples) < 3:
                         self.unparsed_examples.append(raw[:80])
-                if self.cache:
+                if self.cache is not None:
                     done = zip(idx, out, strict=True)
                     self.cache.put_many(self.id, self.template_id,
                                         [(*items[i], p, raw) for i, (p, raw) in done])

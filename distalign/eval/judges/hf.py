@@ -23,7 +23,8 @@ def letter_ids(tok: Any, letter: str) -> list[int]:
     ids = set()
     for text in (letter, " " + letter):
         enc = tok(text, add_special_tokens=False)["input_ids"]
-        if len(enc) == 1:
+        # an unknown-word token also "encodes" A in one id: require that it decodes back
+        if len(enc) == 1 and tok.decode(enc).strip() == letter:
             ids.add(enc[0])
     if not ids:
         raise ValueError(f"the judge's tokenizer has no single token for {letter!r}")

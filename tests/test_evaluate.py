@@ -1,0 +1,184 @@
+"""``distalign eval`` on tiny models: RM score, KL(π‖π₀) and the reward judge against
+independent, unbatched computations; eval.json/annotations.json per the contract; bad input.
+
+Generation files are written here in the contract's schema (sampling with
+``distalign.lm.generation.make_sampler``), independently of ``distalign generate``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import PROMPTS, row_scores, row_token_logps
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+from distalign.errors import ConfigError, DataError
+from distalign.eval.evaluate import evaluate, read_generations, sidecar_path
+from distalign.lm.generation import GenerationConfig, make_sampler
+from distalign.testing import left_pad, save_tiny_checkpoint
+
+REFS = ["the cat is good", "a good dog", "it was a great day", "yes it is", "the moon is there",
+        "thank you"]
+T = 0.7
+
+
+def write_generations(path: Path, policy: Path, prompts: list[str], refs: list[str] | None,
+                      samples: int = 2, seed: int = 0, max_new_tokens: int = 6) -> Path:
+    """A generations file + sidecar in the evaluation contract's schema."""
+    tok = AutoTokenizer.from_pretrained(policy)
+    model = AutoModelForCausalLM.from_pretrained(policy).eval()
+    cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=T)
+    p_ids = [tok(p)["input_ids"] for p in prompts]
+    ids, attn = left_pad(p_ids, tok.pad_token_id)
+    torch.manual_seed(seed)
+    ro = make_sampler(cfg, tok).generate(model, ids, attn, samples)
+    rows = []
+    for n in range(ro.input_ids.shape[0]):
+        j, b = divmod(n, len(prompts))
+        out = ro.responses[n][ro.response_mask[n, ro.prompt_length:] == 1].tolist()
+        rows.append({
+            "prompt_id": str(b), "prompt": prompts[b],
+            "output": tok.decode(out, skip_special_tokens=True),
+            "reference": refs[b] if refs else None, "generator": "tiny", "sample": j,
+            "num_tokens": len(out), "ended": bool(ro.ended[n]),
+            "prompt_token_ids": p_ids[b], "output_token_ids": out,
+        })
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    meta = {"model": str(policy), "model_path": str(policy), "gguf_file": None,
+            "tokenizer_path": str(policy), "generator": "tiny", "chat_template": False,
+            "num_samples": samples, "seed": seed, "prompt_set": "x",
+            "gen": {"max_new_tokens": max_new_tokens, "min_new_tokens": 0, "temperature": T,
+                    "top_k": 0, "top_p": 1.0, "backend": "hf"}}
+    sidecar_path(path).write_text(json.dumps(meta))
+    return path
+
+
+@pytest.fixture(scope="module")
+def gens(tiny, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("gens")
+    return write_generations(root / "gens.jsonl", tiny.policy, PROMPTS[:6], REFS)
+
+
+def _batch(rows: list[dict], key: str, pad: int):
+    """Right-padded prompt + response rows and the response mask (independent of the library)."""
+    seqs = [r["prompt_token_ids"] + r[key] for r in rows]
+    width = max(map(len, seqs))
+    ids = torch.full((len(seqs), width), pad)
+    attn, resp = torch.zeros_like(ids), torch.zeros_like(ids)
+    for i, (s, r) in enumerate(zip(seqs, rows, strict=True)):
+        ids[i, : len(s)] = torch.tensor(s)
+        attn[i, : len(s)] = 1
+        resp[i, len(r["prompt_token_ids"]) : len(s)] = 1
+    return ids, attn, resp
+
+
+def test_rm_score_kl_and_reward_judge_equal_hand_computation(tiny, gens, tmp_path):
+    out = tmp_path / "ev"
+    result = evaluate(gens, out, judge=f"reward:{tiny.reward}", reward_model=str(tiny.reward),
+                      ref_model=str(tiny.ref), batch_size=5, progress=False)
+    rows, _ = read_generations(gens)
+    tok = AutoTokenizer.from_pretrained(tiny.policy)
+    rm = AutoModelForSequenceClassification.from_pretrained(tiny.reward).eval()
+    ids, attn, resp = _batch(rows, "output_token_ids", tok.pad_token_id)
+    r_out = row_scores(rm, ids, attn, resp)
+    # the reference reply as the reward model saw responses in training: its words + EOS
+    ref_rows = [{**r, "ref_ids": tok(r["reference"])["input_ids"] + [tok.eos_token_id]}
+                for r in rows]
+    r_ref = row_scores(rm, *_batch(ref_rows, "ref_ids", tok.pad_token_id))
+    m = result["metrics"]
+    assert m["eval/rm_score"] == pytest.approx(r_out.mean().item(), abs=1e-5)
+    assert m["eval/rm_score_se"] == pytest.approx(r_out.std().item() / math.sqrt(len(rows)),
+                                                  rel=1e-4)
+    assert result["no_eos"] == sum(not r["ended"] for r in rows)
+    p = torch.sigmoid(r_out - r_ref)
+    assert m["eval/win_rate"] == pytest.approx(100 * p.mean().item(), abs=1e-4)
+    assert m["eval/win_rate_discrete"] == pytest.approx(100 * (p > 0.5).float().mean().item())
+    # KL: log-probs of both models at the sampling temperature, one unpadded row at a time
+    pi = AutoModelForCausalLM.from_pretrained(tiny.policy).eval()
+    pi0 = AutoModelForCausalLM.from_pretrained(tiny.ref).eval()
+    d = ((row_token_logps(pi, ids, attn, T) - row_token_logps(pi0, ids, attn, T)) * resp).sum(-1)
+    assert m["eval/kl_ref"] == pytest.approx(d.mean().item(), abs=1e-4)
+    assert m["eval/kl_ref_k3"] == pytest.approx((torch.expm1(-d) + d).mean().item(), abs=1e-4)
+    assert result["kl_temperature"] == T and result["kl_exact"] is True
+    # the contract's keys, as distalign report reads them
+    saved = json.loads((out / "eval.json").read_text())
+    for key in ("eval/win_rate", "eval/win_rate_se", "eval/win_rate_discrete", "eval/rm_score",
+                "eval/rm_score_se", "eval/kl_ref", "eval/kl_ref_se", "eval/kl_ref_k3",
+                "eval/kl_ref_k3_se", "eval/length", "eval/n"):
+        assert key in saved["metrics"], key
+    assert saved["metrics"]["eval/n"] == len(rows) == 12
+    ann = json.loads((out / "annotations.json").read_text())
+    assert ann[0]["output_1"] == rows[0]["reference"] and ann[0]["output_2"] == rows[0]["output"]
+    assert ann[0]["preference"] == pytest.approx(1 + p[0].item(), abs=1e-5)
+    assert {k for k in ann[0]} >= {"instruction", "generator_1", "generator_2", "annotator"}
+
+
+def test_bad_input_one_line_errors(tiny, gens, tmp_path):
+    rows = [json.loads(x) for x in gens.read_text().splitlines()]
+
+    def variant(name: str, change) -> Path:
+        p = tmp_path / f"{name}.jsonl"
+        new = [dict(r) for r in rows]
+        change(new)
+        p.write_text("".join(json.dumps(r) + "\n" for r in new))
+        sidecar_path(p).write_text(sidecar_path(gens).read_text())
+        return p
+
+    no_ref = variant("noref", lambda rs: rs[3].pop("reference"))
+    with pytest.raises(DataError, match=r"noref.jsonl row 3: field 'reference' is missing"):
+        evaluate(no_ref, tmp_path / "a", judge=f"reward:{tiny.reward}", progress=False)
+    empty = variant("empty", lambda rs: rs[2].update(output=" "))
+    with pytest.raises(DataError, match=r"empty.jsonl row 2: field 'output' is empty"):
+        evaluate(empty, tmp_path / "b", judge="openai:m", judge_url="http://127.0.0.1:9/v1",
+                 progress=False)
+    no_ids = variant("noids", lambda rs: rs[5].pop("output_token_ids"))
+    with pytest.raises(DataError, match=r"noids.jsonl row 5: missing field 'output_token_ids'"):
+        read_generations(no_ids)
+    other = variant("other", lambda rs: rs[0].update(prompt="a different prompt"))
+    with pytest.raises(DataError, match=r"different prompt set .*prompt_id '0'"):
+        evaluate(gens, tmp_path / "c", reward_model=str(tiny.reward), prompt_set=other,
+                 progress=False)
+    with pytest.raises(ConfigError, match="nothing to evaluate"):
+        evaluate(gens, tmp_path / "d")
+
+
+def test_reward_model_with_another_tokenizer_is_refused(tiny, gens, tmp_path):
+    from distalign.synthetic import build_world, world_tokenizer
+
+    other = tmp_path / "other_rm"
+    save_tiny_checkpoint(other, seed=4, reward=True)
+    world_tokenizer(build_world()).save_pretrained(other)  # a different vocabulary
+    with pytest.raises(ConfigError, match="does not share the tokenizer of the policy"):
+        evaluate(gens, tmp_path / "e", reward_model=str(other), progress=False)
+
+
+def test_partial_results_are_kept(tiny, gens, tmp_path):
+    """The RM score is written before a later part (the judge) fails."""
+    out = tmp_path / "f"
+    with pytest.raises(ConfigError, match="unreachable"):
+        evaluate(gens, out, reward_model=str(tiny.reward), judge="openai:m",
+                 judge_url="http://127.0.0.1:9/v1", judge_options={"max_retries": 0},
+                 progress=False)
+    assert "eval/rm_score" in json.loads((out / "eval.json").read_text())["metrics"]
+
+
+def test_cli_eval_subprocess_output_to_file(tiny, gens, tmp_path):
+    log = tmp_path / "log.txt"
+    cmd = [sys.executable, "-m", "distalign", "eval", str(gens), "--reward-model",
+           str(tiny.reward), "--judge", f"reward:{tiny.reward}", "--out", str(tmp_path / "ev")]
+    with log.open("w") as f:
+        rc = subprocess.run(cmd, stdout=f, stderr=f).returncode
+    text = log.read_text()
+    assert rc == 0, text
+    assert "win-rate" in text and "RM score" in text and "\x1b[" not in text
+    assert (tmp_path / "ev" / "eval.json").is_file()
+    res = subprocess.run([sys.executable, "-m", "distalign", "eval", str(tmp_path / "nope.jsonl"),
+                          "--reward-model", str(tiny.reward)], capture_output=True, text=True)
+    assert res.returncode == 2 and res.stderr.strip().count("\n") == 0
+    assert res.stderr.startswith("error: ") and "no such generations file" in res.stderr
