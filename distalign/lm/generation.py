@@ -10,10 +10,14 @@ must score them with ``token_logprobs(model, ..., temperature=cfg.temperature)``
 the density of the samples (importance ratios and the entropy term of SPEC (15) rely on it).
 This holds exactly for ``top_k=0``, ``top_p=1`` and ``min_new_tokens=0``; truncation or a
 minimum length changes the sampling distribution and makes ln μ an approximation.
+
+Backends: ``hf`` (``model.generate``, below) and ``vllm`` (an in-process vLLM engine that
+receives the policy's weights in place, :mod:`distalign.lm.vllm_sampler`; see docs/vllm.md).
 """
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -34,7 +38,13 @@ class GenerationConfig:
     temperature: float = 0.7
     top_k: int = 0  # 0 disables top-k
     top_p: float = 1.0
-    backend: str = "hf"  # hf | vllm (not in this build)
+    backend: str = "hf"  # hf | vllm (docs/vllm.md)
+    # vLLM engine sizing (backend=vllm only). On a GPU the engine reserves `vllm_memory` of
+    # the device's memory (weights + KV cache) next to training; `vllm_kv_cache_gb` instead
+    # fixes the KV cache size (default 1 GiB on CPU, where the fraction means host memory).
+    vllm_memory: float = 0.3
+    vllm_kv_cache_gb: float | None = None
+    vllm_max_model_len: int | None = None  # default: the model's max_position_embeddings
 
 
 @dataclass
@@ -55,6 +65,9 @@ class Rollout:
     ended: Tensor
     response_lengths: Tensor
     num_samples: int = 1
+    # ln μ of each response token as the sampler computed it, ``[N, R]`` (0 after the mask);
+    # vLLM reports it, HF does not. Diagnostics only: the losses recompute ln π themselves.
+    logprobs: Tensor | None = None
 
     @property
     def responses(self) -> Tensor:
@@ -73,6 +86,7 @@ class Rollout:
             self.ended[rows],
             self.response_lengths[rows],
             1,
+            None if self.logprobs is None else self.logprobs[rows],
         )
 
     def to(self, device: torch.device | str) -> Rollout:
@@ -84,6 +98,7 @@ class Rollout:
             self.ended.to(device),
             self.response_lengths.to(device),
             self.num_samples,
+            None if self.logprobs is None else self.logprobs.to(device),
         )
 
 
@@ -119,6 +134,25 @@ def truncate_after_eos(
     return responses.masked_fill(mask == 0, pad_id), mask, ended
 
 
+def check_generation_config(c: GenerationConfig) -> None:
+    """One-line ConfigErrors for settings no backend can honour."""
+    if c.max_new_tokens < 1 or not 0 <= c.min_new_tokens <= c.max_new_tokens:
+        raise ConfigError(
+            f"generation: need max_new_tokens >= 1 and 0 <= min_new_tokens <= max_new_tokens,"
+            f" got {c.min_new_tokens} and {c.max_new_tokens}"
+        )
+    if c.temperature < 0 or not 0 < c.top_p <= 1 or c.top_k < 0:
+        raise ConfigError("generation: need temperature >= 0, 0 < top_p <= 1 and top_k >= 0")
+
+
+def stop_token_ids(eos_ids: list[int], model_gen_cfg: Any) -> list[int]:
+    """The tokenizer's EOS plus the checkpoint's own stop tokens (chat models often list
+    several, e.g. end-of-turn and end-of-text): a response ends at whichever comes first."""
+    extra = getattr(model_gen_cfg, "eos_token_id", None)
+    extra = [extra] if isinstance(extra, int) else list(extra or [])
+    return eos_ids + [int(e) for e in extra if int(e) not in eos_ids]
+
+
 def _token_ids(tokenizer_or_ids: Any) -> tuple[int, list[int]]:
     """(pad_id, eos_ids) from a tokenizer, or from a ``(pad_id, eos_id | [eos_ids])`` pair."""
     if isinstance(tokenizer_or_ids, tuple | list):
@@ -144,21 +178,10 @@ class HFSampler:
     def __init__(self, tokenizer_or_ids: Any, cfg: GenerationConfig | None = None) -> None:
         self.cfg = cfg or GenerationConfig()
         self.pad_id, self.eos_ids = _token_ids(tokenizer_or_ids)
-        c = self.cfg
-        if c.max_new_tokens < 1 or not 0 <= c.min_new_tokens <= c.max_new_tokens:
-            raise ConfigError(
-                f"generation: need max_new_tokens >= 1 and 0 <= min_new_tokens <= max_new_tokens,"
-                f" got {self.cfg.min_new_tokens} and {self.cfg.max_new_tokens}"
-            )
-        if self.cfg.temperature < 0 or not 0 < self.cfg.top_p <= 1 or self.cfg.top_k < 0:
-            raise ConfigError("generation: need temperature >= 0, 0 < top_p <= 1 and top_k >= 0")
+        check_generation_config(self.cfg)
 
     def _eos_ids(self, model_gen_cfg: Any) -> list[int]:
-        """The tokenizer's EOS plus the checkpoint's own stop tokens (chat models often list
-        several, e.g. end-of-turn and end-of-text): a response ends at whichever comes first."""
-        extra = getattr(model_gen_cfg, "eos_token_id", None)
-        extra = [extra] if isinstance(extra, int) else list(extra or [])
-        return self.eos_ids + [int(e) for e in extra if int(e) not in self.eos_ids]
+        return stop_token_ids(self.eos_ids, model_gen_cfg)
 
     def _hf_config(self, model_gen_cfg: Any, eos_ids: list[int]) -> Any:
         from transformers import GenerationConfig as HFGenerationConfig
@@ -241,9 +264,13 @@ def register_sampler(name: str, factory: SamplerFactory) -> None:
 def make_sampler(cfg: GenerationConfig, tokenizer: Any) -> Sampler:
     """The sampler named by ``cfg.backend``."""
     if cfg.backend == "vllm" and "vllm" not in SAMPLERS:
-        raise ConfigError(
-            "generation.backend='vllm' is not available in this build; use backend='hf'"
-        )
+        if importlib.util.find_spec("vllm") is None:
+            raise ConfigError(
+                "gen.backend=vllm is not available: vLLM is not installed (pip install "
+                "'distalign[vllm]' on a GPU machine, `make vllm-venv` for the CPU build; "
+                "docs/vllm.md), or use gen.backend=hf"
+            )
+        import distalign.lm.vllm_sampler  # noqa: F401  (registers "vllm")
     if cfg.backend not in SAMPLERS:
         raise ConfigError(
             f"generation.backend={cfg.backend!r} is unknown; choose one of {sorted(SAMPLERS)}"
