@@ -38,9 +38,9 @@ MODEL_OUTPUTS = "model_outputs.json"  # what `alpaca_eval evaluate --model_outpu
 
 
 def sidecar_path(out: str | Path) -> Path:
-    """``gens.jsonl`` → ``gens.meta.json`` next to it."""
+    """``gens.jsonl`` → ``gens.meta.json`` next to it (the rule ``distalign eval`` reads)."""
     out = Path(out)
-    return out.with_name(f"{out.stem}.meta.json")
+    return out.with_name(out.name.removesuffix(".jsonl") + ".meta.json")
 
 
 def gen_config(overrides: list[str], base: GenerationConfig | None = None) -> GenerationConfig:
