@@ -46,7 +46,34 @@ def _bad(tmp_path, config_file):
     unknown_in_file = tmp_path / "unknown.yaml"
     unknown_in_file.write_text(config_file.read_text() + "bogus_section: {a: 1}\n")
     c = str(config_file)
+    files = {
+        "bad_byte.jsonl": b'{"prompt": "a", "chosen": "b\xff", "rejected": "c"}\n',
+        "torn.jsonl": b'{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "ch',
+        "list.jsonl": b'{"prompt": "a", "chosen": "b", "rejected": "c"}\n[1, 2]\n',
+        "empty.jsonl": b"",
+        "rows.txt": b"prompt chosen rejected\n",
+        "no_rejected.jsonl": b'{"prompt": "a", "chosen": "b", "rejected": "c"}\n'
+                             b'{"prompt": "a", "chosen": "b"}\n',
+    }
+    for name, raw in files.items():
+        (tmp_path / name).write_bytes(raw)
+
+    def data(name: str) -> list[str]:
+        return ["train", "dpo", "--config", c, f"data.path={tmp_path / name}"]
+
     return {
+        "non-utf8 byte": (data("bad_byte.jsonl"), "line 1: byte 0xff"),
+        "truncated json line": (data("torn.jsonl"), "line 2: not valid JSON"),
+        "non-object line": (data("list.jsonl"), "line 2: expected a JSON object"),
+        "empty file": (data("empty.jsonl"), "the file is empty"),
+        "unsupported extension": (data("rows.txt"), "unsupported file type"),
+        "missing rejected": (data("no_rejected.jsonl"), "row 1: field 'rejected' is missing"),
+        "lr nan": (["train", "dpo", "--config", c, "optim.lr=nan"], "optim.lr"),
+        "log_every 0": (["train", "dpo", "--config", c, "run.log_every=0"], "run.log_every"),
+        "unknown tracker": (["train", "dpo", "--config", c, "run.report_to=[x]"], "tracker"),
+        "lora bias": (["train", "dpo", "--config", c, "model.lora.bias=maybe"], "lora.bias"),
+        "no model dir": (["train", "dpo", "--config", c, f"model.name_or_path={tmp_path}/x/y"],
+                         "no such directory"),
         "unknown method": (["train", "nope", "--config", c], "unknown method 'nope'"),
         "unknown key": (["train", "dpo", "--config", c, "run.bogus=1"], "'run.bogus'"),
         "unknown algo key": (["train", "dpo", "--config", c, "algo.eta=1"], "algo.eta"),
@@ -67,7 +94,9 @@ def _bad(tmp_path, config_file):
 CASES = [
     "unknown method", "unknown key", "unknown algo key", "ill-typed", "missing file", "no '='",
     "file for another method", "broken yaml", "unknown key in file", "invalid value",
-    "unknown option", "missing model",
+    "unknown option", "missing model", "non-utf8 byte", "truncated json line",
+    "non-object line", "empty file", "unsupported extension", "missing rejected", "lr nan",
+    "log_every 0", "unknown tracker", "lora bias", "no model dir",
 ]
 
 
@@ -82,3 +111,35 @@ def test_bad_input_is_one_error_line_and_exit_2(case, config_file, tmp_path, cap
     assert len(lines) == 1, err
     assert lines[0].startswith("error: ") and needle in lines[0], err
     assert "Traceback" not in err
+
+
+def test_version_and_print_config_without_a_config(capsys):
+    from distalign import __version__
+
+    main(["--version"])  # returns normally: exit status 0
+    assert capsys.readouterr().out.strip() == f"distalign {__version__}"
+    main(["train", "rlhf", "--print-config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["algo"]["clip_range"] == 0.2 and printed["model"]["name_or_path"] == ""
+
+
+def test_overwrite_flag_replaces_a_finished_run(config_file, tmp_path, capsys):
+    argv = ["train", "dpo", "--config", str(config_file), "run.max_steps=1"]
+    main(argv)
+    with pytest.raises(SystemExit) as info:
+        main([*argv[:-1], "run.max_steps=2"])
+    assert info.value.code == 2 and "--overwrite" in capsys.readouterr().err
+    main([*argv[:-1], "run.max_steps=2", "--overwrite"])
+    assert [r["step"] for r in read_metrics(tmp_path / "cli")] == [0, 1, 2]
+
+
+def test_data_columns_map_other_column_names(config_file, tmp_path):
+    rows = [{"question": p, "good": c, "bad": r} for p, c, r in
+            [("the dog is", "a good dog", "bad"), ("you are good", "thank you", "you")] * 4]
+    path = tmp_path / "renamed.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    main(["train", "dpo", "--config", str(config_file), f"data.path={path}", "run.max_steps=1",
+          "data.columns.prompt=question", "data.columns.chosen=good", "data.columns.rejected=bad",
+          "run.name=cols"])
+    summary = json.loads((tmp_path / "cols" / "summary.json").read_text())
+    assert summary["data"]["train"]["rows_kept"] == 8

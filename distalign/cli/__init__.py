@@ -15,11 +15,7 @@ _COMMAND_MODULES = ("toy", "train", "generate", "eval", "report", "synthetic", "
 
 def _register() -> None:
     for name in _COMMAND_MODULES:
-        try:
-            importlib.import_module(f"distalign.cli.{name}")
-        except ModuleNotFoundError as exc:  # a command module not yet present in this build
-            if exc.name != f"distalign.cli.{name}":
-                raise
+        importlib.import_module(f"distalign.cli.{name}")
 
 
 def main(argv: list[str] | None = None) -> None:

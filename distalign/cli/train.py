@@ -39,7 +39,8 @@ def train(
     from distalign.train.config import to_yaml
 
     extra = ["run.overwrite=true"] if overwrite else []
-    cfg = load_config(method, config, [*(overrides or []), *extra])
+    cfg = load_config(method, config, [*(overrides or []), *extra],
+                      require_paths=not print_config)
     if print_config:
         typer.echo(to_yaml(cfg))
         return

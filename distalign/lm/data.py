@@ -21,16 +21,17 @@ the :class:`DataReport`, never silent. Policies:
 from __future__ import annotations
 
 import logging
-import os
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from datasets import Dataset, Features, Sequence, Value, load_dataset
+from datasets import Dataset, Features, Sequence, Value
 from omegaconf import MISSING
 
 from distalign.errors import ConfigError, DataError
+from distalign.lm.datafiles import builder_for as _builder_for
+from distalign.lm.datafiles import check_columns, load_rows, missing_fields
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +41,6 @@ _CHOICES = {"format": FORMATS, "on_overlong": ("error", "skip", "truncate"),
             "on_empty": ("error", "skip")}
 _AUTO = [("preference", ("prompt", "chosen", "rejected")), ("hh", ("chosen", "rejected")),
          ("sft", ("prompt", "completion")), ("sft", ("messages",)), ("prompt", ("prompt",))]
-_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 _OUT = {"pairs": ("prompt_ids", "chosen_ids", "rejected_ids"), "prompts": ("prompt_ids",),
         "sft": ("prompt_ids", "completion_ids")}
 # Columns read per (format, kind), by preference; absent = incompatible. The first holds the
@@ -74,6 +74,7 @@ class DataConfig:
     seed: int = 0  # seed of the eval_fraction split
     num_proc: int | None = None  # worker processes for tokenisation
     add_eos: bool = True  # end every response with the tokenizer's EOS token
+    columns: dict[str, str] = field(default_factory=dict)  # our name -> file column (TRL-style)
 
     def __post_init__(self) -> None:
         self.validate(require_path=False)
@@ -94,6 +95,7 @@ class DataConfig:
             raise ConfigError("data.eval_fraction cannot be combined with eval_path/eval_split")
         if self.max_rows is not None and self.max_rows < 1:
             raise ConfigError(f"data.max_rows={self.max_rows} must be >= 1")
+        check_columns(self.columns)
 
 
 @dataclass
@@ -128,33 +130,6 @@ def split_hh(text: str) -> tuple[str, str]:
     return text[:cut], text[cut:]
 
 
-def _builder_for(path: str) -> str | None:
-    name = path.lower().removesuffix(".gz")
-    return next((b for ext, b in _BUILDERS.items() if name.endswith(ext)), None)
-
-
-def load_rows(cfg: DataConfig, split: str | None = None, *, path: str | None = None) -> Dataset:
-    """Raw rows of ``path`` (default ``cfg.path``), split ``split`` (default ``cfg.split``), cut to
-    ``cfg.max_rows``: files via the json/parquet/csv builders, else ``load_dataset(path)``."""
-    path, split = path or cfg.path, split or cfg.split
-    builder = _builder_for(path)
-    if builder is not None and not os.path.isfile(path):
-        raise DataError(f"data file not found: {path}")
-    if builder is not None and split.split("[")[0] != "train":
-        raise ConfigError(f"{path} is a single file, so its only split is 'train' (got {split!r}); "
-                          "give a separate file as data.eval_path")
-    try:
-        ds = (load_dataset(path, split=split) if builder is None
-              else load_dataset(builder, data_files=path, split=split))
-    except Exception as e:  # datasets/arrow/hub raise many types; all mean "cannot read this"
-        first = (str(e).strip().splitlines() or [""])[0]
-        msg = f"could not load {path!r} (split {split!r}): {type(e).__name__}: {first}"
-        raise DataError(msg) from e
-    if cfg.max_rows is not None and len(ds) > cfg.max_rows:
-        ds = ds.select(range(cfg.max_rows))
-    return ds
-
-
 class _Skip(Exception):
     """Raised inside a row to skip it; ``args[0]`` is the reason counted in the report."""
 
@@ -162,9 +137,10 @@ class _Skip(Exception):
 class _RowEncoder:
     """Validates and tokenises one raw row: a picklable callable for ``Dataset.map``."""
 
-    def __init__(self, tokenizer, cfg, fmt, kind, layout, source, row_ids) -> None:
+    def __init__(self, tokenizer, cfg, fmt, kind, layout, source, row_ids, missing) -> None:
         self.tok, self.cfg, self.fmt, self.kind = tokenizer, cfg, fmt, kind
         self.layout, self.source, self.row_ids = layout, source, row_ids
+        self.missing = missing  # row -> keys absent from the file (not null: absent)
         # ids the tokenizer puts before plain text (BOS for Llama, none for GPT-2): located as
         # the bare encoding's offset inside the full one, so a trailing EOS is never taken
         full, bare = (tokenizer("a", add_special_tokens=a)["input_ids"] for a in (True, False))
@@ -175,6 +151,9 @@ class _RowEncoder:
     def __call__(self, row: dict[str, Any], idx: int) -> dict[str, Any]:
         i = int(self.row_ids[idx]) if self.row_ids is not None else idx
         try:
+            absent = [f for f in self.layout if f in self.missing.get(i, ())]
+            if absent:  # not "empty": on_empty=skip would hide a broken file
+                raise self._fail(i, f"field {absent[0]!r} is missing")
             pfield, prompt, responses = self._extract(row, i)
             for f, v in [(pfield, prompt), *responses]:
                 self._check(v, f, i)
@@ -318,11 +297,13 @@ def _layout(ds: Dataset, cfg: DataConfig, kind: str, source: str) -> tuple[str, 
 
 
 def prepare(ds: Dataset, tokenizer: Any, cfg: DataConfig, kind: str, *, source: str | None = None,
-            row_ids: list[int] | None = None) -> tuple[Dataset, DataReport]:
+            row_ids: list[int] | None = None,
+            missing: dict[int, frozenset[str]] | None = None) -> tuple[Dataset, DataReport]:
     """Validate and tokenise raw rows into the id columns of ``kind``: ``pairs`` → ``prompt_ids``,
     ``chosen_ids``, ``rejected_ids``; ``prompts`` → ``prompt_ids``; ``sft`` → ``prompt_ids``,
     ``completion_ids`` (response ids include the EOS). ``source`` names the data in messages;
-    ``row_ids[k]`` is the file row number of ``ds[k]`` when ``ds`` is a subset."""
+    ``row_ids[k]`` is the file row number of ``ds[k]`` when ``ds`` is a subset; ``missing`` maps
+    file row numbers to the keys they lack (:func:`distalign.lm.datafiles.missing_fields`)."""
     if kind not in _OUT:
         raise ConfigError(f"unknown data kind {kind!r}: expected one of {', '.join(_OUT)}")
     cfg.validate(require_path=False)
@@ -335,7 +316,7 @@ def prepare(ds: Dataset, tokenizer: Any, cfg: DataConfig, kind: str, *, source: 
     # Skips travel as a column rather than a counter so that they survive num_proc workers.
     features = {c: Sequence(Value("int32")) for c in _OUT[kind]}
     features |= {"_skip": Value("string"), "_trunc": Value("string")}
-    encoder = _RowEncoder(tokenizer, cfg, fmt, kind, layout, source, row_ids)
+    encoder = _RowEncoder(tokenizer, cfg, fmt, kind, layout, source, row_ids, missing or {})
     out = ds.map(encoder, with_indices=True, remove_columns=ds.column_names, num_proc=cfg.num_proc,
                  features=Features(features), desc=f"tokenising {kind}")
     report = DataReport(source=source, kind=kind, format=fmt, rows_read=len(ds))
@@ -376,7 +357,8 @@ def build_dataset(cfg: DataConfig, tokenizer: Any, kind: str,
     split = split or cfg.split
     part = "train" if cfg.eval_fraction > 0 and split == cfg.split else None
     ds, row_ids, source = _load(cfg, cfg.path, split, part)
-    return prepare(ds, tokenizer, cfg, kind, source=source, row_ids=row_ids)
+    return prepare(ds, tokenizer, cfg, kind, source=source, row_ids=row_ids,
+                   missing=missing_fields(cfg.path, cfg.columns))
 
 
 def build_eval_dataset(cfg: DataConfig, tokenizer: Any, kind: str) -> Dataset | None:
@@ -403,4 +385,5 @@ def eval_dataset_and_report(cfg: DataConfig, tokenizer: Any,
     else:
         return None, None
     ds, row_ids, source = _load(cfg, *args)
-    return prepare(ds, tokenizer, cfg, kind, source=f"eval {source}", row_ids=row_ids)
+    return prepare(ds, tokenizer, cfg, kind, source=f"eval {source}", row_ids=row_ids,
+                   missing=missing_fields(args[0], cfg.columns))

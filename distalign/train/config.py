@@ -80,10 +80,12 @@ def load_config(
     method: str,
     config: str | Path | dict | None = None,
     overrides: list[str] | tuple[str, ...] = (),
+    require_paths: bool = True,
 ) -> TrainConfig:
     """Build a validated ``TrainConfig`` from a YAML path or dict plus ``a.b=value`` overrides.
 
-    Unknown keys and ill-typed values raise a one-line ``ConfigError``.
+    Unknown keys and ill-typed values raise a one-line ``ConfigError``. ``require_paths=False``
+    accepts an empty model/data path (``--print-config`` of the defaults).
     """
     schema = _schema(method)
     sources: list[Any] = []
@@ -111,7 +113,7 @@ def load_config(
         cfg: TrainConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as exc:
         raise ConfigError(_omegaconf_message(exc)) from exc
-    validate(cfg)
+    validate(cfg, require_paths)
     return cfg
 
 
@@ -190,13 +192,13 @@ def check_trackers(names: list[str]) -> None:
             raise ConfigError(f"run.report_to: tracker {name!r} is not installed ({hint})")
 
 
-def validate(cfg: TrainConfig) -> None:
+def validate(cfg: TrainConfig, require_paths: bool = True) -> None:
     """Cross-field and range checks that types alone cannot express; one line per problem,
     naming the key."""
     r = cfg.run
-    if not cfg.model.name_or_path:
+    if require_paths and not cfg.model.name_or_path:
         raise ConfigError("model.name_or_path is required")
-    if not cfg.data.path:
+    if require_paths and not cfg.data.path:
         raise ConfigError("data.path is required")
     # YAML 1.1 reads the documented `no` as False, which OmegaConf stores as "False"
     if str(r.mixed_precision).lower() in ("false", "none"):
