@@ -169,7 +169,7 @@ def _pairs(rows: list[dict[str, Any]], path: Path, text_judge: bool) -> list[Pai
     pairs = []
     for r in rows:
         ref = r.get("reference")
-        if not isinstance(ref, str) or not ref.strip():
+        if not isinstance(ref, str) or (text_judge and not ref.strip()):
             raise DataError(f"{path} row {r['_line']}: field 'reference' is missing or empty; "
                             "a judge compares each output with its reference")
         if text_judge and not r["output"].strip():
