@@ -126,3 +126,17 @@ def test_bad_options(tmp_path):
         load_prompt_set(str(tmp_path / "missing.jsonl"), TOK)
     with pytest.raises(ConfigError, match="--limit must be >= 1"):
         load_prompt_set(path, TOK, limit=0)
+
+
+def test_messages_rows_and_parquet(tmp_path):
+    from datasets import Dataset
+
+    conv = [{"role": "user", "content": "who is that man"},
+            {"role": "assistant", "content": "he is my first man"}]
+    path = tmp_path / "m.parquet"
+    Dataset.from_list([{"prompt_id": "a", "messages": conv}]).to_parquet(str(path))
+    pset = load_prompt_set(str(path), TOK)
+    (p,) = pset.prompts
+    assert pset.format == "messages" and p.prompt_id == "a"
+    assert p.prompt == "who is that man" and p.reference == "he is my first man"
+    assert p.token_ids == _chat_ids(conv[:1])
