@@ -110,7 +110,7 @@ def _first_update(make_config, run_dir, method: str, accum: int) -> dict[str, to
 
     trainer.optimizer.step = step
     batch = next(iter(trainer.loader))
-    metrics = trainer._update(trainer.method.collect(batch), 0)
+    metrics = trainer._update(trainer.method.collect(batch)[0], 0)
     grads["__loss__"] = torch.tensor(metrics["loss"])
     return grads
 

@@ -97,8 +97,10 @@ def test_a_missing_tracker_package_is_named(make_config, tmp_path, monkeypatch):
     import accelerate.utils
 
     monkeypatch.setattr(accelerate.utils, "is_tensorboard_available", lambda: False)
+    cfg = make_config("dpo", tmp_path / "r", "run.report_to=[tensorboard]")  # loads (recipes)
     with pytest.raises(ConfigError, match=r"distalign\[tensorboard\]"):
-        make_config("dpo", tmp_path / "r", "run.report_to=[tensorboard]")
+        train(cfg)  # training refuses before loading anything
+    assert not (tmp_path / "r").exists()
 
 
 def test_summary_records_the_data_counts(make_config, tmp_path, tiny):

@@ -10,7 +10,6 @@ from distalign.lm.logprobs import sequence_logprobs, token_logprobs
 from distalign.lm.models import (
     LoraConfig,
     ModelConfig,
-    Reference,
     apply_lora,
     load_policy,
     load_reward_model,
@@ -18,6 +17,7 @@ from distalign.lm.models import (
     load_tokenizer,
     load_value_model,
 )
+from distalign.lm.reference import Reference
 from distalign.lm.scoring import sequence_scores, token_scores
 from distalign.testing import (
     left_pad,

@@ -39,7 +39,7 @@ def _close(got, want):
 
 def test_sft_loss_is_token_mean_nll(make_config, tmp_path):
     trainer, batch = _setup(make_config, tmp_path, "sft")
-    loss, metrics = trainer.method.loss(trainer.method.collect(batch))
+    loss, metrics = trainer.method.loss(trainer.method.collect(batch)[0])
     tok = row_token_logps(_policy(trainer), batch["input_ids"], batch["attention_mask"])
     mask = batch["response_mask"].float()
     want = -(tok * mask).sum() / mask.sum()  # mean over completion tokens, not per row
@@ -50,7 +50,7 @@ def test_sft_loss_is_token_mean_nll(make_config, tmp_path):
 @pytest.mark.parametrize("center", [0.0, 0.3])
 def test_reward_loss_is_bradley_terry_nll(make_config, tmp_path, center):
     trainer, batch = _setup(make_config, tmp_path, "reward", f"algo.center_coef={center}")
-    loss, metrics = trainer.method.loss(trainer.method.collect(batch))
+    loss, metrics = trainer.method.loss(trainer.method.collect(batch)[0])
     ids, attn, resp = batch["input_ids"], batch["attention_mask"], batch["response_mask"]
     r = row_scores(_policy(trainer), ids, attn, resp)  # score at the last response token
     b = ids.shape[0] // 2
@@ -66,7 +66,7 @@ def test_dpo_loss_matches_eq6(make_config, tmp_path, tiny, precompute):
         make_config, tmp_path, "dpo", f"algo.gamma={gamma}", f"model.ref_model={tiny.ref}",
         f"algo.precompute_ref={str(precompute).lower()}",
     )
-    exp = trainer.method.collect(batch)
+    exp, _ = trainer.method.collect(batch)
     loss, metrics = trainer.method.loss(exp)
     ref = AutoModelForCausalLM.from_pretrained(tiny.ref)
     pol, ref_lp = _seq(_policy(trainer), batch), _seq(ref, batch)
@@ -81,7 +81,7 @@ def test_pmle_without_kl_has_no_reference(make_config, tmp_path):
     gamma = 0.5
     trainer, batch = _setup(make_config, tmp_path, "pmle", f"algo.gamma={gamma}", "algo.beta=0")
     assert trainer.models.ref is None and trainer.ctx.sampler is None
-    loss, _ = trainer.method.loss(trainer.method.collect(batch))
+    loss, _ = trainer.method.loss(trainer.method.collect(batch)[0])
     pol = _seq(_policy(trainer), batch)
     b = pol.shape[0] // 2
     _close(loss, -F.logsigmoid(gamma * (pol[:b] - pol[b:])).mean())
@@ -96,7 +96,7 @@ def test_pmle_loss_matches_eq5_with_online_kl_surrogate(make_config, tmp_path, t
         f"algo.kl_baseline={str(baseline).lower()}",
     )
     torch.manual_seed(0)
-    exp = trainer.method.collect(batch)
+    exp, _ = trainer.method.collect(batch)
     loss, metrics = trainer.method.loss(exp)
     policy, ref = _policy(trainer), AutoModelForCausalLM.from_pretrained(tiny.ref)
     pol = _seq(policy, batch)

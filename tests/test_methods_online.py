@@ -94,7 +94,7 @@ def test_rebel_loss_is_the_squared_regression_error(make_config, tmp_path, tiny,
         make_config, tmp_path, tiny, "rebel", f"algo.eta={eta}", f"algo.beta={beta}",
         f"algo.form={form}",
     )
-    exp = trainer.method.collect(batch)
+    exp, _ = trainer.method.collect(batch)
     loss, _ = trainer.method.loss(exp)
     lp, ref, score, r, _ = _pair_terms(exp, models, beta)
     b = lp.shape[0] // 2
@@ -115,7 +115,7 @@ def test_distill_loss_is_bernoulli_kl_to_the_reward_preference(make_config, tmp_
     trainer, batch, models = _setup(
         make_config, tmp_path, tiny, "distill", f"algo.gamma={gamma}", f"algo.beta={beta}"
     )
-    exp = trainer.method.collect(batch)
+    exp, _ = trainer.method.collect(batch)
     loss, metrics = trainer.method.loss(exp)
     _, _, _, r, lp1 = _pair_terms(exp, models, beta)
     b = r.shape[0] // 2
@@ -173,7 +173,7 @@ def test_ppo_loss_is_clipped_objective_at_ratio_one_plus_value_term(
         over.append(f"algo.gamma={ent}")
     trainer, batch, models = _setup(make_config, tmp_path, tiny, method, *over, stub=stub)
     torch.manual_seed(0)
-    exp = trainer.method.collect(batch)
+    exp, _ = trainer.method.collect(batch)
     loss, metrics = trainer.method.loss(exp)
     value_model = trainer.acc.unwrap_model(trainer.trainables[1])
     _, adv, returns, want = _ppo_reference(exp, models, value_model, beta, ent, lam, vf, whiten)
@@ -199,7 +199,7 @@ def test_reward_lands_on_the_last_real_response_token(
     if penalty is not None:
         over.append(f"algo.missing_eos_penalty={penalty}")
     trainer, batch, models = _setup(make_config, tmp_path, tiny, method, *over)
-    exp = trainer.method.collect(batch)
+    exp, _ = trainer.method.collect(batch)
     p = int(exp["prompt_length"][0])
     g = exp["returns"]
     m = exp["response_mask"][:, p:].float()

@@ -7,8 +7,13 @@ Batches are ``input_ids``/``attention_mask`` of shape ``[B, L]`` (left- or right
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import Tensor, nn
+
+log = logging.getLogger("distalign")
+_NO_KEEP: set[str] = set()  # model classes whose forward rejected a boolean logits_to_keep
 
 
 def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
@@ -69,10 +74,17 @@ def token_logprobs(
         )
     want = response_mask[:, 1:].bool()
     keep = torch.nn.functional.pad(want, (0, 1), value=False)  # logits at t-1 predict token t
-    try:
-        logits = forward_logits(model, input_ids, attention_mask, keep)
-    except (TypeError, IndexError):  # a model without (boolean) logits_to_keep support
+    name = type(model).__name__
+    if name in _NO_KEEP:
         logits = forward_logits(model, input_ids, attention_mask)
+    else:
+        try:
+            logits = forward_logits(model, input_ids, attention_mask, keep)
+        except (TypeError, IndexError) as err:  # no (boolean) logits_to_keep support
+            _NO_KEEP.add(name)  # remembered: one failed forward per model class, not per call
+            log.warning("%s does not take a boolean logits_to_keep (%s: %s); computing full "
+                        "logits (slower, same values)", name, type(err).__name__, err)
+            logits = forward_logits(model, input_ids, attention_mask)
     at = torch.nn.functional.pad(want, (1, 0), value=False)
     if logits.dim() != 2:
         return logits_to_token_logprobs(logits, input_ids, temperature) * at

@@ -1,26 +1,23 @@
-"""Loading the policy π, the reference π₀, and scalar scorers (reward / value models).
-
-π₀ appears in every objective with a KL-to-reference term (β in SPEC (1), (15) and the
-DPO/REBEL baselines). :class:`Reference` serves ln π₀ without doubling memory under LoRA:
-π₀ is then the adapter-disabled policy (the base weights are frozen, so disabling the adapter
-gives exactly the initial model), and a second copy is held only when it must be.
+"""Loading the policy π and scalar scorers (reward / value models), with checks that the
+checkpoint is of the right kind. The reference π₀ is :mod:`distalign.lm.reference`.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from distalign.errors import ConfigError
-from distalign.lm.logprobs import token_logprobs
+from distalign.lm.wrappers import disable_dropout, is_peft_model, unwrap_model
+
+__all__ = ["DTYPES", "LoraConfig", "ModelConfig", "apply_lora", "disable_dropout", "load_causal_lm",
+           "is_peft_model", "load_policy", "load_reward_model", "load_scorer", "load_tokenizer",
+           "load_value_model", "trainable_scorer", "unwrap_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -62,36 +59,10 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
     lora: LoraConfig = field(default_factory=LoraConfig)
+    disable_dropout: bool = True  # dropout off in trained models (deterministic PPO ratios)
     ref_model: str | None = None
     reward_model: str | None = None
     value_model: str | None = None
-
-
-# Wrappers whose `.module` is the full model. FSDP is deliberately absent: its `.module` holds
-# sharded parameters, so it must be called through the wrapper.
-_PARALLEL_WRAPPERS = {"DistributedDataParallel", "DataParallel", "DeepSpeedEngine"}
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """Strip DDP/DataParallel/DeepSpeed (``.module``) and ``torch.compile`` (``._orig_mod``).
-
-    A peft ``PeftModel`` is *not* stripped: it is the model (its adapter state matters).
-    """
-    while True:
-        if isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
-        elif type(model).__name__ in _PARALLEL_WRAPPERS:
-            model = model.module
-        else:
-            return model
-
-
-def is_peft_model(model: nn.Module) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:  # peft is a dependency, but keep the core importable without it
-        return False
-    return isinstance(model, PeftModel)
 
 
 def _torch_dtype(name: str) -> Any:
@@ -237,13 +208,21 @@ def _enable_gradient_checkpointing(model: nn.Module) -> None:
     model.config.use_cache = False  # a KV cache is useless (and warned about) in training
 
 
+def load_causal_lm(path: str, cfg: ModelConfig, what: str) -> nn.Module:
+    """A causal LM with its trained LM head (a scorer checkpoint is refused)."""
+    from transformers import AutoModelForCausalLM
+
+    return _from_pretrained(AutoModelForCausalLM, path, cfg, what, "error")
+
+
 def load_policy(cfg: ModelConfig) -> nn.Module:
     """The trainable policy π: an HF causal LM, LoRA-wrapped when ``cfg.lora.enabled``."""
-    from transformers import AutoModelForCausalLM
 
     if not cfg.name_or_path:
         raise ConfigError("model.name_or_path is empty")
-    model = _from_pretrained(AutoModelForCausalLM, cfg.name_or_path, cfg, "policy", "error")
+    model = load_causal_lm(cfg.name_or_path, cfg, "policy")
+    if cfg.disable_dropout:
+        disable_dropout(model)
     if cfg.gradient_checkpointing:
         _enable_gradient_checkpointing(model)
     if cfg.lora.enabled:
@@ -284,6 +263,8 @@ def trainable_scorer(path: str, cfg: ModelConfig, what: str, head: str) -> nn.Mo
     """A scorer to train (reward model, PPO value model) with the policy's memory settings:
     gradient checkpointing and, when LoRA is on, a SEQ_CLS adapter that also trains the head."""
     model = load_scorer(path, cfg, head=head, what=what)
+    if cfg.disable_dropout:
+        disable_dropout(model)
     if cfg.gradient_checkpointing:
         _enable_gradient_checkpointing(model)
     if cfg.lora.enabled:
@@ -308,106 +289,3 @@ def load_value_model(cfg: ModelConfig) -> nn.Module:
     if not path:
         raise ConfigError("PPO needs model.value_model or model.reward_model")
     return trainable_scorer(path, cfg, "model.value_model", head="warn")
-
-
-class Reference:
-    """The reference policy π₀, queried for per-token log-probs under ``torch.no_grad()``.
-
-    Two modes:
-
-    * adapter-disabled (``is_adapter_disabled=True``): the policy is a peft model and π₀ is its
-      base, so ``token_logprobs`` runs the *policy* inside ``disable_adapter()``; no second copy.
-    * frozen copy: an eval-mode, ``requires_grad=False`` model held by this object.
-    """
-
-    def __init__(self, model: nn.Module | None = None) -> None:
-        self.model = model
-        if model is not None:
-            model.eval()
-            model.requires_grad_(False)
-
-    @property
-    def is_adapter_disabled(self) -> bool:
-        return self.model is None
-
-    @classmethod
-    def from_config(cls, policy: nn.Module, cfg: ModelConfig) -> Reference:
-        """π₀ for ``policy`` (call this before training starts).
-
-        LoRA policy and no ``ref_model`` → adapter-disabled. Otherwise the copy is loaded from
-        ``cfg.ref_model`` or ``cfg.name_or_path``; a policy built in memory (empty
-        ``name_or_path``) is deep-copied instead.
-        """
-        from transformers import AutoModelForCausalLM
-
-        inner = unwrap_model(policy)
-        if not cfg.ref_model and is_peft_model(inner):
-            return cls(None)
-        path = cfg.ref_model or cfg.name_or_path
-        if path:
-            model = _from_pretrained(AutoModelForCausalLM, path, cfg, "reference model", "error")
-        else:
-            base = inner.get_base_model() if is_peft_model(inner) else inner
-            model = copy.deepcopy(base)
-        device = next(inner.parameters()).device
-        return cls(model.to(device))
-
-    def to(self, device: torch.device | str) -> Reference:
-        if self.model is not None:
-            self.model.to(device)
-        return self
-
-    @contextmanager
-    def module(self, policy: nn.Module | None) -> Iterator[nn.Module]:
-        """The module that computes π₀: the frozen copy, or the unwrapped policy in eval mode
-        with its adapter disabled (dropout would otherwise perturb π₀; train mode is restored).
-        Unwrapped because a DDP forward would register a gradient-sync hook for a pass that
-        never backpropagates."""
-        if self.model is not None:
-            yield self.model
-            return
-        if policy is None:
-            raise ValueError("adapter-disabled reference needs the policy model")
-        inner = unwrap_model(policy)
-        was_training = inner.training
-        inner.eval()
-        try:
-            with inner.disable_adapter():
-                yield inner
-        finally:
-            inner.train(was_training)
-
-    @torch.no_grad()
-    def token_logprobs(
-        self,
-        policy: nn.Module | None,
-        input_ids: Tensor,
-        attention_mask: Tensor,
-        temperature: float = 1.0,
-        response_mask: Tensor | None = None,
-    ) -> Tensor:
-        """ln π₀(token_t | prefix), ``[B, L]``, aligned like :func:`token_logprobs`.
-        ``policy`` (possibly DDP-wrapped) is needed only in adapter-disabled mode."""
-        with self.module(policy) as m:
-            return token_logprobs(m, input_ids, attention_mask, temperature, response_mask)
-
-    def sequence_logprobs(
-        self,
-        policy: nn.Module | None,
-        input_ids: Tensor,
-        attention_mask: Tensor,
-        response_mask: Tensor,
-        temperature: float = 1.0,
-    ) -> Tensor:
-        """ln π₀(response | prompt) = Σ over response tokens, ``[B]``."""
-        tok = self.token_logprobs(policy, input_ids, attention_mask, temperature, response_mask)
-        return (tok * response_mask.to(tok.dtype)).sum(-1)
-
-    @torch.no_grad()
-    def pair_logprobs(self, policy: nn.Module | None, batch: dict[str, Tensor]) -> Tensor:
-        """``[B, 2]`` ln π₀ of (chosen, rejected) for a stacked pair batch, prompt computed once
-        (:func:`distalign.lm.pairs.pair_sequence_logprobs`)."""
-        from distalign.lm.pairs import pair_sequence_logprobs
-
-        with self.module(policy) as m:
-            return pair_sequence_logprobs(m, batch)

@@ -11,17 +11,21 @@ positions that predict response tokens (transformers' boolean ``logits_to_keep``
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import Tensor, nn
 
 from distalign.lm.logprobs import token_logprobs
+from distalign.lm.wrappers import unwrap_model
+
+log = logging.getLogger("distalign")
+_warned: set[str] = set()
 
 _SUPPORTED_ATTN = ("sdpa", "eager")
 
 
 def _inner_config(model: nn.Module):
-    from distalign.lm.models import unwrap_model
-
     inner = unwrap_model(model)
     base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
     return base.config
@@ -52,6 +56,11 @@ def pair_sequence_logprobs(
     width = max((p + c + r for p, c, r in lens), default=0) if lens else 0
     window = getattr(cfg, "sliding_window", None)
     if lens is None or impl not in _SUPPORTED_ATTN or (window and width > window):
+        why = ("pairs without one shared prompt prefix" if lens is None else
+               f"attention {impl!r}" if impl not in _SUPPORTED_ATTN else "a sliding window")
+        if why not in _warned:  # once per reason: slower (prompt computed twice), not wrong
+            _warned.add(why)
+            log.info("pair log-probs: packed fast path off (%s); using stacked rows", why)
         tok = token_logprobs(
             model, batch["input_ids"], batch["attention_mask"], temperature,
             batch["response_mask"],

@@ -10,11 +10,11 @@ PPO values V(s_t) are :func:`token_scores` of the value model.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from distalign.lm.logprobs import position_ids_from_mask
-from distalign.lm.models import is_peft_model, unwrap_model
-from distalign.objectives.rewards import last_token_index
+from distalign.lm.wrappers import is_peft_model, unwrap_model
 
 # Names of the per-token scalar head in HF *ForSequenceClassification / *ForTokenClassification
 # models: Llama, Mistral, Qwen2, Gemma, GPT-2, GPT-NeoX all call it `score`.
@@ -75,8 +75,9 @@ def token_scores(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) ->
 
 def gather_last(values: Tensor, mask: Tensor) -> Tensor:
     """``values[b, last index where mask[b] == 1]`` for ``values`` of shape ``[B, L, ...]``."""
-    idx = last_token_index(mask)
-    return values[range(values.shape[0]), idx]
+    cols = torch.arange(mask.shape[-1], device=mask.device)
+    idx = (mask.bool() * (cols + 1)).argmax(-1)  # the largest column holding a 1
+    return values[torch.arange(values.shape[0], device=values.device), idx]
 
 
 def sequence_scores(

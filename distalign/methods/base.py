@@ -1,10 +1,16 @@
-"""What every method shares: its config, the experience it needs, and how it turns that
-experience into a loss built from ``distalign.objectives``.
+"""What every method shares: its hyper-parameters, the experience it needs, and how it turns
+that experience into a loss built from ``distalign.objectives``.
 
-Three kinds of experience exist (DESIGN.md): ``pairs`` (offline labelled pairs, read from the
-dataset), ``prompts`` (prompts whose responses the method samples on-policy) and ``sft``
-(prompt/completion text). Experience is a dict of tensors whose first dimension indexes
-examples, so the engine can shuffle and slice it into mini- and micro-batches.
+Equation and table numbers refer to arXiv 2506.01523 v2. Three kinds of experience exist:
+``pairs`` (offline labelled pairs, read from the dataset), ``prompts`` (prompts whose
+responses the method samples on-policy) and ``sft`` (prompt/completion text). Experience is a
+dict of tensors whose first dimension indexes examples, so the engine can shuffle and slice it
+into mini- and micro-batches.
+
+A method sees only its ``algo`` section, the sampling settings ``gen`` and a :class:`Context`
+of models; it keeps no state between calls. ``collect`` returns ``(experience, metrics)``;
+the engine runs it with dropout off (:func:`~distalign.lm.wrappers.eval_mode`), times it, and
+logs the samples it drew.
 """
 
 from __future__ import annotations
@@ -19,8 +25,7 @@ from distalign.lm.logprobs import token_logprobs
 
 if TYPE_CHECKING:
     from distalign.lm.generation import GenerationConfig, Rollout, Sampler
-    from distalign.lm.models import Reference
-    from distalign.train.config import TrainConfig
+    from distalign.lm.reference import Reference
 
 Batch = dict[str, Tensor]
 Metrics = dict[str, Tensor]
@@ -30,7 +35,6 @@ Metrics = dict[str, Tensor]
 class Context:
     """Models and services the engine hands to a method (already placed on the device)."""
 
-    cfg: TrainConfig
     accelerator: Any
     tokenizer: Any
     policy: nn.Module  # the trained model (a scorer for `reward`), possibly DDP-wrapped
@@ -54,11 +58,8 @@ class Method:
     uses_reward_model: ClassVar[bool] = False
     uses_value_model: ClassVar[bool] = False
 
-    def __init__(self, cfg: TrainConfig, ctx: Context) -> None:
-        self.cfg = cfg
-        self.algo = cfg.algo
-        self.ctx = ctx
-        self.samples: list[dict[str, Any]] = []  # generations to log in samples.jsonl
+    def __init__(self, algo: Any, gen: GenerationConfig, ctx: Context) -> None:
+        self.algo, self.gen, self.ctx = algo, gen, ctx
 
     @classmethod
     def needs_reference(cls, algo: Any) -> bool:
@@ -70,9 +71,9 @@ class Method:
         return cls.data_kind == "prompts"
 
     @classmethod
-    def generation_config(cls, cfg: TrainConfig) -> GenerationConfig:
+    def generation_config(cls, algo: Any, gen: GenerationConfig) -> GenerationConfig:
         """Sampling settings for on-policy responses (the config's ``gen`` by default)."""
-        return cfg.gen
+        return gen
 
     @property
     def update_epochs(self) -> int:
@@ -84,18 +85,19 @@ class Method:
         return float(next(iter(exp.values())).shape[0])
 
     @torch.no_grad()
-    def collect(self, batch: Batch) -> Batch:
-        """Turn a dataloader batch into experience. Offline methods read the batch as is."""
-        return batch
+    def collect(self, batch: Batch) -> tuple[Batch, Metrics]:
+        """Turn a dataloader batch into (experience, metrics of the collection).
+        Offline methods read the batch as is."""
+        return batch, {}
 
     def loss(self, exp: Batch) -> tuple[Tensor, Metrics]:
         raise NotImplementedError
 
     @torch.no_grad()
     def evaluate(self, batch: Batch) -> Metrics:
-        """Held-out metrics on an eval batch (defaults to the loss's metrics)."""
-        _, metrics = self.loss(self.collect(batch))
-        return metrics
+        """Held-out metrics on an eval batch: the collection's and the loss's."""
+        exp, metrics = self.collect(batch)
+        return {**metrics, **self.loss(exp)[1]}
 
     # shared helpers -------------------------------------------------------------------
     def policy_token_logprobs(self, batch: Batch, temperature: float = 1.0) -> Tensor:
@@ -114,35 +116,12 @@ class Method:
     def sample(self, batch: Batch, num_samples: int) -> Rollout:
         """Draw ``num_samples`` on-policy responses per prompt (sample-major rows)."""
         assert self.ctx.sampler is not None
-        self.ctx.policy.eval()
-        try:
-            rollout = self.ctx.sampler.generate(
-                self.ctx.unwrap(self.ctx.policy),
-                batch["prompt_input_ids"],
-                batch["prompt_attention_mask"],
-                num_samples=num_samples,
-            )
-        finally:
-            self.ctx.policy.train()
-        self._record_samples(rollout)
-        return rollout
-
-    def _record_samples(self, rollout: Rollout) -> None:
-        k = self.cfg.run.num_samples_logged
-        if k <= 0:
-            return
-        tok, p = self.ctx.tokenizer, rollout.prompt_length
-        self.samples = [
-            {
-                "prompt": tok.decode(rollout.input_ids[i, :p], skip_special_tokens=True),
-                "response": tok.decode(
-                    rollout.input_ids[i, p:][rollout.response_mask[i, p:].bool()],
-                    skip_special_tokens=True,
-                ),
-                "ended": bool(rollout.ended[i]),
-            }
-            for i in range(min(k, rollout.input_ids.shape[0]))
-        ]
+        return self.ctx.sampler.generate(
+            self.ctx.unwrap(self.ctx.policy),
+            batch["prompt_input_ids"],
+            batch["prompt_attention_mask"],
+            num_samples=num_samples,
+        )
 
 
 def as_pairs(x: Tensor) -> Tensor:

@@ -51,11 +51,11 @@ class Distill(Method):
             return self.policy_token_logprobs(batch, temperature)
         return super().ref_token_logprobs(batch, temperature)
 
-    def collect(self, batch: Batch) -> Batch:
+    @torch.no_grad()
+    def collect(self, batch: Batch) -> tuple[Batch, Metrics]:
         exp = collect_pairs(self, batch, self.algo.beta, self.algo.missing_eos_penalty)
         exp["target"] = torch.sigmoid(exp["reward"][:, 0] - exp["reward"][:, 1])
-        self._env = pair_metrics(exp)
-        return exp
+        return exp, pair_metrics(exp)
 
     def loss(self, exp: Batch) -> tuple[Tensor, Metrics]:
         flat = {k: from_pairs(exp[k]) for k in SEQ_KEYS}
@@ -63,11 +63,11 @@ class Distill(Method):
         logp = seq_sum(self.policy_token_logprobs(flat), flat["response_mask"])
         b = logp.shape[0] // 2
         loss, metrics = distill_loss(logp[:b], logp[b:], exp["target"], self.algo.gamma)
-        return loss, {**metrics, **self._env}
+        return loss, metrics
 
     @torch.no_grad()
     def evaluate(self, batch: Batch) -> Metrics:
-        return pair_metrics(self.collect(batch))
+        return self.collect(batch)[1]  # the samples' scores; no loss on held-out prompts
 
 
 METHOD = Distill

@@ -51,8 +51,8 @@ class DPO(Method):
     uses_reference = True
 
     @torch.no_grad()
-    def collect(self, batch: Batch) -> Batch:
-        return pair_experience(self, batch)
+    def collect(self, batch: Batch) -> tuple[Batch, Metrics]:
+        return pair_experience(self, batch), {}
 
     def loss(self, exp: Batch) -> tuple[Tensor, Metrics]:
         logp_c, logp_r = pair_logprobs(self, exp)

@@ -28,7 +28,7 @@ def collect_pairs(method: Method, batch: Batch, beta: float, penalty: float | No
     roll = method.sample(batch, 2)  # rows [:B] are first samples, [B:] second ones
     seq = {"input_ids": roll.input_ids, "attention_mask": roll.attention_mask,
            "response_mask": roll.response_mask}
-    temp = method.cfg.gen.temperature
+    temp = method.gen.temperature
     mask = roll.response_mask
     old = seq_sum(method.policy_token_logprobs(seq, temp), mask)
     ref = seq_sum(method.ref_token_logprobs(seq, temp), mask)

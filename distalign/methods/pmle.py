@@ -21,7 +21,6 @@ from distalign.objectives import online_kl_surrogate, pmle_loss
 
 if TYPE_CHECKING:
     from distalign.lm.generation import GenerationConfig
-    from distalign.train.config import TrainConfig
 
 
 @dataclass
@@ -54,12 +53,12 @@ class PMLE(Method):
         return algo.beta > 0
 
     @classmethod
-    def generation_config(cls, cfg: TrainConfig) -> GenerationConfig:
+    def generation_config(cls, algo: PMLEConfig, gen: GenerationConfig) -> GenerationConfig:
         # the KL is of π itself, so its samples come from π at temperature 1, unfiltered
-        return replace(cfg.gen, temperature=1.0, top_k=0, top_p=1.0)
+        return replace(gen, temperature=1.0, top_k=0, top_p=1.0)
 
     @torch.no_grad()
-    def collect(self, batch: Batch) -> Batch:
+    def collect(self, batch: Batch) -> tuple[Batch, Metrics]:
         exp = {k: as_pairs(batch[k]) for k in PAIR_KEYS}
         if self.algo.beta > 0:
             roll = self.sample(batch, self.algo.kl_samples)
@@ -73,7 +72,7 @@ class PMLE(Method):
             # rows are sample-major; regroup to [B, k, ...] so slicing keeps prompts together
             for key, val in {**sample, "ref_tok": ref_tok}.items():
                 exp[f"kl_{key}"] = val.view(k, b, *val.shape[1:]).transpose(0, 1)
-        return exp
+        return exp, {}
 
     def loss(self, exp: Batch) -> tuple[Tensor, Metrics]:
         logp_c, logp_r = pair_logprobs(self, exp)

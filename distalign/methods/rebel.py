@@ -42,14 +42,14 @@ class REBEL(Method):
     uses_reference = True
     uses_reward_model = True
 
-    def collect(self, batch: Batch) -> Batch:
+    @torch.no_grad()
+    def collect(self, batch: Batch) -> tuple[Batch, Metrics]:
         exp = collect_pairs(self, batch, self.algo.beta, self.algo.missing_eos_penalty)
-        self._env = pair_metrics(exp)
-        return exp
+        return exp, pair_metrics(exp)
 
     def loss(self, exp: Batch) -> tuple[Tensor, Metrics]:
         flat = {k: from_pairs(exp[k]) for k in SEQ_KEYS}
-        tok = self.policy_token_logprobs(flat, self.cfg.gen.temperature)
+        tok = self.policy_token_logprobs(flat, self.gen.temperature)
         logp = seq_sum(tok, flat["response_mask"])
         b = logp.shape[0] // 2
         base = exp["old_logp"] if self.algo.form == "pi_t" else exp["ref_logp"]
@@ -57,11 +57,11 @@ class REBEL(Method):
         loss, metrics = rebel_loss(
             logp[:b], logp[b:], base[:, 0], base[:, 1], r[:, 0], r[:, 1], self.algo.eta
         )
-        return loss, {**metrics, **self._env}
+        return loss, metrics
 
     @torch.no_grad()
     def evaluate(self, batch: Batch) -> Metrics:
-        return pair_metrics(self.collect(batch))
+        return self.collect(batch)[1]  # the samples' scores; no loss on held-out prompts
 
 
 METHOD = REBEL

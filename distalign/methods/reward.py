@@ -37,8 +37,8 @@ class Reward(Method):
     def collect_pairs(batch: Batch) -> Batch:
         return {k: as_pairs(batch[k]) for k in ("input_ids", "attention_mask", "response_mask")}
 
-    def collect(self, batch: Batch) -> Batch:
-        return self.collect_pairs(batch)
+    def collect(self, batch: Batch) -> tuple[Batch, Metrics]:
+        return self.collect_pairs(batch), {}
 
     def loss(self, exp: Batch) -> tuple[Tensor, Metrics]:
         flat = {k: from_pairs(v) for k, v in exp.items()}

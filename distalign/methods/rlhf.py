@@ -72,8 +72,8 @@ class RLHF(Method):
         return float(exp["response_mask"][:, exp["prompt_length"][0] :].sum())
 
     @torch.no_grad()
-    def collect(self, batch: Batch) -> Batch:
-        a, temp = self.algo, self.cfg.gen.temperature
+    def collect(self, batch: Batch) -> tuple[Batch, Metrics]:
+        a, temp = self.algo, self.gen.temperature
         roll = self.sample(batch, 1)
         seq = {"input_ids": roll.input_ids, "attention_mask": roll.attention_mask}
         p = roll.prompt_length
@@ -92,33 +92,32 @@ class RLHF(Method):
         adv, returns = gae(rewards, values, mask, a.discount, a.gae_lambda)
         if a.whiten_advantages:
             adv = whiten(adv, mask)
-        self._env = {**env, "env/ended": roll.ended.float().mean(),
-                     "env/response_tokens": mask.sum(-1).mean()}
+        metrics = {**env, "env/ended": roll.ended.float().mean(),
+                   "env/response_tokens": mask.sum(-1).mean()}
         n = roll.input_ids.shape[0]
         return {
             **seq, "response_mask": roll.response_mask,
             "prompt_length": torch.full((n,), p, device=mask.device),
             "old_logp": logp, "old_values": values * mask, "advantages": adv,
             "returns": returns,
-        }
+        }, metrics
 
     def loss(self, exp: Batch) -> tuple[Tensor, Metrics]:
         p = int(exp["prompt_length"][0])
         mask = exp["response_mask"][:, p:].float()
         seq = {"input_ids": exp["input_ids"], "attention_mask": exp["attention_mask"]}
-        logp = self.policy_token_logprobs(seq, self.cfg.gen.temperature)[:, p:]
+        logp = self.policy_token_logprobs(seq, self.gen.temperature)[:, p:]
         assert self.ctx.value_model is not None
         values = state_values(self.ctx.value_model, exp["input_ids"], exp["attention_mask"])
         pg, m1 = ppo_policy_loss(logp, exp["old_logp"], exp["advantages"], mask,
                                  self.algo.clip_range)
         vf, m2 = ppo_value_loss(values[:, p:], exp["old_values"], exp["returns"], mask,
                                 self.algo.value_clip)
-        return pg + self.algo.vf_coef * vf, {**m1, **m2, **self._env}
+        return pg + self.algo.vf_coef * vf, {**m1, **m2}
 
     @torch.no_grad()
     def evaluate(self, batch: Batch) -> Metrics:
-        self.collect(batch)
-        return dict(self._env)
+        return self.collect(batch)[1]  # the samples' rewards and KL; no loss on held-out data
 
 
 METHOD = RLHF

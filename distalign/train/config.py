@@ -175,9 +175,10 @@ def _get(cfg: TrainConfig, key: str) -> Any:
     return obj
 
 
-def check_trackers(names: list[str]) -> None:
-    """Every ``run.report_to`` entry must be a tracker accelerate knows and can import (it
-    would otherwise drop it with a log line, and the run would log nothing)."""
+def check_trackers(names: list[str], installed: bool = True) -> None:
+    """Every ``run.report_to`` entry must be a tracker accelerate knows and (``installed``,
+    checked when training starts) can import: accelerate would otherwise drop it with a log
+    line, and the run would log nothing."""
     import accelerate.utils as au
     from accelerate.utils import LoggerType
 
@@ -186,7 +187,7 @@ def check_trackers(names: list[str]) -> None:
         if name not in known:
             raise ConfigError(f"run.report_to: unknown tracker {name!r}; one of {', '.join(known)}")
         available = getattr(au, f"is_{name}_available", None)
-        if available is not None and not available():
+        if installed and available is not None and not available():
             hint = ("pip install 'distalign[tensorboard]'" if name == "tensorboard"
                     else f"pip install {name}")
             raise ConfigError(f"run.report_to: tracker {name!r} is not installed ({hint})")
@@ -225,7 +226,7 @@ def validate(cfg: TrainConfig, require_paths: bool = True) -> None:
         raise ConfigError(f"run.max_steps must be >= 1, got {r.max_steps}")
     if not r.name or "/" in r.name or r.name in (".", ".."):
         raise ConfigError(f"run.name={r.name!r} must be a plain directory name")
-    check_trackers(list(r.report_to))
+    check_trackers(list(r.report_to), installed=False)
     check = getattr(cfg.algo, "validate", None)
     if check is not None:
         check()

@@ -22,12 +22,13 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from distalign.errors import TrainingError
+from distalign.lm.wrappers import eval_mode
 from distalign.methods import get_method
 from distalign.methods.base import Batch, Context, Method
 from distalign.progress import StepProgress
-from distalign.train import rundir
 from distalign.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
-from distalign.train.config import TrainConfig, to_yaml
+from distalign.train.config import TrainConfig, check_trackers, to_yaml
+from distalign.train.rundir import CONFIG_NAME, clear_run, plan_run
 from distalign.train.save import save_final
 from distalign.train.setup import (
     build_data,
@@ -37,7 +38,13 @@ from distalign.train.setup import (
     launch_mismatch,
     sequence_tokens,
 )
-from distalign.train.tracking import RunLog, progress_info, write_summary
+from distalign.train.tracking import (
+    RunLog,
+    SampleRecorder,
+    decode_samples,
+    progress_info,
+    write_summary,
+)
 
 log = logging.getLogger("distalign")
 
@@ -55,6 +62,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, callbacks: list[Callback] | tuple = ()) -> None:
         self.cfg, self.callbacks = cfg, list(callbacks)
+        check_trackers(list(cfg.run.report_to))
         self.method_cls: type[Method] = get_method(cfg.method)
         self.run_dir = cfg.run_dir
         self.acc = Accelerator(
@@ -70,7 +78,7 @@ class Trainer:
             log.warning(why)
         self.config_yaml = to_yaml(cfg)
         # decided (read-only) before loading, applied after: a failed load changes nothing
-        plan = rundir.plan(self.run_dir, yaml.safe_load(self.config_yaml), cfg.run.resume,
+        plan = plan_run(self.run_dir, yaml.safe_load(self.config_yaml), cfg.run.resume,
                            cfg.run.overwrite)
         self.models = build_models(cfg, self.method_cls)
         dev = self.acc.device
@@ -110,24 +118,25 @@ class Trainer:
                 frozen.to(dev)
         if self.models.ref is not None:
             self.models.ref.to(dev)
+        sampler = build_sampler(cfg, self.method_cls, self.models.tokenizer)
+        self.recorder = SampleRecorder(sampler) if sampler is not None else None
         self.ctx = Context(
-            cfg=cfg,
             accelerator=self.acc,
             tokenizer=self.models.tokenizer,
             policy=self.trainables[0],
             ref=self.models.ref,
             reward_model=self.models.reward_model,
             value_model=self.trainables[1] if n > 1 else None,
-            sampler=build_sampler(cfg, self.method_cls, self.models.tokenizer),
+            sampler=self.recorder,
         )
-        self.method = self.method_cls(cfg, self.ctx)
+        self.method = self.method_cls(cfg.algo, cfg.gen, self.ctx)
         self.state = TrainState()
         self.acc.wait_for_everyone()  # every rank has read the run directory
         if self.acc.is_main_process:
             if plan.clear:
-                rundir.clear(self.run_dir, plan.reason)
+                clear_run(self.run_dir, plan.reason)
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / rundir.CONFIG_NAME).write_text(self.config_yaml)
+            (self.run_dir / CONFIG_NAME).write_text(self.config_yaml)
         self.acc.wait_for_everyone()
         resume_from = plan.resume_from
         if resume_from is not None:
@@ -239,25 +248,35 @@ class Trainer:
     def _evaluate(self, step: int) -> dict[str, float]:
         out: dict[str, float] = {}
         if self.eval_loader is not None:
-            for m in self.trainables:
-                m.eval()
             sums: dict[str, float] = defaultdict(float)
             n = 0
-            for batch in self.eval_loader:
-                for k, v in self.method.evaluate(batch).items():
-                    sums[k] += float(self.acc.reduce(v.detach().float(), "mean"))
-                n += 1
-            for m in self.trainables:
-                m.train()
+            with eval_mode(*self.trainables):
+                for batch in self.eval_loader:
+                    for k, v in self.method.evaluate(batch).items():
+                        sums[k] += float(self.acc.reduce(v.detach().float(), "mean"))
+                    n += 1
             out.update({f"eval/{k}": v / max(n, 1) for k, v in sums.items()})
+        if self.recorder is not None:
+            self.recorder.take()  # eval samples are not training samples
         if self.callbacks and self.acc.is_main_process:
             model = self.acc.unwrap_model(self.trainables[0])
-            was_training = model.training
-            model.eval()
-            for cb in self.callbacks:
-                out.update(cb.on_evaluate(step, model, self.models.tokenizer) or {})
-            model.train(was_training)
+            with eval_mode(model):
+                for cb in self.callbacks:
+                    out.update(cb.on_evaluate(step, model, self.models.tokenizer) or {})
         return out
+
+    def _clock(self) -> float:
+        """Wall time, after the device's queued work (phase times must not leak across)."""
+        if self.acc.device.type == "cuda":
+            torch.cuda.synchronize(self.acc.device)
+        return time.perf_counter()
+
+    def _samples(self) -> list[dict[str, Any]]:
+        if self.recorder is None:
+            return []
+        rollouts, _ = self.recorder.take()
+        k = self.cfg.run.num_samples_logged
+        return decode_samples(self.models.tokenizer, rollouts[0], k) if rollouts and k else []
 
     # ----------------------------------------------------------------------------- fit
     def fit(self) -> Path:
@@ -274,29 +293,43 @@ class Trainer:
                     progress.note(f"{self.cfg.method}: {rep.summary()}")
             batches = self._batches()
             while st.step < self.total_steps:
+                t_start = self._clock()
                 epoch, i, batch = next(batches)
-                t0 = time.perf_counter()
-                exp = self.method.collect(batch)
+                t0 = self._clock()
+                # dropout off: old log-probs and values are those of π_t itself (PPO)
+                with eval_mode(*self.trainables):
+                    exp, collected = self.method.collect(batch)
+                t1 = self._clock()
+                gen_s = self.recorder.seconds if self.recorder is not None else 0.0
                 metrics = self._update(exp, st.step)
+                t2 = self._clock()
+                metrics.update({k: float(v) for k, v in collected.items()})
+                samples = self._samples()
                 st.step += 1
                 st.epoch, st.batch_in_epoch = epoch, i + 1
                 if st.batch_in_epoch >= self.steps_per_epoch:
                     st.epoch, st.batch_in_epoch = epoch + 1, 0
-                dt = time.perf_counter() - t0
                 metrics = {k: float(self.acc.reduce(torch.tensor(v, device=self.acc.device),
                                                     "mean")) for k, v in metrics.items()}
-                metrics.update(
-                    epoch=st.epoch + st.batch_in_epoch / self.steps_per_epoch,
-                    step_time=dt,
-                    tokens_per_s=sequence_tokens(exp) * self.acc.num_processes / dt,
-                )
+                dt = self._clock() - t_start
+                metrics.update({
+                    "epoch": st.epoch + st.batch_in_epoch / self.steps_per_epoch,
+                    "step_time": dt,
+                    "tokens_per_s": sequence_tokens(exp) * self.acc.num_processes / dt,
+                    # this process's phases: sampling, the other collect forwards (R̂, π₀,
+                    # old log-probs, values), the update, and the rest (data, reductions)
+                    "time/generate": gen_s,
+                    "time/score": t1 - t0 - gen_s,
+                    "time/update": t2 - t1,
+                    "time/other": dt - (t2 - t0),
+                })
                 final = st.step == self.total_steps
                 evaluated = bool(r.eval_every and st.step % r.eval_every == 0) or final
                 if evaluated:
                     metrics.update(self.evaluate(st.step))
                 if st.step % r.log_every == 0 or evaluated:  # never drop an evaluation
                     self.log.write(st.step, metrics)
-                    self.log.write_samples(st.step, self.method.samples)
+                    self.log.write_samples(st.step, samples)
                     if r.report_to:
                         self.acc.log(metrics, step=st.step)
                 progress.update(st.step, info=progress_info(metrics))

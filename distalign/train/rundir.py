@@ -3,7 +3,7 @@
 A run directory belongs to one configuration. Rerunning the same ``run.name`` continues that
 run (from its newest checkpoint) only when the resolved configs agree on everything but the
 horizon and logging settings; anything else would splice two different runs into one
-``metrics.jsonl``. Nothing is deleted before the models have loaded (:func:`clear`), so a
+``metrics.jsonl``. Nothing is deleted before the models have loaded (:func:`clear_run`), so a
 rerun that fails early leaves the previous run intact.
 """
 
@@ -73,7 +73,7 @@ def _read_yaml(path: Path) -> dict[str, Any] | None:
     return loaded if isinstance(loaded, dict) else None
 
 
-def plan(run_dir: Path, resolved: dict[str, Any], resume: bool, overwrite: bool) -> RunPlan:
+def plan_run(run_dir: Path, resolved: dict[str, Any], resume: bool, overwrite: bool) -> RunPlan:
     """Decide how this run treats ``run_dir``; raise a one-line ConfigError instead of losing
     or mixing data. Reads only (every process may call it)."""
     present = [a for a in ARTIFACTS if (run_dir / a).exists()]
@@ -106,7 +106,7 @@ def plan(run_dir: Path, resolved: dict[str, Any], resume: bool, overwrite: bool)
     return RunPlan(None, True, "an interrupted run without checkpoints")
 
 
-def clear(run_dir: Path, reason: str) -> None:
+def clear_run(run_dir: Path, reason: str) -> None:
     """Remove a previous run's artifacts (main process, after the models have loaded)."""
     gone = []
     for name in ARTIFACTS:

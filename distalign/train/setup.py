@@ -17,15 +17,14 @@ from distalign.errors import ConfigError
 from distalign.lm.collators import PairCollator, PromptCollator, SFTCollator
 from distalign.lm.data import build_dataset, eval_dataset_and_report
 from distalign.lm.generation import make_sampler
-from distalign.lm.logprobs import token_logprobs
 from distalign.lm.models import (
-    Reference,
     load_policy,
     load_reward_model,
     load_tokenizer,
     load_value_model,
     trainable_scorer,
 )
+from distalign.lm.reference import Reference
 from distalign.lm.tokenizers import check_same_tokenizer
 from distalign.methods.base import Method
 from distalign.train.config import TrainConfig
@@ -160,7 +159,7 @@ def build_models(cfg: TrainConfig, method_cls: type[Method]) -> Models:
 def build_sampler(cfg: TrainConfig, method_cls: type[Method], tokenizer: Any) -> Any:
     if not method_cls.needs_sampler(cfg.algo):
         return None
-    return make_sampler(method_cls.generation_config(cfg), tokenizer)
+    return make_sampler(method_cls.generation_config(cfg.algo, cfg.gen), tokenizer)
 
 
 @torch.no_grad()
@@ -234,5 +233,4 @@ __all__ = [
     "build_models",
     "build_optimizer",
     "build_sampler",
-    "token_logprobs",
 ]

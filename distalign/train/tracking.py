@@ -72,6 +72,47 @@ class RunLog:
                     f.write(json.dumps({"step": step, **s}) + "\n")
 
 
+class SampleRecorder:
+    """Wraps the run's sampler: times generation and keeps the rollouts of the current step,
+    so that the engine (not the method) logs what training sampled. Other attributes (e.g. a
+    vLLM sampler's ``sync``) pass through."""
+
+    def __init__(self, sampler: Any) -> None:
+        self.sampler, self.rollouts, self.seconds = sampler, [], 0.0
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter()
+        out = self.sampler.generate(*args, **kwargs)
+        self.seconds += time.perf_counter() - t0
+        self.rollouts.append(out)
+        return out
+
+    def take(self) -> tuple[list[Any], float]:
+        """(rollouts, generation seconds) since the last call; resets both."""
+        out = (self.rollouts, self.seconds)
+        self.rollouts, self.seconds = [], 0.0
+        return out
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.sampler, name)
+
+
+def decode_samples(tokenizer: Any, rollout: Any, k: int) -> list[dict[str, Any]]:
+    """The first ``k`` rows of a rollout as text, for ``samples.jsonl``."""
+    p = rollout.prompt_length
+    return [
+        {
+            "prompt": tokenizer.decode(rollout.input_ids[i, :p], skip_special_tokens=True),
+            "response": tokenizer.decode(
+                rollout.input_ids[i, p:][rollout.response_mask[i, p:].bool()],
+                skip_special_tokens=True,
+            ),
+            "ended": bool(rollout.ended[i]),
+        }
+        for i in range(min(k, rollout.input_ids.shape[0]))
+    ]
+
+
 def write_summary(run_dir: Path, cfg: Any, step: int, metrics: dict[str, Any],
                   data: dict[str, Any] | None = None) -> None:
     """``summary.json``: the final step's metrics and what the data loading kept, skipped and
@@ -87,9 +128,14 @@ def write_summary(run_dir: Path, cfg: Any, step: int, metrics: dict[str, Any],
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 
+PHASES = ("generate", "score", "update", "other")
+
+
 def progress_info(metrics: dict[str, Any]) -> str:
     parts = []
     for key in KEY_METRICS:
         if key in metrics:
             parts.append(f"{key.split('/')[-1]}={_plain(metrics[key]):.4g}")
+    if metrics.get("time/generate", 0) > 0:  # online runs: where the step's time went
+        parts.append("time " + " ".join(f"{p[:3]}={metrics[f'time/{p}']:.2f}s" for p in PHASES))
     return " ".join(parts)
