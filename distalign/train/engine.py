@@ -107,6 +107,8 @@ class Trainer:
         prepared = self.acc.prepare(*trainables, optimizer, loader, scheduler)
         n = len(trainables)
         self.trainables = list(prepared[:n])
+        for m in self.trainables:  # from_pretrained returns eval mode; updates run in train
+            m.train()
         self.optimizer, self.loader, self.scheduler = prepared[n:]
         self.eval_loader = self.acc.prepare(eval_loader) if eval_loader is not None else None
         # All ranks used one seed so that every model starts identical; from here on each rank
