@@ -4,7 +4,7 @@ Batch conventions (shared/DESIGN.md, plan/INTERFACES.md): sequence batches are r
 ``input_ids``/``attention_mask``/``response_mask`` with ``response_mask`` = 1 exactly on the
 response tokens (terminal EOS included); pair batches stack all chosen rows, then all rejected
 rows, in ONE ``[2B, L]`` tensor so that a single forward pass gives ln π(a|x) and ln π(b|x) for
-the preference log-ratio γ·ln π(a|x)/π(b|x) (SPEC, preference model). Prompt batches are
+the preference log-ratio γ·ln π(a|x)/π(b|x) (preference model (2)/(3)). Prompt batches are
 left-padded, so that generation appends to the last column of every row.
 
 Masks are built from lengths, never by comparing token ids with ``pad_token_id``: a tokenizer

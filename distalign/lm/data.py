@@ -2,8 +2,8 @@
 
 :func:`load_rows` (hub name, dir, or .json/.jsonl/.parquet/.csv[.gz] file) → :func:`prepare`
 (validate, tokenise) → id columns that :mod:`distalign.lm.collators` pads. ``kind`` is what a
-method consumes: ``pairs`` (a ≻ b | x for PMLE/DPO, SPEC preference model), ``prompts`` (online
-methods sample from x) or ``sft`` (x, y). Columns follow TRL, as text or conversational
+method consumes: ``pairs`` (a ≻ b | x for PMLE/DPO, preference model (2)/(3)), ``prompts``
+(online methods sample from x) or ``sft`` (x, y). Columns follow TRL, as text or conversational
 (``{"role", "content"}`` lists, rendered with the chat template). Row numbers in errors are
 0-based indices into the loaded file or split; skips and truncations are counted by reason in
 the :class:`DataReport`, never silent. Policies:

@@ -1,6 +1,6 @@
 """Per-token and per-sequence scores of reward / value models.
 
-The score R̂(x, y) of SPEC (1)/(15) is read at the **last real token** of the response: the
+The score R̂(x, y) of eq. (1)/(15) is read at the **last real token** of the response: the
 EOS for a response that ended, the last generated token for one that hit the length limit,
 and never a pad after EOS. HF's ``*ForSequenceClassification`` pooling finds "the last
 non-pad token" by comparing ids with ``pad_token_id``, which is wrong when pad == EOS (it
@@ -86,7 +86,7 @@ def sequence_scores(
     attention_mask: Tensor,
     response_mask: Tensor | None = None,
 ) -> Tensor:
-    """R̂(x, y): the score at the last real token, ``[B]`` (SPEC (1): reward on the final token).
+    """R̂(x, y): the score at the last real token, ``[B]`` (eq. (1): reward on the final token).
 
     The last 1 of ``response_mask`` if given (a terminal EOS is part of the response, padding
     after it is not), else the last 1 of ``attention_mask``.

@@ -1,9 +1,10 @@
-"""Preference distillation, SPEC eqs. (11)–(12) and Algorithm 1.
+"""Preference distillation, eqs. (11)–(12) and Algorithm 1.
 
-On each step two responses per prompt are sampled from π_t (as REBEL does; SPEC §4), the
+On each step two responses per prompt are sampled from π_t (as REBEL does; §4 of the paper), the
 frozen reward model gives soft targets p̃ = σ(r(a1) − r(a2)) with the KL-shaped reward
-r = R̂ − β(ln π_t − ln π₀) (our reading of how β enters (12), SPEC §7.6), and the policy's
-preference probability σ(γ (ln π_θ(a1) − ln π_θ(a2))) is fitted to p̃ by KL(Bern ‖ Bern).
+r = R̂ − β(ln π_t − ln π₀) (our reading of how β enters (12); the paper does not spell it
+out), and the policy's preference probability σ(γ (ln π_θ(a1) − ln π_θ(a2))) is fitted to p̃
+by KL(Bern ‖ Bern).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from distalign.objectives import distill_loss
 
 @dataclass
 class DistillConfig:
-    gamma: float = 0.1  # γ, preference tilt in σ(γ Δ ln π) (SPEC Table 5: 0.1)
+    gamma: float = 0.1  # γ, preference tilt in σ(γ Δ ln π) (Table 5: 0.1)
     beta: float = 0.05  # β, KL-to-π₀ weight of (12), folded into the reward
     update_epochs: int = 4
     missing_eos_penalty: float | None = None

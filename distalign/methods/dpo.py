@@ -1,4 +1,4 @@
-"""DPO, SPEC eq. (6): offline pairs, π₀ inside the sigmoid, temperature γ."""
+"""DPO, eq. (6): offline pairs, π₀ inside the sigmoid, temperature γ."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ PAIR_KEYS = ("input_ids", "attention_mask", "response_mask")
 
 @dataclass
 class DPOConfig:
-    gamma: float = 0.05  # γ in (6); the "β: 0.05" of SPEC Tables 5/6 (DPO temperature)
+    gamma: float = 0.05  # γ in (6); the "β: 0.05" of Tables 5/6 (DPO temperature)
     # compute π₀'s log-probs once over the dataset before training (no π₀ forward per step)
     precompute_ref: bool = False
 

@@ -1,7 +1,7 @@
 """Shared on-policy experience: two samples per prompt from π_t, scored by the frozen R̂.
 
 Used by REBEL (10) and preference distillation (11)–(12). The sequence reward follows REBEL's
-code (SPEC §4, open point 6): r = R̂(x, a) − β·(ln π_t(a|x) − ln π₀(a|x)), with log-probs at
+code (the paper leaves this open): r = R̂(x, a) − β·(ln π_t(a|x) − ln π₀(a|x)), with log-probs at
 the sampling temperature. An optional penalty replaces R̂ for responses without EOS.
 """
 

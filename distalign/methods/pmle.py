@@ -1,9 +1,9 @@
-"""PMLE, SPEC eqs. (4)–(5): pairwise likelihood with tilt γ, plus β·KL(π‖π₀) on fresh samples.
+"""PMLE, eqs. (4)–(5): pairwise likelihood with tilt γ, plus β·KL(π‖π₀) on fresh samples.
 
 The preference term uses the offline pairs and has no π₀ inside the sigmoid. The KL term
 samples new responses a ∼ π_θ for the batch's prompts and applies the score-function
-surrogate of ``objectives.online_kl_surrogate`` (our reading of SPEC §2 (5), after HyPO).
-With β = 0 (SPEC Table 6) no sampling and no π₀ is needed.
+surrogate of ``objectives.online_kl_surrogate`` (our reading of (5), after HyPO).
+With β = 0 (Table 6) no sampling and no π₀ is needed.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ if TYPE_CHECKING:
 
 @dataclass
 class PMLEConfig:
-    gamma: float = 1e-2  # γ, the preference tilt of (3)/(4) (SPEC Table 5: 1e-2)
-    beta: float = 1e-5  # β, weight of KL(π‖π₀) in (5) (SPEC Table 5: 1e-5; Table 6: 0)
+    gamma: float = 1e-2  # γ, the preference tilt of (3)/(4) (Table 5: 1e-2)
+    beta: float = 1e-5  # β, weight of KL(π‖π₀) in (5) (Table 5: 1e-5; Table 6: 0)
     kl_samples: int = 1  # fresh responses per prompt for the KL estimate
     kl_baseline: bool = True  # subtract the leave-one-out mean log-ratio (variance reduction)
 

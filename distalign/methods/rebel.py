@@ -1,4 +1,4 @@
-"""REBEL, SPEC eq. (10): regress the policy's log-ratio gap onto η times the reward gap.
+"""REBEL, eq. (10): regress the policy's log-ratio gap onto η times the reward gap.
 
 Two responses per prompt are sampled from π_t and scored (``online.collect_pairs``). The
 log-ratio is taken relative to π_t (``form="pi_t"``, as REBEL's code does) or to π₀
@@ -20,10 +20,10 @@ from distalign.objectives import rebel_loss
 
 @dataclass
 class REBELConfig:
-    eta: float = 1.0  # η, reward scale in (10) (SPEC Table 5: 1.0; Table 6: 1e6)
+    eta: float = 1.0  # η, reward scale in (10) (Table 5: 1.0; Table 6: 1e6)
     beta: float = 0.05  # β, "kl coefficient": r = R̂ − β(ln π_t − ln π₀)
     form: str = "pi_t"  # pi_t (REBEL code) | pi_0 (paper's (10))
-    update_epochs: int = 4  # passes over each batch of samples (SPEC Table 5: 4)
+    update_epochs: int = 4  # passes over each batch of samples (Table 5: 4)
     missing_eos_penalty: float | None = None  # R̂ := −penalty for responses without EOS
 
     def validate(self) -> None:

@@ -1,4 +1,4 @@
-"""Reward modelling: Bradley–Terry NLL (SPEC eq. 9) on a sequence scorer.
+"""Reward modelling: Bradley–Terry NLL (eq. (9)) on a sequence scorer.
 
 The score is read at the last real token of each response (``lm.scoring``), never at a pad.
 """

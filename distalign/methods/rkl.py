@@ -1,4 +1,4 @@
-"""Reverse KL, SPEC eq. (15): RLHF-PPO plus the entropy term γ·H(π).
+"""Reverse KL, eq. (15): RLHF-PPO plus the entropy term γ·H(π).
 
 Where the entropy enters: in the per-token reward, next to the KL penalty,
     r_t = −β·(ln π_t(a_t) − ln π₀(a_t)) − γ·ln π_t(a_t)   (+ R̂ on the last real token),
@@ -7,7 +7,7 @@ response, E_{a∼π}[Σ_t −ln π(a_t)] = H(π(x)), so the expected return is
 E_π[R̂] − β KL(π‖π₀) + γ H(π) = −L_RKL,β of (15); PPO maximises it exactly as it maximises
 RLHF's (1), and the score-function gradient of the −γ ln π term is the entropy gradient
 (E_π[∇ln π] = 0 removes the term from differentiating ln π itself). Equivalently, RKL is RLHF
-with KL weight β+γ against the smoothed reference π₀^{β/(β+γ)} (SPEC App. B).
+with KL weight β+γ against the smoothed reference π₀^{β/(β+γ)} (App. B).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from distalign.methods.rlhf import RLHF, RLHFConfig
 
 @dataclass
 class RKLConfig(RLHFConfig):
-    gamma: float = 0.01  # γ, entropy weight in (15) (SPEC Table 5: "entropy coefficient" 0.01)
+    gamma: float = 0.01  # γ, entropy weight in (15) (Table 5: "entropy coefficient" 0.01)
 
     @property
     def entropy_coef(self) -> float:

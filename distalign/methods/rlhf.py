@@ -1,4 +1,4 @@
-"""RLHF with PPO, SPEC eq. (1) (defaults: SPEC Table 5).
+"""RLHF with PPO, eq. (1) (defaults: Table 5).
 
 Collect: one response per prompt from π_t; R̂ from the frozen reward model on the last real
 token; per-token −β·KL(π_t‖π₀) (k1 by default) on every response token; values from the
