@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from distalign.errors import ConfigError, DataError
 from distalign.eval.report import aggregate, find_runs, load_run, markdown, report
@@ -21,6 +25,7 @@ def test_finds_every_run_directory_recursively():
 def test_interrupted_run_falls_back_to_last_logged_values():
     run = load_run(RUNS / "rkl-s0-interrupted")
     assert run.method == "rkl" and run.seed == 0 and run.name == "rkl-s0"
+    assert not run.complete and load_run(RUNS / "dpo-s0").complete
     # the last row with each key wins; "time" is bookkeeping, not a metric
     assert run.metrics["synthetic/kl_fwd"] == 0.25
     assert run.metrics["loss"] == 1.0
@@ -29,12 +34,13 @@ def test_interrupted_run_falls_back_to_last_logged_values():
 
 def test_table_two_shape_mean_and_sample_std(tmp_path):
     metrics = ["synthetic/win_ref", "synthetic/kl_fwd"]
-    table, rows = report([RUNS], metrics, plot_path=tmp_path / "r.png")
+    table, rows = report([RUNS], metrics, plot_path=tmp_path / "r.png", include_incomplete=True)
     assert [r.label for r in rows] == ["DPO", "PMLE", "Reverse KL"]  # Table 2's row order
     dpo = rows[0].stats["synthetic/kl_fwd"]
     assert dpo[0] == pytest.approx(0.6) and dpo[1] == pytest.approx(0.1414213562) and dpo[2] == 2
     assert rows[2].stats["synthetic/kl_fwd"] == (0.25, 0.0, 1)
     lines = table.splitlines()
+    assert lines[4].endswith(" | 0.250 | 1 (single run, 1 incomplete) |")
     assert lines[0] == "| Algorithm | win-rate vs π₀ ↑ | KL(π*‖π) ↓ | runs |"
     assert lines[3] == "| PMLE | 0.560 ± 0.014 | 0.320 ± 0.028 | 2 |"
     assert (tmp_path / "r.png").stat().st_size > 1000
@@ -67,15 +73,79 @@ def test_one_line_errors(tmp_path):
 def test_markdown_marks_missing_metric_cells():
     runs = [load_run(RUNS / "rkl-s0-interrupted"), load_run(RUNS / "dpo-s0")]
     rows = aggregate(runs, ["loss"])
-    assert markdown(rows, ["loss"]).splitlines()[2] == "| DPO | 0.300 ± 0.000 | 1 |"
+    assert markdown(rows, ["loss"]).splitlines()[2] == "| DPO | 0.300 | 1 (single run) |"
 
 
 def test_cli_report_writes_table_and_plot(tmp_path, capsys):
     from distalign.cli import main
 
     out = tmp_path / "table.md"
-    main(["report", str(RUNS), "--metrics", "synthetic/kl_fwd,synthetic/kl_ref", "--out", str(out)])
+    main(["report", str(RUNS), "--metrics", "synthetic/kl_fwd,synthetic/kl_ref", "--out", str(out),
+          "--include-incomplete"])
     text = capsys.readouterr().out
-    assert "| Reverse KL | 0.250 ± 0.000 | 0.050 ± 0.000 | 1 |" in text
+    assert "| Reverse KL | 0.250 | 0.050 | 1 (single run, 1 incomplete) |" in text
+    assert "± 0.000" not in text
     assert out.read_text().startswith("| Algorithm |")
     assert out.with_suffix(".png").exists()
+
+
+def _run(root: Path, name: str, method: str, seed: int, algo: dict, metrics: dict,
+         data: str = "pairs.jsonl", eval_metrics: dict | None = None) -> Path:
+    d = root / name
+    d.mkdir(parents=True)
+    cfg = {"method": method, "run": {"name": name, "seed": seed, "output_dir": str(root)},
+           "algo": algo, "data": {"path": data}}
+    (d / "config.yaml").write_text(yaml.safe_dump(cfg))
+    (d / "summary.json").write_text(json.dumps({"method": method, "seed": seed,
+                                                "metrics": metrics}))
+    if eval_metrics is not None:
+        (d / "eval").mkdir()
+        (d / "eval" / "eval.json").write_text(json.dumps({"metrics": eval_metrics}))
+    return d
+
+
+def test_groups_by_differing_config_keys_and_reads_eval_json(tmp_path):
+    """PMLE β=0 and β=0.1 are two rows; seeds spelled in data paths do not split a group;
+    eval/eval.json's metrics are read and are the default columns."""
+    for seed in (0, 1, 2):
+        ev = {"eval/win_rate": 50.0 + seed, "eval/rm_score": 1.0 + seed, "eval/kl_ref": 0.1}
+        _run(tmp_path, f"pmle-b01-s{seed}", "pmle", seed, {"beta": 0.1}, {"loss": 1.0},
+             f"data/n256-s{seed}/pairs.jsonl", ev)
+    _run(tmp_path, "pmle-b0-s0", "pmle", 0, {"beta": 0.0}, {"loss": 1.0},
+         "data/n256-s0/pairs.jsonl",
+         {"eval/win_rate": 40.0, "eval/rm_score": 0.5, "eval/kl_ref": 0.3})
+    _run(tmp_path, "dpo-s0", "dpo", 0, {"gamma": 0.1}, {"loss": 1.0}, "data/n256-s0/pairs.jsonl",
+         {"eval/win_rate": 45.0, "eval/rm_score": 0.7, "eval/kl_ref": 0.2})
+    assert len(find_runs([tmp_path])) == 5  # the eval/ folders are not runs of their own
+    table, rows = report([tmp_path])
+    assert [r.label for r in rows] == ["DPO", "PMLE (beta=0.0)", "PMLE (beta=0.1)"]
+    lines = table.splitlines()
+    assert lines[0] == "| Algorithm | win-rate % ↑ | RM score ↑ | KL(π‖π₀) ↓ | runs |"
+    assert lines[3] == "| PMLE (beta=0.0) | 40.000 | 0.500 | 0.300 | 1 (single run) |"
+    assert lines[4] == "| PMLE (beta=0.1) | 51.000 ± 1.000 | 2.000 ± 1.000 | 0.100 ± 0.000 | 3 |"
+    # a different data size is a different experiment
+    _run(tmp_path, "pmle-b01-n512", "pmle", 0, {"beta": 0.1}, {"loss": 1.0},
+         "data/n512-s0/pairs.jsonl", {"eval/win_rate": 60.0})
+    labels = [r.label for r in report([tmp_path])[1]]
+    assert "PMLE (beta=0.1, path=data/n512-s*/pairs.jsonl)" in labels
+
+
+def test_incomplete_runs_left_out_by_default_and_noted():
+    table, rows = report([RUNS], ["synthetic/kl_fwd"])
+    assert [r.label for r in rows] == ["DPO", "PMLE"]
+    assert "Left out (incomplete" in table and "rkl-s0-interrupted" in table
+    with pytest.raises(DataError, match="every run found is incomplete"):
+        report([RUNS / "rkl-s0-interrupted"], ["loss"])
+
+
+def test_cli_report_subprocess_output_to_file(tmp_path):
+    log = tmp_path / "log.txt"
+    with log.open("w") as f:
+        rc = subprocess.run([sys.executable, "-m", "distalign", "report", str(RUNS), "--metrics",
+                             "synthetic/kl_fwd", "--out", str(tmp_path / "t.md")],
+                            stdout=f, stderr=f).returncode
+    assert rc == 0, log.read_text()
+    assert "| DPO | 0.600 ± 0.141 | 2 |" in log.read_text()
+    res = subprocess.run([sys.executable, "-m", "distalign", "report", str(RUNS), "--metrics",
+                          "eval/nope"], capture_output=True, text=True)
+    assert res.returncode == 2 and res.stderr.startswith("error: metric 'eval/nope'")

@@ -15,8 +15,9 @@ def _split(value: str | None) -> list[str] | None:
 
 
 @app.command(
-    help="Aggregate run directories (synthetic or real) into a Table-2-style markdown table "
-    "(mean ± std over runs, one row per method) and a bar plot."
+    help="Aggregate run directories (synthetic or real; eval.json from `distalign eval` "
+    "included) into a Table-2-style markdown table (mean ± std over seeds, one row per method "
+    "and differing setting) and a bar plot."
 )
 def report(
     runs: Annotated[
@@ -28,9 +29,14 @@ def report(
                      "quality, reward and KL metrics found in the runs)"),
     ] = None,
     group_by: Annotated[
-        str, typer.Option("--group-by", "-g", help="comma-separated: method, name, seed or "
-                          "dotted config keys such as algo.beta")
-    ] = "method",
+        str | None, typer.Option("--group-by", "-g", help="comma-separated: method, name, seed "
+                                 "or dotted config keys such as algo.beta (default: method and "
+                                 "every config key that differs between its runs)")
+    ] = None,
+    include_incomplete: Annotated[
+        bool, typer.Option("--include-incomplete", help="also average runs without "
+                           "summary.json (killed or still running), marked as such")
+    ] = False,
     out: Annotated[
         Path | None, typer.Option("--out", "-o", help="also write the table to this .md file")
     ] = None,
@@ -42,7 +48,7 @@ def report(
     from distalign.eval.report import report as build
 
     plot_path = plot or (out.with_suffix(".png") if out else None)
-    table, rows = build(runs, _split(metrics), _split(group_by), plot_path)
+    table, rows = build(runs, _split(metrics), _split(group_by), plot_path, include_incomplete)
     typer.echo(table, nl=False)
     n = sum(len(r.runs) for r in rows)
     if out:

@@ -1,16 +1,22 @@
 """``distalign report``: aggregate run directories into a table shaped like the paper's Table 2.
 
-A run directory is what the engine writes (``config.yaml``, ``summary.json``, ``metrics.jsonl``).
-Runs are grouped (by method by default), and each chosen metric becomes a column of
-"mean ± std over runs" (the paper: 3 seeds). Values come from ``summary.json``'s ``metrics``;
-a run without one (killed, or still running) falls back to the last value of every key in
-``metrics.jsonl``.
+A run directory is what the engine writes (``config.yaml``, ``summary.json``, ``metrics.jsonl``),
+plus what ``distalign eval`` wrote into it (``eval/eval.json`` or ``eval.json``, whose metrics
+take precedence). Each chosen metric becomes a column of "mean ± std over runs" (the paper:
+3 seeds). Values come from ``summary.json``'s ``metrics``; a run without one (killed, or still
+running) falls back to the last value of every key in ``metrics.jsonl`` and is *incomplete*:
+left out unless asked for, and then marked.
+
+Grouping: by method, and by every config key whose value differs between runs of that method
+(seed, names, paths and logging cadence aside), so PMLE β=0 and β=0.1 are two rows, never one
+"± std". A row of one run prints its value without "± 0.000" and says "(single run)".
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import mean, stdev
@@ -36,17 +42,27 @@ KNOWN = {
     "synthetic/entropy": ("entropy", ""),
     "synthetic/leak": ("mass off 𝒜", "↓"),
     "synthetic/rm_kl_fwd": ("KL(π*‖π̃_R)", "↓"),
-    "eval/win_rate": ("win-rate", "↑"),
+    "eval/win_rate": ("win-rate %", "↑"),
+    "eval/win_rate_discrete": ("discrete win-rate %", "↑"),
+    "eval/kl_ref_k3": ("KL(π‖π₀) k3", "↓"),
+    "eval/length": ("length (tokens)", ""),
     "eval/rm_score": ("RM score", "↑"),
     "eval/kl_ref": ("KL(π‖π₀)", "↓"),
     "env/score": ("RM score", "↑"),
     "env/kl": ("KL(π‖π₀)", "↓"),
     "kl/online": ("KL(π‖π₀)", "↓"),
 }
+# defaults: what `distalign eval` writes (Table 2's columns) and the synthetic world's exact
+# metrics; the engine's training-time estimates only when a run has neither
 DEFAULT_CANDIDATES = (
     "synthetic/win_ref", "synthetic/kl_fwd", "synthetic/kl_ref", "eval/win_rate",
-    "eval/rm_score", "env/score", "eval/kl_ref", "env/kl", "kl/online",
+    "eval/rm_score", "eval/kl_ref",
 )
+FALLBACK_CANDIDATES = ("env/score", "env/kl", "kl/online")
+# config keys that never make runs different experiments
+BOOKKEEPING = {"name", "seed", "output_dir", "resume", "overwrite", "progress", "log_every",
+               "save_every", "eval_every", "report_to", "num_samples_logged", "logging_dir"}
+EVAL_FILES = ("eval/eval.json", "eval.json")
 
 
 @dataclass
@@ -57,10 +73,22 @@ class Run:
     seed: int | None
     config: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
+    complete: bool = True  # False: trained but no summary.json (killed or still running)
 
 
 def _is_run(path: Path) -> bool:
-    return (path / "summary.json").is_file() or (path / "metrics.jsonl").is_file()
+    return any((path / f).is_file()
+               for f in ("summary.json", "metrics.jsonl", *EVAL_FILES))
+
+
+def _search(root: Path) -> list[Path]:
+    """Run directories under ``root``; a run's own sub-folders (eval/, final/) are not runs."""
+    if _is_run(root):
+        return [root]
+    found: list[Path] = []
+    for d in sorted(p for p in root.iterdir() if p.is_dir()):
+        found.extend(_search(d))
+    return found
 
 
 def find_runs(paths: list[str | Path]) -> list[Path]:
@@ -69,14 +97,11 @@ def find_runs(paths: list[str | Path]) -> list[Path]:
     for p in map(Path, paths):
         if not p.exists():
             raise DataError(f"no such run directory: {p}")
-        if _is_run(p):
-            found.append(p)
-            continue
-        found.extend(sorted(d for d in p.rglob("*") if d.is_dir() and _is_run(d)))
+        found.extend(_search(p))
     runs = sorted(set(found))
     if not runs:
         raise DataError(
-            "no run directories (with summary.json or metrics.jsonl) under "
+            "no run directories (with summary.json, metrics.jsonl or eval.json) under "
             + ", ".join(str(p) for p in paths)
         )
     return runs
@@ -103,7 +128,13 @@ def load_run(path: str | Path) -> Run:
             summary = json.loads((path / "summary.json").read_text())
         except json.JSONDecodeError as exc:
             raise DataError(f"{path / 'summary.json'}: invalid JSON ({exc})") from exc
-    raw = summary.get("metrics") or _last_values(path / "metrics.jsonl")
+    raw = dict(summary.get("metrics") or _last_values(path / "metrics.jsonl"))
+    for name in reversed(EVAL_FILES):  # eval/eval.json (the pipeline's) wins over eval.json
+        if (path / name).is_file():
+            try:
+                raw.update(json.loads((path / name).read_text()).get("metrics") or {})
+            except (json.JSONDecodeError, AttributeError) as exc:
+                raise DataError(f"{path / name}: not an eval.json ({exc})") from exc
     metrics = {k: f for k, v in raw.items() if (f := _numeric(v)) is not None}
     run_cfg = config.get("run", {}) if isinstance(config.get("run"), dict) else {}
     seed = summary.get("seed", run_cfg.get("seed"))
@@ -114,6 +145,7 @@ def load_run(path: str | Path) -> Run:
         seed=int(seed) if seed is not None else None,
         config=config,
         metrics=metrics,
+        complete=bool(summary) or not (path / "metrics.jsonl").is_file(),
     )
 
 
@@ -144,10 +176,45 @@ def _lookup(run: Run, key: str) -> str:
     return str(node)
 
 
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(node, dict):
+        return {prefix: node}
+    out: dict[str, Any] = {}
+    for k, v in node.items():
+        out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def _settings(run: Run) -> dict[str, str]:
+    """The run's config as dotted keys, bookkeeping left out; a seed spelled inside a value
+    (``data/n256-s1/pairs.jsonl``) is blanked so that seeds of one setting compare equal."""
+    out = {}
+    for k, v in _flatten(run.config).items():
+        if k == "method" or k.split(".")[-1] in BOOKKEEPING:
+            continue
+        text = json.dumps(v, sort_keys=True) if isinstance(v, list | dict) else str(v)
+        if run.seed is not None:
+            text = re.sub(rf"(?<![0-9A-Za-z])(s|seed)[-_=]?{run.seed}(?![0-9])", r"\1*", text)
+        out[k] = text
+    return out
+
+
+def differing_keys(runs: list[Run]) -> dict[str, list[str]]:
+    """Per method, the config keys whose values differ between its runs (sorted)."""
+    by_method: dict[str, list[dict[str, str]]] = {}
+    for r in runs:
+        by_method.setdefault(r.method, []).append(_settings(r))
+    return {m: sorted(k for k in set().union(*settings)
+                      if len({s.get(k) for s in settings}) > 1)
+            for m, settings in by_method.items()}
+
+
 def default_metrics(runs: list[Run]) -> list[str]:
     """Known metrics present in at least one run, in Table 2's spirit (quality, then KL)."""
     present = set().union(*(r.metrics for r in runs))
     picked = [m for m in DEFAULT_CANDIDATES if m in present]
+    if not picked:
+        picked = [m for m in FALLBACK_CANDIDATES if m in present]
     kl = [m for m in picked if "kl" in m]
     # one KL-to-π₀ column is enough; keep the exact one when both exist
     if len(kl) > 1:
@@ -167,10 +234,15 @@ class Row:
     runs: list[Run]
     stats: dict[str, tuple[float, float, int]]  # metric -> (mean, std, count)
 
+    @property
+    def incomplete(self) -> int:
+        return sum(not r.complete for r in self.runs)
+
 
 def aggregate(runs: list[Run], metrics: list[str], group_by: list[str] | None = None) -> list[Row]:
-    """Group runs and take mean ± std (sample std; 0 for one run) of each metric."""
-    group_by = group_by or ["method"]
+    """Group runs and take mean ± std (sample std; 0 for one run, printed without ±).
+
+    ``group_by=None``: by method plus :func:`differing_keys` (see the module docstring)."""
     present = set().union(*(r.metrics for r in runs))
     missing = [m for m in metrics if m not in present]
     if missing:
@@ -179,11 +251,21 @@ def aggregate(runs: list[Run], metrics: list[str], group_by: list[str] | None = 
             f"{', '.join(sorted(present)[:20])})"
         )
     groups: dict[tuple[str, ...], list[Run]] = {}
+    labels: dict[tuple[str, ...], str] = {}
+    differ = differing_keys(runs) if group_by is None else {}
     for r in runs:
-        groups.setdefault(tuple(_lookup(r, k) for k in group_by), []).append(r)
+        if group_by is None:  # method, then the settings that set its runs apart
+            keys = ["method", *differ[r.method]]
+            values = [r.method, *(_settings(r).get(k, "–") for k in keys[1:])]
+        else:
+            keys, values = group_by, [_lookup(r, k) for k in group_by]
+        key = tuple(f"{k}={v}" for k, v in zip(keys, values, strict=True))
+        groups.setdefault(key, []).append(r)
+        labels[key] = _label(tuple(values), keys)
+    first = "method" if group_by is None else group_by[0]
 
     def order(key: tuple[str, ...]) -> tuple:
-        m = key[0] if group_by[0] == "method" else ""
+        m = key[0].partition("=")[2] if first == "method" else ""
         rank = METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER)
         return (rank, key)
 
@@ -195,7 +277,7 @@ def aggregate(runs: list[Run], metrics: list[str], group_by: list[str] | None = 
             vals = [r.metrics[m] for r in members if m in r.metrics and math.isfinite(r.metrics[m])]
             if vals:
                 stats[m] = (mean(vals), stdev(vals) if len(vals) > 1 else 0.0, len(vals))
-        rows.append(Row(_label(key, group_by), members, stats))
+        rows.append(Row(labels[key], members, stats))
     return rows
 
 
@@ -211,19 +293,25 @@ def metric_label(metric: str) -> str:
     return f"{name} {arrow}".strip()
 
 
+def _cell(mu: float, sd: float, n: int, digits: int) -> str:
+    # one run has no spread: print its value alone, never "± 0.000"
+    return f"{mu:.{digits}f}" if n < 2 else f"{mu:.{digits}f} ± {sd:.{digits}f}"
+
+
+def _runs_cell(row: Row) -> str:
+    n = len(row.runs)
+    notes = (["single run"] if n == 1 else []) + (
+        [f"{row.incomplete} incomplete"] if row.incomplete else [])
+    return f"{n}" + (f" ({', '.join(notes)})" if notes else "")
+
+
 def markdown(rows: list[Row], metrics: list[str], digits: int = 3) -> str:
     """``| Algorithm | metric ↑ | ... |`` with "mean ± std" cells and the run count."""
     head = "| Algorithm | " + " | ".join(metric_label(m) for m in metrics) + " | runs |"
     lines = [head, "|---" * (len(metrics) + 2) + "|"]
     for row in rows:
-        cells = []
-        for m in metrics:
-            if m not in row.stats:
-                cells.append("–")
-                continue
-            mu, sd, _ = row.stats[m]
-            cells.append(f"{mu:.{digits}f} ± {sd:.{digits}f}")
-        lines.append(f"| {row.label} | " + " | ".join(cells) + f" | {len(row.runs)} |")
+        cells = [_cell(*row.stats[m], digits) if m in row.stats else "–" for m in metrics]
+        lines.append(f"| {row.label} | " + " | ".join(cells) + f" | {_runs_cell(row)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -256,11 +344,24 @@ def report(
     metrics: list[str] | None = None,
     group_by: list[str] | None = None,
     plot_path: str | Path | None = None,
+    include_incomplete: bool = False,
 ) -> tuple[str, list[Row]]:
-    """Find, load and aggregate runs; returns (markdown, rows) and writes the plot if asked."""
-    runs = [load_run(p) for p in find_runs(list(paths))]
+    """Find, load and aggregate runs; returns (markdown, rows) and writes the plot if asked.
+
+    Incomplete runs (no ``summary.json``) are left out, with a note under the table, unless
+    ``include_incomplete``; then they count and their rows say so."""
+    found = [load_run(p) for p in find_runs(list(paths))]
+    runs = [r for r in found if r.complete or include_incomplete]
+    left_out = [r for r in found if r not in runs]
+    if not runs:
+        raise DataError("every run found is incomplete (no summary.json); pass "
+                        "--include-incomplete to report their last logged values")
     metrics = metrics or default_metrics(runs)
     rows = aggregate(runs, metrics, group_by)
     if plot_path is not None:
         plot(rows, metrics, plot_path)
-    return markdown(rows, metrics), rows
+    table = markdown(rows, metrics)
+    if left_out:
+        table += ("\nLeft out (incomplete, no summary.json; --include-incomplete to add): "
+                  + ", ".join(str(r.path) for r in left_out) + "\n")
+    return table, rows
