@@ -46,6 +46,9 @@ def run_job(out_dir: Path, job: dict) -> None:
     record = {
         "rank": rank,
         "world": trainer.acc.num_processes,
+        "distributed_type": str(trainer.acc.distributed_type),
+        # FSDP2 shards parameters as DTensors; under DDP they are plain tensors
+        "sharded": any(type(p).__name__ == "DTensor" for p in trainer.trainables[0].parameters()),
         "batches": seen,
         "rng": hashlib.sha1(rng.numpy().tobytes()).hexdigest(),
         "weights": [fingerprint(m) for m in models],

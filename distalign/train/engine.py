@@ -35,6 +35,7 @@ from distalign.train.setup import (
     build_models,
     build_optimizer,
     build_sampler,
+    check_fsdp,
     launch_mismatch,
     sequence_tokens,
 )
@@ -74,8 +75,11 @@ class Trainer:
             step_scheduler_with_optimizer=False,
         )
         set_seed(cfg.run.seed)
-        if (why := launch_mismatch(self.acc.num_processes)) is not None:
-            log.warning(why)
+        for why in (launch_mismatch(self.acc.num_processes),
+                    check_fsdp(str(self.acc.distributed_type), self.method_cls,
+                               cfg.model.lora.enabled)):
+            if why is not None:
+                log.warning(why)
         self.config_yaml = to_yaml(cfg)
         # decided (read-only) before loading, applied after: a failed load changes nothing
         plan = plan_run(self.run_dir, yaml.safe_load(self.config_yaml), cfg.run.resume,
