@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
+from torch import Tensor
 
 from distalign.errors import ConfigError
 from distalign.objectives import preference_logprob
@@ -91,10 +92,16 @@ class ToyConfig:
         bad = [n for n in self.ns if n < 2]
         if bad:
             raise ConfigError(f"every n must be ≥ 2 (one pair is held out), got {bad[0]}")
+        twice = [n for i, n in enumerate(self.ns) if n in self.ns[:i]]
+        if twice:
+            raise ConfigError(f"--ns lists n = {twice[0]} twice; give each sample size once")
         unknown = [m for m in self.methods if m not in SOLVERS]
         if unknown or not self.methods:
             what = unknown[0] if unknown else "(none)"
             raise ConfigError(f"unknown method {what!r} (expected some of {', '.join(METHODS)})")
+        twice = [m for i, m in enumerate(self.methods) if m in self.methods[:i]]
+        if twice:
+            raise ConfigError(f"--methods lists {twice[0]!r} twice; give each method once")
         if not self.betas or any(not (b >= 0 and math.isfinite(b)) for b in self.betas):
             raise ConfigError("the β grid must be non-empty and ≥ 0")
         if not 0 < self.val_fraction < 1:
@@ -119,6 +126,8 @@ class ToyResults:
     seconds: float
     summary: list[dict] = field(default_factory=list)
     slopes: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: wall seconds per phase of the run (newton, closed_forms, selection); I/O adds its own
+    timings: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.summary:
@@ -136,6 +145,7 @@ class ToyResults:
             "summary": self.summary,
             "records": self.records,
             "seconds": self.seconds,
+            "timings": self.timings,
         }
 
 
@@ -178,17 +188,20 @@ def fit_slopes(records: list[dict], config: ToyConfig) -> dict[str, dict[str, fl
 
 
 def _val_loglik(
-    log_pi: torch.Tensor, counts: torch.Tensor, n_val: int, gamma: float
-) -> torch.Tensor:
-    """Mean held-out ln σ(γ Δ ln π̂) over the validation pairs: ``[S, B, X, K]`` → ``[S, B]``."""
-    lp = preference_logprob(log_pi[..., :, None], log_pi[..., None, :], gamma)  # [S,B,X,K,K]
-    return (counts[:, None] * lp).sum((-1, -2, -3)) / n_val
+    log_pi: Tensor, counts: Tensor, n_val: Tensor, gamma: float
+) -> Tensor:
+    """Mean held-out ln σ(γ Δ ln π̂) over the validation pairs: ``[..., B, X, K]`` → ``[..., B]``.
+
+    ``counts`` (``[..., X, K, K]``) and ``n_val`` (``[...]``) carry the batch dims without B.
+    """
+    lp = preference_logprob(log_pi[..., :, None], log_pi[..., None, :], gamma)  # [..,B,X,K,K]
+    return (counts[..., None, :, :, :] * lp).sum((-1, -2, -3)) / n_val[..., None]
 
 
 def run_toy(
     config: ToyConfig, progress: Callable[[str, int], None] | None = None
 ) -> ToyResults:
-    """Run the experiment; ``progress(method, n)`` is called after each (n, method) solve."""
+    """Run the experiment; ``progress(method, n)`` is called for every (method, n) solved."""
     config.validate()
     old_threads = torch.get_num_threads()
     torch.set_num_threads(config.threads)
@@ -198,46 +211,125 @@ def run_toy(
         torch.set_num_threads(old_threads)
 
 
-def _run(config: ToyConfig, progress: Callable[[str, int], None] | None) -> ToyResults:
-    t0 = time.perf_counter()
+@dataclass
+class _Grid:
+    """Everything shared by the methods: the world, the data tables and the fitted reward."""
+
+    world: World
+    ns: list[int]
+    betas: Tensor
+    inp: FitInput
+    val_counts: Tensor  # [N, S, X, K, K]
+    n_val: Tensor  # [N, 1]
+
+
+def _prepare(config: ToyConfig) -> _Grid:
     dev = torch.device(config.device)
     gen = torch.Generator().manual_seed(config.seed)
     world: World = make_world(config.seeds, config.contexts, config.responses, config.gamma,
                               config.logit_scale, config.mu, gen, device=dev)
-    pairs = sample_pairs(world, max(config.ns), gen)
+    ns = sorted(config.ns)
+    pairs = sample_pairs(world, ns[-1], gen)
     X, K, S = config.contexts, config.responses, config.seeds
+    n_val = [max(1, round(config.val_fraction * n)) for n in ns]
+    n_tr = [n - v for n, v in zip(ns, n_val, strict=True)]
+    counts = torch.stack([
+        torch.stack([pair_counts(pairs, 0, n, X, K), pair_counts(pairs, 0, t, X, K)])
+        for n, t in zip(ns, n_tr, strict=True)
+    ])  # [N, 2, S, X, K, K]
+    val_counts = torch.stack(
+        [pair_counts(pairs, t, n, X, K) for n, t in zip(ns, n_tr, strict=True)]
+    )
+    n_fit = torch.tensor([ns, n_tr], dtype=torch.float64, device=dev).T[..., None]
+    n_fit = n_fit.expand(-1, 2, S)
+    reward = fit_reward(counts, n_fit, config.ridge)
+    inp = FitInput(counts, n_fit, world.log_ref, world.log_mu, reward, config.gamma,
+                   config.ridge)
     betas = torch.tensor(config.betas, dtype=torch.float64, device=dev)
-    star = world.log_star[:, None]  # [S, 1, X, K] against [S, B, X, K]
+    n_val_t = torch.tensor(n_val, dtype=torch.float64, device=dev)[:, None]
+    return _Grid(world, ns, betas, inp, val_counts, n_val_t)
+
+
+def _method_grid(grid: _Grid, method: str, gamma: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Full-data fits ``[N, S, B, X, K]``, their forward KL and the held-out log-likelihood of
+    the train fits (both ``[N, S, B]``) of one method over the whole grid."""
+    log_pi = SOLVERS[method](grid.inp, grid.betas)  # [N, 2, S, B, X, K]: full fit, train fit
+    full = log_pi[:, 0]
+    fkl = exact_kl(grid.world.log_star[:, None], full).mean(-1)  # E_x over uniform contexts
+    val = _val_loglik(log_pi[:, 1], grid.val_counts, grid.n_val, gamma)
+    return full, fkl, val
+
+
+def grid_metrics(
+    config: ToyConfig, methods: tuple[str, ...] | None = None
+) -> dict[str, dict[int, tuple[Tensor, Tensor]]]:
+    """Forward KL (full fit) and held-out log-likelihood (train fit) at every β, ``[S, B]``
+    each, by method and n: the curves the oracle and honest choices pick from."""
+    config.validate()
+    grid = _prepare(config)
+    out: dict[str, dict[int, tuple[Tensor, Tensor]]] = {}
+    for m in methods or config.methods:
+        _, fkl, val = _method_grid(grid, m, config.gamma)
+        out[m] = {n: (fkl[a], val[a]) for a, n in enumerate(grid.ns)}
+    return out
+
+
+def _run(config: ToyConfig, progress: Callable[[str, int], None] | None) -> ToyResults:
+    """Every n, fit, seed, β and context of one method is one batched solve.
+
+    Batch layout: ``[N, 2, S]`` (sizes n, {full, train} fit, seeds), then ``[B, X, K]``.
+    """
+    t0 = time.perf_counter()
+    clock = _Clock()
+    grid = _prepare(config)
+    clock.lap("newton")
+    world, ns, betas = grid.world, grid.ns, grid.betas
+    X, K, S = config.contexts, config.responses, config.seeds
+    star = world.log_star[:, None]  # [S, 1, X, K] against [..., S, B, X, K]
     ref = world.log_ref[:, None]
     kl_star_ref = exact_kl(world.log_star, world.log_ref).mean(-1).tolist()
     records: list[dict] = []
-    for n in sorted(config.ns):
-        n_val = max(1, round(config.val_fraction * n))
-        n_tr = n - n_val
-        counts = torch.stack([pair_counts(pairs, 0, n, X, K), pair_counts(pairs, 0, n_tr, X, K)])
-        val_counts = pair_counts(pairs, n_tr, n, X, K)
-        n_fit = torch.tensor([n, n_tr], dtype=torch.float64, device=dev)[:, None].expand(2, S)
-        reward = fit_reward(counts, n_fit, config.ridge)
-        inp = FitInput(counts, n_fit, world.log_ref, world.log_mu, reward, config.gamma,
-                       config.ridge)
-        for m in config.methods:
-            log_pi = SOLVERS[m](inp, betas)  # [2, S, B, X, K]: full fit, train fit
-            full = log_pi[0]
-            fkl = exact_kl(star, full).mean(-1)  # E_x over uniform contexts
-            rkl = exact_kl(full, star).mean(-1)
-            kl_ref = exact_kl(full, ref).mean(-1)
-            val = _val_loglik(log_pi[1], val_counts, n_val, config.gamma)
-            pick = {"oracle": fkl.argmin(-1), "honest": val.argmax(-1)}
+    for m in config.methods:
+        full, fkl, val = _method_grid(grid, m, config.gamma)
+        clock.lap("closed_forms" if m in CLOSED_FORM else "newton")
+        pick = {"oracle": fkl.argmin(-1, keepdim=True), "honest": val.argmax(-1, keepdim=True)}
+        cols: dict[str, list] = {}
+        for choice, idx in pick.items():
+            chosen = full.gather(2, idx[..., None, None].expand(-1, -1, 1, X, K))  # [N,S,1,X,K]
+            cols[f"beta_{choice}"] = betas[idx[..., 0]].tolist()
+            cols[f"fkl_{choice}"] = fkl.gather(-1, idx)[..., 0].tolist()
+            cols[f"rkl_{choice}"] = exact_kl(chosen, star).mean(-1)[..., 0].tolist()
+            cols[f"kl_ref_{choice}"] = exact_kl(chosen, ref).mean(-1)[..., 0].tolist()
+        cols["val_loglik_honest"] = val.gather(-1, pick["honest"])[..., 0].tolist()
+        for a, n in enumerate(ns):
             for s in range(S):
                 rec: dict = {"method": m, "n": n, "seed": s}
-                for choice, idx in pick.items():
-                    b = int(idx[s])
-                    rec[f"beta_{choice}"] = float(betas[b])
-                    rec[f"fkl_{choice}"] = float(fkl[s, b])
-                    rec[f"rkl_{choice}"] = float(rkl[s, b])
-                    rec[f"kl_ref_{choice}"] = float(kl_ref[s, b])
-                rec["val_loglik_honest"] = float(val[s, int(pick["honest"][s])])
+                rec.update({key: v[a][s] for key, v in cols.items()})
                 records.append(rec)
-            if progress is not None:
+        clock.lap("selection")
+        if progress is not None:
+            for n in ns:
                 progress(m, n)
-    return ToyResults(config, records, kl_star_ref, time.perf_counter() - t0)
+    # records by n, then method, then seed (a stable sort keeps the seeds in order)
+    records.sort(key=lambda r: (r["n"], config.methods.index(r["method"])))
+    res = ToyResults(config, records, kl_star_ref, time.perf_counter() - t0)
+    clock.lap("selection")
+    res.timings = clock.totals
+    return res
+
+
+#: methods solved in closed form (the rest are Newton solves)
+CLOSED_FORM = ("rlhf", "rkl")
+
+
+class _Clock:
+    """Accumulates wall seconds per phase: ``lap(name)`` books the time since the last lap."""
+
+    def __init__(self) -> None:
+        self.totals: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.totals[name] = self.totals.get(name, 0.0) + now - self._last
+        self._last = now

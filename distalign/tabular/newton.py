@@ -10,14 +10,20 @@ projection. All pairwise losses of the paper depend on the two log-probabilities
 their difference, in which the log-normaliser cancels; so ψ sees d = θ_i − θ_j.
 
 Why Newton: K is small (10), so a K×K solve per problem is cheap, and thousands of problems
-(seeds × β grid × contexts × {full, train} fits) are solved at once as one batched tensor program.
-ψ's first and second derivatives come from autograd through the library function itself (no
-re-derived losses); the chain rule through the linear map θ ↦ θ_i − θ_j is assembled by hand.
-Softmax logits have a shift gauge; the steps are kept in the centred subspace.
+(seeds × β grid × contexts × {full, train} fits × sizes n) are solved at once as one batched
+tensor program. The library function defines ψ. Autograd through it costs 6–16 µs per problem
+and iteration, most of the toy's time, so each solver also gives ψ, ψ', ψ'' in closed form
+(:class:`ClosedForm`). They are checked against the library function (value, and autograd's
+first and second derivatives) at the start of every solve, on the solve's own pair values,
+and a mismatch raises. Without a closed form the derivatives come from autograd.
+The chain rule through the linear map θ ↦ θ_i − θ_j is assembled by hand. Softmax logits
+have a shift gauge; the steps are kept in the centred subspace.
 """
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -31,6 +37,12 @@ PairFn = Callable[..., Tensor]
 MAX_STEP = 8.0
 NEAR = 1e-6  # below this Newton decrement the full step is taken without a line search
 QUADRATIC = 1e-12  # Newton decrement below which one more step converges (see newton_solve)
+SLAB = 8192  # problems per slab of newton_solve: ~6 MB per pair table, cache-sized
+CHECK_PAIRS = 256  # pair values on which closed-form ψ, ψ', ψ'' are checked against the library
+
+
+class PairDerivativeError(AssertionError):
+    """A closed-form pair term disagrees with the ``distalign.objectives`` function."""
 
 
 def exact_kl(log_p: Tensor, log_q: Tensor) -> Tensor:
@@ -58,6 +70,61 @@ def gather_pairs(table: Tensor, pairs: Tensor) -> Tensor:
     return table[..., pairs[0], pairs[1]]
 
 
+def library_derivatives(pair_fn: PairFn, d: Tensor, *extras: Tensor) -> tuple[Tensor, ...]:
+    """ψ, ψ', ψ'' of each element by autograd through the library call (two backward passes).
+
+    The library losses are plain means of per-pair terms, so ``numel · loss`` is Σ_m ψ(d_m)
+    and its gradient is ψ'(d_m) element by element; the gradient of Σ_m ψ'(d_m) is ψ''.
+    """
+    d = d.detach().requires_grad_(True)
+    with torch.enable_grad():
+        total = pair_fn(d, *extras) * d.numel()
+        (d1,) = torch.autograd.grad(total, d, create_graph=True)
+        (d2,) = torch.autograd.grad(d1.sum(), d)
+    psi = vmap(pair_fn)(*(t.reshape(-1) for t in (d.detach(), *extras))).reshape(d.shape)
+    return psi, d1.detach(), d2
+
+
+def _same_extras(*extras: Tensor) -> tuple[Tensor, ...]:
+    return extras
+
+
+@dataclass(frozen=True)
+class ClosedForm:
+    """A pair term ψ(d; extras) and its derivatives in d, written out for speed.
+
+    ``prepare(*extras)`` turns the pair extras into the constants ``value(d, *consts)`` and
+    ``derivs(d, *consts) → (ψ', ψ'')`` use (once per solve, e.g. a target's entropy).
+    """
+
+    value: Callable[..., Tensor]
+    derivs: Callable[..., tuple[Tensor, Tensor]]
+    prepare: Callable[..., tuple[Tensor, ...]] = _same_extras
+
+
+def check_closed_form(pair_fn: PairFn, closed: ClosedForm, d: Tensor, *extras: Tensor) -> None:
+    """Raise :class:`PairDerivativeError` unless ``closed`` reproduces the library function.
+
+    Checked on the given pair values (a solve's own, at its start) and on a fixed grid of
+    differences, so a change in ``distalign.objectives`` cannot silently desync the solver.
+    """
+    d, *extras = (t.reshape(-1)[:CHECK_PAIRS] for t in torch.broadcast_tensors(d, *extras))
+    grid = torch.linspace(-30.0, 30.0, 61, dtype=d.dtype, device=d.device)
+    m = min(grid.numel(), d.numel()) if d.numel() else 0
+    d = torch.cat([d, grid[:m]])
+    extras = [torch.cat([e, e[:m]]) for e in extras]
+    want = library_derivatives(pair_fn, d, *extras)
+    consts = closed.prepare(*extras)
+    got = (closed.value(d, *consts), *closed.derivs(d, *consts))
+    for name, w, g in zip(("ψ", "ψ'", "ψ''"), want, got, strict=True):
+        err = (w - g).abs() / (1 + w.abs())
+        if not bool((err <= 1e-9).all()):
+            raise PairDerivativeError(
+                f"closed-form {name} of {getattr(pair_fn, '__qualname__', pair_fn)} differs "
+                f"from the library by {float(err.max()):.2e}"
+            )
+
+
 @dataclass
 class PairwiseObjective:
     """F(θ) above for a batch of problems; θ has shape ``[..., K]``.
@@ -68,6 +135,8 @@ class PairwiseObjective:
     weight=None)`` calls a ``distalign.objectives`` loss on pair tensors and returns its
     (weighted) mean Σ w ψ / Σ w, exactly as the library defines it. ``weighted`` says
     whether it honours ``weight``; if not, values are computed one pair at a time (vmap).
+    ``closed`` optionally gives ψ, ψ', ψ'' in closed form (checked against ``pair_fn`` by
+    :func:`newton_solve`); without it autograd through ``pair_fn`` is used.
     """
 
     pair_fn: PairFn
@@ -79,19 +148,23 @@ class PairwiseObjective:
     ridge: Tensor | float = 0.0
     anchor: Tensor | None = None
     weighted: bool = True
+    closed: ClosedForm | None = None
+    #: ``closed.prepare(*extras)`` once flattened
+    consts: tuple[Tensor, ...] = ()
 
-    #: per-problem pair indices ``[N, M']`` once flattened (see :meth:`flatten`)
-    index: tuple[Tensor, Tensor] | None = None
+    #: True once :meth:`flatten` has laid the pair fields out as dense ``[N, K, K]`` tables
+    flat: bool = False
 
     def flatten(self, batch: torch.Size, K: int) -> PairwiseObjective:
         """Materialise every field for each of the ``prod(batch)`` problems (axis 0).
 
-        Pairs of zero weight contribute exactly 0 to F, g and H, so each problem keeps only its
-        weighted pairs (padded with zero-weight ones to the largest count M' ≤ M): with few
-        data most of the K(K−1) cells are empty, and the pair work shrinks accordingly.
+        Pair fields become dense ``[N, K, K]`` tables (entry (i, j) of pair (i, j), zero
+        weight elsewhere): the derivative assembly is then a few dense ops per problem,
+        with no gathers or scatters. Zero-weight entries add exactly 0 to F, g and H.
         """
         M = self.pairs.shape[1]
         dev = self.weight.device
+        cell = self.pairs[0] * K + self.pairs[1]
 
         def full(t: Tensor | float | None, tail: tuple[int, ...]) -> Tensor | None:
             if t is None:
@@ -99,28 +172,22 @@ class PairwiseObjective:
             t = torch.as_tensor(t, dtype=torch.float64, device=dev)
             return t.expand(*batch, *tail).reshape(-1, *tail)
 
-        weight = full(self.weight, (M,))
-        extras = tuple(full(e, (M,)) for e in self.extras)
-        nz = weight != 0
-        m_keep = max(int(nz.sum(-1).max()) if weight.numel() else 0, 1)
-        if m_keep < M:
-            # stable sort puts each problem's nonzero pairs first, in their original order
-            keep = torch.sort((~nz).to(torch.uint8), dim=-1, stable=True).indices[:, :m_keep]
-            weight = weight.gather(1, keep)
-            extras = tuple(e.gather(1, keep) for e in extras)
-            index = (self.pairs[0][keep], self.pairs[1][keep])
-        else:
-            n = weight.shape[0]
-            index = (self.pairs[0].expand(n, M), self.pairs[1].expand(n, M))
+        def dense(t: Tensor) -> Tensor:
+            flat = full(t, (M,))
+            out = torch.zeros(flat.shape[0], K * K, dtype=flat.dtype, device=dev)
+            return out.index_copy_(1, cell, flat).reshape(-1, K, K)
+
+        extras = tuple(dense(e) for e in self.extras)
         return replace(
             self,
-            weight=weight,
+            weight=dense(self.weight),
             extras=extras,
+            consts=self.closed.prepare(*extras) if self.closed is not None else (),
             kl_coef=full(self.kl_coef, ()),
             log_ref=full(self.log_ref, (K,)),
             ridge=full(self.ridge, ()),
             anchor=full(self.anchor, (K,)),
-            index=index,
+            flat=True,
         )
 
     def subset(self, idx: Tensor) -> PairwiseObjective:
@@ -129,16 +196,16 @@ class PairwiseObjective:
         def pick(t: Tensor | None) -> Tensor | None:
             return None if t is None else t[idx]
 
-        assert self.index is not None, "subset() needs a flattened objective"
+        assert self.flat, "subset() needs a flattened objective"
         return replace(
             self,
             weight=self.weight[idx],
             extras=tuple(e[idx] for e in self.extras),
+            consts=tuple(c[idx] for c in self.consts),
             kl_coef=pick(self.kl_coef),
             log_ref=pick(self.log_ref),
             ridge=pick(self.ridge),
             anchor=pick(self.anchor),
-            index=(self.index[0][idx], self.index[1][idx]),
         )
 
     # ---- pieces -----------------------------------------------------------------------
@@ -149,22 +216,31 @@ class PairwiseObjective:
         out = out if isinstance(out, tuple) else (out,)
         return tuple(o.reshape(*batch, *o.shape[1:]) for o in out)
 
-    def _diff(self, theta: Tensor) -> Tensor:
-        """d_m = θ_i − θ_j for each problem's pairs (gathers; exact)."""
-        i, j = self.index
-        return theta.gather(-1, i) - theta.gather(-1, j)
+    @staticmethod
+    def _diff(theta: Tensor) -> Tensor:
+        """d_ij = θ_i − θ_j for every cell of the ``[N, K, K]`` pair tables."""
+        return theta[:, :, None] - theta[:, None, :]
 
     def _centred_dev(self, theta: Tensor) -> Tensor:
         dev = theta if self.anchor is None else theta - self.anchor
         return dev - dev.mean(-1, keepdim=True)
 
+    def check(self, theta: Tensor) -> None:
+        """Check the closed form against the library on θ's weighted pairs."""
+        if self.closed is not None:
+            used = self.weight != 0
+            d = self._diff(theta)[used]
+            check_closed_form(self.pair_fn, self.closed, d, *(e[used] for e in self.extras))
+
     def value(self, theta: Tensor) -> Tensor:
         """F(θ) per problem, shape ``[...]`` (used by the line search)."""
-        if self.index is None:
+        if not self.flat:
             return self._flat_call(theta, "value")[0]
         d = self._diff(theta)
         fn = self.pair_fn
-        if self.weighted:
+        if self.closed is not None:
+            out = (self.weight * self.closed.value(d, *self.consts)).sum((-1, -2))
+        elif self.weighted:
             # one library call per problem: Σ_m W_m ψ_m = (weighted mean) · Σ W
             def per_problem(d_p: Tensor, w_p: Tensor, *e_p: Tensor) -> Tensor:
                 return fn(d_p, *e_p, weight=w_p) * w_p.sum()
@@ -173,7 +249,7 @@ class PairwiseObjective:
         else:
             shape = d.shape
             psi = vmap(fn)(*(t.reshape(-1) for t in (d, *self.extras))).reshape(shape)
-            out = (self.weight * psi).sum(-1)
+            out = (self.weight * psi).sum((-1, -2))
         if self.kl_coef is not None:
             out = out + self.kl_coef * _kl_logits(theta, self.log_ref)
         dev = self._centred_dev(theta)
@@ -182,37 +258,43 @@ class PairwiseObjective:
     def grad_hess(self, theta: Tensor) -> tuple[Tensor, Tensor]:
         """Gradient ``[..., K]`` and Hessian ``[..., K, K]`` of F at θ.
 
-        The library losses are plain means of per-pair terms, so ``numel · loss`` is Σ_m ψ(d_m)
-        and its gradient is ψ'(d_m) element by element; the gradient of Σ_m ψ'(d_m) is ψ''.
-        Two backward passes of ordinary autograd therefore give every pair's derivatives.
+        ψ' and ψ'' come from ``closed`` or else from autograd through the library call.
         """
-        if self.index is None:
+        if not self.flat:
             g, H = self._flat_call(theta, "grad_hess")
             return g, H
-        d = self._diff(theta).detach().requires_grad_(True)
-        with torch.enable_grad():
-            total = self.pair_fn(d, *self.extras) * d.numel()
-            (d1,) = torch.autograd.grad(total, d, create_graph=True)
-            (d2,) = torch.autograd.grad(d1.sum(), d)
-        # chain rule through d_m = θ_i − θ_j: g_i += Wψ', g_j −= Wψ'; H gets Wψ'' on (i,i) and
-        # (j,j) and −Wψ'' on (i,j) and (j,i). Scatter-adds: exact sums of the pair terms.
-        N, K = theta.shape
-        i, j = self.index
-        s1 = self.weight * d1.detach()
-        s2 = self.weight * d2
-        g = torch.zeros_like(theta).scatter_add_(1, i, s1).scatter_add_(1, j, -s1)
-        H = torch.zeros(N, K * K, dtype=theta.dtype, device=theta.device)
-        H.scatter_add_(1, i * (K + 1), s2).scatter_add_(1, j * (K + 1), s2)
-        H.scatter_add_(1, i * K + j, -s2).scatter_add_(1, j * K + i, -s2)
-        H = H.reshape(N, K, K)
+        d = self._diff(theta)
+        if self.closed is not None:
+            d1, d2 = self.closed.derivs(d, *self.consts)
+        else:
+            d1, d2 = library_derivatives_grad(self.pair_fn, d, *self.extras)
+        # chain rule through d_ij = θ_i − θ_j: g_i += Wψ', g_j −= Wψ'; with A = Wψ'' the
+        # Hessian is the weighted graph Laplacian of A + Aᵀ
+        s1 = self.weight * d1
+        g = s1.sum(-1) - s1.sum(-2)
+        A = self.weight * d2
+        A = A + A.transpose(-1, -2)
+        H = -A
+        H.diagonal(dim1=-2, dim2=-1).add_(A.sum(-1))
         if self.kl_coef is not None:
             gk, hk = kl_grad_hess(theta, self.log_ref)
             g = g + self.kl_coef[:, None] * gk
             H = H + self.kl_coef[:, None, None] * hk
+        K = theta.shape[-1]
         proj = torch.eye(K, dtype=theta.dtype, device=theta.device) - 1.0 / K
         g = g + self.ridge[:, None] * self._centred_dev(theta)
         H = H + self.ridge[:, None, None] * proj
         return g, H
+
+
+def library_derivatives_grad(pair_fn: PairFn, d: Tensor, *extras: Tensor) -> tuple[Tensor, ...]:
+    """ψ', ψ'' by autograd through the library call (see :func:`library_derivatives`)."""
+    d = d.detach().requires_grad_(True)
+    with torch.enable_grad():
+        total = pair_fn(d, *extras) * d.numel()
+        (d1,) = torch.autograd.grad(total, d, create_graph=True)
+        (d2,) = torch.autograd.grad(d1.sum(), d)
+    return d1.detach(), d2
 
 
 def kl_grad_hess(theta: Tensor, log_ref: Tensor) -> tuple[Tensor, Tensor]:
@@ -259,8 +341,76 @@ def newton_solve(
     theta0: Tensor,
     max_iter: int = 100,
     tol: float = 1e-22,
+    slab: int = SLAB,
 ) -> tuple[Tensor, dict[str, float]]:
     """Minimise ``objective`` from ``theta0`` (``[..., K]``) for every problem at once.
+
+    The batch is cut along its leading axes into slabs of at most ``slab`` problems, each
+    solved by :func:`_newton_flat`: a slab's tensors stay in cache, where the elementwise
+    work runs several times faster than on one huge stack. Problems are independent, so the
+    result does not depend on the cut.
+    """
+    batch, K = theta0.shape[:-1], theta0.shape[-1]
+    lead, size = 0, math.prod(batch)
+    while lead < len(batch) - 1 and size > slab:
+        size //= batch[lead]
+        lead += 1
+    theta = torch.empty_like(theta0)
+    stats = {"iterations": 0.0, "unconverged": 0.0, "stalled": 0.0, "work": 0.0}
+    for idx in itertools.product(*(range(b) for b in batch[:lead])):
+        part = _slab_objective(objective, idx, len(batch))
+        th, st = _newton_flat(part.flatten(batch[lead:], K), theta0[idx].reshape(-1, K),
+                              max_iter, tol)
+        theta[idx] = th.reshape(*batch[lead:], K)
+        stats["iterations"] = max(stats["iterations"], st["iterations"])
+        for key in ("unconverged", "stalled", "work"):
+            stats[key] += st[key]
+    return theta, stats
+
+
+def objective_value(objective: PairwiseObjective, theta: Tensor, slab: int = SLAB) -> Tensor:
+    """F(θ) for every problem of ``theta`` (``[..., K]`` → ``[...]``), slab by slab."""
+    batch, K = theta.shape[:-1], theta.shape[-1]
+    lead, size = 0, math.prod(batch)
+    while lead < len(batch) - 1 and size > slab:
+        size //= batch[lead]
+        lead += 1
+    out = theta.new_empty(batch)
+    for idx in itertools.product(*(range(b) for b in batch[:lead])):
+        part = _slab_objective(objective, idx, len(batch)).flatten(batch[lead:], K)
+        out[idx] = part.value(theta[idx].reshape(-1, K)).reshape(batch[lead:])
+    return out
+
+
+def _slab_objective(obj: PairwiseObjective, idx: tuple[int, ...], nbatch: int) -> PairwiseObjective:
+    """The objective of the problems ``[*idx, ...]``; fields broadcast against the batch."""
+
+    def cut(t: Tensor | float | None, tail: int) -> Tensor | float | None:
+        if not isinstance(t, Tensor):
+            return t
+        t = t.reshape((1,) * (nbatch + tail - t.ndim) + tuple(t.shape))
+        for i in idx:
+            t = t[i if t.shape[0] > 1 else 0]
+        return t
+
+    return replace(
+        obj,
+        weight=cut(obj.weight, 1),
+        extras=tuple(cut(e, 1) for e in obj.extras),
+        kl_coef=cut(obj.kl_coef, 0),
+        log_ref=cut(obj.log_ref, 1),
+        ridge=cut(obj.ridge, 0),
+        anchor=cut(obj.anchor, 1),
+    )
+
+
+def _newton_flat(
+    obj_all: PairwiseObjective,
+    theta0: Tensor,
+    max_iter: int,
+    tol: float,
+) -> tuple[Tensor, dict[str, float]]:
+    """Damped Newton on a flattened objective from ``theta0`` (``[N, K]``).
 
     A problem stops when its Newton decrement gᵀH⁻¹g is below ``tol``, or below QUADRATIC
     (then one last full step is taken: Newton converges quadratically), or when it has
@@ -274,9 +424,8 @@ def newton_solve(
     held only by the ridge; they converge slowly, typically within 50 iterations.
     Their count is returned as ``stats["unconverged"]``.
     """
-    batch, K = theta0.shape[:-1], theta0.shape[-1]
-    obj_all = objective.flatten(batch, K)
-    theta = theta0.reshape(-1, K).clone()
+    theta = theta0.clone()
+    obj_all.check(theta)
     active = torch.arange(theta.shape[0], device=theta.device)
     obj = obj_all
     F = torch.full((theta.shape[0],), float("nan"), dtype=theta.dtype, device=theta.device)
@@ -344,4 +493,4 @@ def newton_solve(
         "stalled": float(n_stalled),
         "work": float(work),
     }
-    return theta.reshape(*batch, K), stats
+    return theta, stats

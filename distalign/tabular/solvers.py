@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from distalign.objectives import (
@@ -27,7 +28,44 @@ from distalign.objectives import (
     preference_logprob,
     rebel_loss,
 )
-from distalign.tabular.newton import PairwiseObjective, gather_pairs, newton_solve, pair_index
+from distalign.tabular.newton import (
+    ClosedForm,
+    PairwiseObjective,
+    gather_pairs,
+    newton_solve,
+    objective_value,
+    pair_index,
+)
+
+# Closed-form ψ, ψ', ψ'' (derivatives in d) of each pair term below, for speed; newton_solve
+# checks them against autograd through the library call at the start of every solve.
+SOFTPLUS_LINEAR = 40.0  # softplus(x) = x to float64 precision beyond this (torch's default 20
+#                         drops e^{-x} ≈ 2e-9, visible in distillation's near-zero losses)
+
+
+def _softplus(x: Tensor) -> Tensor:
+    return F.softplus(x, threshold=SOFTPLUS_LINEAR)
+
+
+def _softplus_neg(scale: float | None = None) -> ClosedForm:
+    """ψ = −ln σ(z), z = scale·d (or z = τ(d − d_ref) with τ an extra when scale is None)."""
+
+    def z_and_scale(d: Tensor, *e: Tensor) -> tuple[Tensor, Tensor | float]:
+        if scale is not None:
+            return scale * d, scale
+        d_ref, tau = e
+        return tau * (d - d_ref), tau
+
+    def value(d: Tensor, *e: Tensor) -> Tensor:
+        return _softplus(-z_and_scale(d, *e)[0])
+
+    def derivs(d: Tensor, *e: Tensor) -> tuple[Tensor, Tensor]:
+        z, a = z_and_scale(d, *e)
+        s = torch.sigmoid(-z)
+        return -a * s, (a * a) * s * torch.sigmoid(z)
+
+    return ClosedForm(value, derivs)
+
 
 #: the methods in the order of the paper's Table 1 / Figure legend
 METHODS = ("rlhf", "rkl", "pmle", "distill", "dpo", "rebel")
@@ -93,7 +131,7 @@ def fit_reward(counts: Tensor, n: Tensor, ridge: float = 1e-6) -> Tensor:
     X, K = counts.shape[-3], counts.shape[-1]
     pairs = pair_index(K, ordered=True, device=counts.device)
     weight = gather_pairs(counts / n[..., None, None, None], pairs)
-    obj = PairwiseObjective(_bt_pair, pairs, weight, ridge=ridge / X)
+    obj = PairwiseObjective(_bt_pair, pairs, weight, ridge=ridge / X, closed=_softplus_neg(1.0))
     theta0 = torch.zeros(counts.shape[:-1], dtype=counts.dtype, device=counts.device)
     r, _ = newton_solve(obj, theta0)
     return r - r.mean(-1, keepdim=True)
@@ -134,6 +172,7 @@ def pmle_policy(inp: FitInput, betas: Tensor) -> Tensor:
         kl_coef=b[..., 0] / X,
         log_ref=inp.log_ref[..., None, :, :],
         ridge=inp.ridge * gamma**2 / X,
+        closed=_softplus_neg(gamma),
     )
     return _solve(obj, rkl_policy(inp, betas), inp.log_ref[..., None, :, :])
 
@@ -148,6 +187,20 @@ def distill_policy(inp: FitInput, betas: Tensor) -> Tensor:
 
     def pair(d: Tensor, target: Tensor, weight: None = None) -> Tensor:
         return distill_loss(d, torch.zeros_like(d), target, gamma)[0]
+
+    # ψ = KL(Bern(p)‖Bern(σ(z))), z = γd, p the target clamped as distill_loss does:
+    # ψ = softplus(−z) + (1 − p) z − H(p), ψ' = γ(σ(z) − p), ψ'' = γ² σ(z) σ(−z)
+    def prepare(target: Tensor) -> tuple[Tensor, Tensor]:
+        p = target.clamp(1e-7, 1 - 1e-7)
+        return 1 - p, p * p.log() + (1 - p) * (1 - p).log()  # 1 − p and −H(p)
+
+    def value(d: Tensor, q: Tensor, neg_ent: Tensor) -> Tensor:
+        z = gamma * d
+        return _softplus(-z) + q * z + neg_ent
+
+    def derivs(d: Tensor, q: Tensor, neg_ent: Tensor) -> tuple[Tensor, Tensor]:
+        sig = torch.sigmoid(gamma * d)
+        return gamma * (sig + q - 1), gamma**2 * sig * (1 - sig)
 
     X = inp.contexts
     # The pair loss is symmetric (swapping a, b flips d and p̃ and keeps the KL) and μ(a)μ(b)
@@ -167,6 +220,7 @@ def distill_policy(inp: FitInput, betas: Tensor) -> Tensor:
         kl_coef=b[..., 0] / X,
         log_ref=inp.log_ref[..., None, :, :],
         weighted=False,  # distill_loss has no weight argument: values are taken pair by pair
+        closed=ClosedForm(value, derivs, prepare),
     )
     return _solve(obj, rkl_policy(inp, betas), inp.log_ref[..., None, :, :])
 
@@ -195,6 +249,7 @@ def dpo_policy(inp: FitInput, temps: Tensor) -> Tensor:
         extras=(d_ref, tau),
         ridge=ridge[..., 0],
         anchor=ref,
+        closed=_softplus_neg(None),
     )
     # start at the exact optimum (RLHF's closed form); τ = 0 starts at π₀ (its answer)
     init = torch.where(temps > 0, temps, torch.full_like(temps, float("inf")))
@@ -221,6 +276,13 @@ def rebel_policy(inp: FitInput, etas: Tensor) -> Tensor:
         wsum = weight.sum().clamp_min(1e-12)
         return rebel_loss(d * s, z, d_ref * s, z, dr * s, z, eta)[0] * s.numel() / wsum
 
+    def value(d: Tensor, d_ref: Tensor, dr: Tensor, eta: Tensor) -> Tensor:
+        err = d - d_ref - eta * dr
+        return err * err
+
+    def derivs(d: Tensor, d_ref: Tensor, dr: Tensor, eta: Tensor) -> tuple[Tensor, Tensor]:
+        return 2 * (d - d_ref - eta * dr), torch.full_like(d, 2.0)
+
     X = inp.contexts
     eta = _grid(etas)
     ref = inp.log_ref[..., None, :, :]
@@ -234,6 +296,7 @@ def rebel_policy(inp: FitInput, etas: Tensor) -> Tensor:
         extras=(d_ref, d_r, eta),
         ridge=inp.ridge / X,
         anchor=ref,
+        closed=ClosedForm(value, derivs),
     )
     # start at RLHF's closed form at β = 1/η (REBEL's optimum when the pairs connect)
     init_beta = torch.where(etas > 0, 1.0 / etas, torch.full_like(etas, float("inf")))
@@ -253,9 +316,7 @@ def _solve(obj: PairwiseObjective, *inits: Tensor) -> Tensor:
     starts = torch.stack([i.expand(shape) for i in inits])
     theta, _ = newton_solve(obj, starts)
     if len(inits) > 1:
-        K = shape[-1]
-        values = obj.flatten(theta.shape[:-1], K).value(theta.reshape(-1, K))
-        best = values.reshape(theta.shape[:-1]).argmin(0)
+        best = objective_value(obj, theta).argmin(0)
         theta = torch.gather(theta, 0, best[None, ..., None].expand(1, *shape))
     return torch.log_softmax(theta[0], -1)
 
