@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from distalign.errors import ConfigError, DataError
 from distalign.eval.evaluate import evaluate, read_generations, sidecar_path
+from distalign.eval.prompts import prompt_set_digest
 from distalign.lm.generation import GenerationConfig, make_sampler
 from distalign.testing import left_pad, save_tiny_checkpoint
 
@@ -52,7 +53,8 @@ def write_generations(path: Path, policy: Path, prompts: list[str], refs: list[s
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     meta = {"model": str(policy), "model_path": str(policy), "gguf_file": None,
             "tokenizer_path": str(policy), "generator": "tiny", "chat_template": False,
-            "num_samples": samples, "seed": seed, "prompt_set": "x",
+            "num_samples": samples, "seed": seed, "num_prompts": len(prompts),
+            "prompt_set": prompt_set_digest((str(i), p) for i, p in enumerate(prompts)),
             "gen": {"max_new_tokens": max_new_tokens, "min_new_tokens": 0, "temperature": T,
                     "top_k": 0, "top_p": 1.0, "backend": "hf"}}
     sidecar_path(path).write_text(json.dumps(meta))
@@ -140,10 +142,27 @@ def test_bad_input_one_line_errors(tiny, gens, tmp_path):
     no_ids = variant("noids", lambda rs: rs[5].pop("output_token_ids"))
     with pytest.raises(DataError, match=r"noids.jsonl row 5: missing field 'output_token_ids'"):
         read_generations(no_ids)
-    other = variant("other", lambda rs: rs[0].update(prompt="a different prompt"))
-    with pytest.raises(DataError, match=r"different prompt set .*prompt_id '0'"):
+    other = variant("other", lambda rs: [r.update(prompt="a different prompt") for r in rs
+                                         if r["prompt_id"] == "0"])
+    with pytest.raises(DataError, match=r"different prompt set than .*other.jsonl"):
         evaluate(gens, tmp_path / "c", reward_model=str(tiny.reward), prompt_set=other,
                  progress=False)
+    # the prompts file the generations were made from, and its digest, are accepted
+    prompts_file = tmp_path / "prompts.jsonl"
+    prompts_file.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS[:6]))
+    digest = json.loads(sidecar_path(gens).read_text())["prompt_set"]
+    for ok in (prompts_file, digest, gens):
+        evaluate(gens, tmp_path / "c", reward_model=str(tiny.reward), prompt_set=ok,
+                 progress=False)
+    prompts_file.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS[1:7]))
+    with pytest.raises(DataError, match=r"different prompt set than .*prompts.jsonl"):
+        evaluate(gens, tmp_path / "c", reward_model=str(tiny.reward), prompt_set=prompts_file,
+                 progress=False)
+    # a partial file (a prompt's rows missing) does not match its own sidecar
+    partial = variant("partial", lambda rs: [rs.remove(r) for r in list(rs)
+                                             if r["prompt_id"] == "5"])
+    with pytest.raises(DataError, match=r"partial.jsonl: its prompts do not match its sidecar"):
+        evaluate(partial, tmp_path / "g", reward_model=str(tiny.reward), progress=False)
     with pytest.raises(ConfigError, match="nothing to evaluate"):
         evaluate(gens, tmp_path / "d")
 

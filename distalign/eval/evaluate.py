@@ -79,15 +79,48 @@ def prompt_pairs(rows: list[dict[str, Any]]) -> set[tuple[str, str]]:
     return {(str(r["prompt_id"]), r["prompt"]) for r in rows}
 
 
-def check_prompt_set(rows: list[dict[str, Any]], path: Path, other: str | Path) -> None:
-    """Stop when ``other`` (a generations file of the comparison) holds other prompts."""
-    theirs = prompt_pairs(read_generations(other)[0])
+def check_complete(rows: list[dict[str, Any]], path: Path, meta: dict[str, Any]) -> None:
+    """The rows must cover exactly the sidecar's prompt set (a partial or mixed file would
+    silently evaluate other prompts than the ones compared against)."""
+    from distalign.eval.prompts import prompt_set_digest
+
+    want = meta.get("prompt_set")
+    if want and prompt_set_digest(prompt_pairs(rows)) != want:
+        have = len(prompt_pairs(rows))
+        raise DataError(f"{path}: its prompts do not match its sidecar's prompt_set (field "
+                        f"'prompt_set'; {have} of {meta.get('num_prompts', '?')} prompts here): "
+                        "finish or rerun `distalign generate`")
+
+
+def check_prompt_set(rows: list[dict[str, Any]], path: Path, other: str | Path,
+                     meta: dict[str, Any], policy_model: str | None = None) -> None:
+    """Stop unless ``other`` names the same prompts: a sha256 digest, another generations file
+    (the other side of a comparison) or the prompts data file (read like ``generate`` did)."""
+    from distalign.eval.prompts import load_prompt_set, prompt_set_digest
+
     ours = prompt_pairs(rows)
-    if ours != theirs:
-        diff = sorted(ours ^ theirs)[0]
-        side = "only in" if diff in ours else "missing from"
-        raise DataError(f"{path}: generated from a different prompt set than {other}: prompt_id "
-                        f"{diff[0]!r} is {side} {path.name} (field 'prompt')")
+    text = str(other)
+    if len(text) == 64 and all(c in "0123456789abcdef" for c in text):
+        same, what = prompt_set_digest(ours) == text, f"digest {text[:12]}…"
+    elif text.endswith(".jsonl") and _is_generations(Path(text)):
+        same, what = ours == prompt_pairs(read_generations(text)[0]), text
+    else:
+        tok = _policy_tokenizer(meta, policy_model)  # prompts are read as generate read them
+        pset = load_prompt_set(text, tok, fmt=meta.get("format") or "auto",
+                               limit=meta.get("num_prompts") or None)
+        same, what = prompt_set_digest(ours) == pset.digest, text
+    if not same:
+        raise DataError(f"{path}: generated from a different prompt set than {what} (fields "
+                        "'prompt_id', 'prompt')")
+
+
+def _is_generations(path: Path) -> bool:
+    try:
+        with path.open(encoding="utf-8") as f:
+            first = json.loads(f.readline() or "{}")
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    return isinstance(first, dict) and "output_token_ids" in first
 
 
 def _load_lm(path: str, gguf: str | None = None) -> tuple[Any, Any]:
@@ -263,9 +296,10 @@ def evaluate(
 ) -> dict[str, Any]:
     """Evaluate a generations file; writes ``out_dir/eval.json`` and returns its content.
 
-    ``prompt_set``: another generations file that must hold the same (prompt_id, prompt)
-    pairs (e.g. the baseline of a comparison). Each part is written as soon as it is done, so
-    an error in a later part keeps the earlier ones (and judge answers stay cached).
+    ``prompt_set``: the prompt set these generations must come from: a sha256 digest, another
+    generations file (e.g. the other side of a comparison) or the prompts data file. Each part
+    is written as soon as it is done, so an error in a later part keeps the earlier ones (and
+    judge answers stay cached).
     ``judge_options``: extra settings of the judge (openai: concurrency, timeout,
     max_retries)."""
     path, out = Path(generations), Path(out_dir)
@@ -276,8 +310,9 @@ def evaluate(
     except OSError as exc:
         raise ConfigError(f"--out {out}: cannot create it ({exc.strerror})") from exc
     rows, meta = read_generations(path)
+    check_complete(rows, path, meta)
     if prompt_set is not None:
-        check_prompt_set(rows, path, prompt_set)
+        check_prompt_set(rows, path, prompt_set, meta, policy_model)
     lengths = [len(r["output_token_ids"]) for r in rows]
     result: dict[str, Any] = {
         "metrics": {"eval/n": len(rows), "eval/length": sum(lengths) / len(lengths)},
