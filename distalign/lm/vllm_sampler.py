@@ -37,6 +37,7 @@ import logging
 import os
 import tempfile
 import time
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,11 +84,30 @@ def _quiet_vllm() -> None:
             handler.addFilter(_QuietFilter())
 
 
+class _Stamp:
+    """Which weights the engine holds: the parameter objects (weakly: ``id()`` values are
+    reused once a model is freed, so a new run's policy could look like the old one) and
+    their version counters, bumped by every in-place update. Cheap: no data is read."""
+
+    def __init__(self, model: nn.Module) -> None:
+        params = list(model.parameters())
+        self.refs = [weakref.ref(p) for p in params]
+        self.versions = [p._version for p in params]
+
+    def matches(self, model: nn.Module) -> bool:
+        params = list(model.parameters())
+        return len(params) == len(self.refs) and all(
+            r() is p and p._version == v
+            for r, p, v in zip(self.refs, params, self.versions, strict=True)
+        )
+
+
+
 @dataclass
 class _Engine:
     llm: Any
     max_model_len: int
-    synced: tuple | None = None  # fingerprint of the weights the engine holds
+    synced: _Stamp | None = None  # the weights the engine holds
     syncs: int = 0
     sync_seconds: list[float] = field(default_factory=list)
 
@@ -103,11 +123,6 @@ def close_engines() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def _fingerprint(model: nn.Module) -> tuple:
-    """Changes whenever any parameter is replaced or updated in place (cheap: no data read)."""
-    return (id(model), *((id(p), p._version) for p in model.parameters()))
 
 
 def policy_weights(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
@@ -252,8 +267,7 @@ class VLLMSampler:
         model = unwrap_model(model)
         hf = model.get_base_model() if is_peft_model(model) else model
         engine = self._get_engine(hf)
-        stamp = _fingerprint(model)
-        if not force and engine.synced == stamp:
+        if not force and engine.synced is not None and engine.synced.matches(model):
             return False
         t0 = time.perf_counter()
         with torch.no_grad():
@@ -261,7 +275,7 @@ class VLLMSampler:
                 "reload_weights", kwargs={"weights_iterator": policy_weights(model)}
             )
         engine.llm.reset_prefix_cache()  # cached KV blocks belong to the old weights
-        engine.synced = stamp
+        engine.synced = _Stamp(model)
         engine.syncs += 1
         engine.sync_seconds.append(time.perf_counter() - t0)
         return True
