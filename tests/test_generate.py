@@ -260,3 +260,20 @@ def test_cli_subprocess_with_output_to_a_file(tiny, tmp_path):
                          capture_output=True, text=True, env=ENV, timeout=300)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1
     assert bad.stderr.startswith("error: generation: need")
+
+
+def test_model_resolution(tmp_path):
+    from distalign.eval.generate import resolve_model
+
+    gguf = tmp_path / "models" / "smol-q8.gguf"
+    gguf.parent.mkdir()
+    gguf.write_bytes(b"GGUF")
+    assert resolve_model(str(gguf), None) == (str(gguf.parent.resolve()), gguf.name, "smol-q8")
+    assert resolve_model(str(gguf.parent), gguf.name) == (
+        str(gguf.parent.resolve()), gguf.name, "smol-q8")
+    with pytest.raises(ConfigError, match="--gguf-file 'other.gguf' not found"):
+        resolve_model(str(gguf.parent), "other.gguf")
+    assert resolve_model("HuggingFaceTB/SmolLM2-135M", None) == (
+        "HuggingFaceTB/SmolLM2-135M", None, "SmolLM2-135M")  # a hub id, resolved by transformers
+    with pytest.raises(ConfigError, match="model path not found"):
+        resolve_model(str(tmp_path / "models" / "missing"), None)
