@@ -92,7 +92,8 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Tiny:
 
 
 def base_config(tiny: Tiny, method: str, run_dir: Path) -> dict[str, Any]:
-    """A small, fast run: batch 4, 6 new tokens, no progress bar, no eval split."""
+    """A small, fast run: batch 4, 6 new tokens, no eval split. Progress stays on (the user's
+    default): under pytest's captured stdout it prints plain lines, which tests exercise."""
     return {
         "model": {"name_or_path": str(tiny.policy), "reward_model": str(tiny.reward)},
         "data": {"path": str(tiny.sft if method == "sft" else tiny.pairs)},
@@ -103,7 +104,7 @@ def base_config(tiny: Tiny, method: str, run_dir: Path) -> dict[str, Any]:
             "output_dir": str(run_dir.parent),
             "batch_size": 4,
             "max_steps": 2,
-            "progress": False,
+            "progress": True,
             "num_samples_logged": 1,
         },
     }
