@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -52,3 +55,93 @@ def test_bad_flags_exit_2_with_one_line(tmp_path: Path, capsys, flags: list[str]
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and words in err and "\n" not in err
     assert not (tmp_path / "x").exists()
+
+
+def _one_line_error(capsys, words: str) -> None:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and words in err and "\n" not in err, err
+
+
+TINY = ["--seeds", "1", "--ns", "16", "--methods", "rlhf", "--contexts", "2", "--responses", "3"]
+
+
+@pytest.mark.parametrize(
+    ("flags", "words"),
+    [
+        (["--ns", "16,64,16"], "--ns lists n = 16 twice"),
+        (["--methods", "rlhf,rkl,rlhf"], "--methods lists 'rlhf' twice"),
+        (["--plot", "figure.xyz"], "matplotlib cannot write .xyz"),
+        (["--plot", "figure"], "--plot figure: give a file name with a suffix"),
+    ],
+)
+def test_bad_output_flags_exit_2_before_anything_is_written(
+    tmp_path: Path, capsys, flags: list[str], words: str
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["toy", *TINY, "--out", str(tmp_path / "x"), *flags])
+    assert exc.value.code == 2
+    _one_line_error(capsys, words)
+    assert not (tmp_path / "x").exists()
+
+
+def test_out_that_is_a_file(tmp_path: Path, capsys) -> None:
+    target = tmp_path / "results.txt"
+    target.write_text("keep me")
+    with pytest.raises(SystemExit) as exc:
+        main(["toy", *TINY, "-o", str(target)])
+    assert exc.value.code == 2
+    _one_line_error(capsys, "is a file, not a directory")
+    assert target.read_text() == "keep me"
+
+
+def test_out_below_a_file_cannot_be_created(tmp_path: Path, capsys) -> None:
+    (tmp_path / "plain").write_text("")
+    with pytest.raises(SystemExit) as exc:
+        main(["toy", *TINY, "--out", str(tmp_path / "plain" / "run")])
+    assert exc.value.code == 2
+    _one_line_error(capsys, "cannot write there")
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0,
+                    reason="root ignores directory permissions")
+def test_read_only_out(tmp_path: Path, capsys) -> None:
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        with pytest.raises(SystemExit) as exc:
+            main(["toy", *TINY, "--out", str(ro)])
+    finally:
+        ro.chmod(0o700)
+    assert exc.value.code == 2
+    _one_line_error(capsys, "cannot write there")
+
+
+def test_plot_format_from_suffix(tmp_path: Path) -> None:
+    main(["toy", *TINY, "--out", str(tmp_path), "--plot", "fig.svg"])
+    assert (tmp_path / "fig.svg").read_text().lstrip().startswith("<?xml")
+    assert not (tmp_path / "figure1.png").exists()
+    timings = json.loads((tmp_path / "results.json").read_text())["timings"]
+    assert set(timings) >= {"newton", "selection", "io_plot"}
+
+
+def _cli(args: list[str], log: Path) -> subprocess.CompletedProcess:
+    with log.open("w") as fh:
+        return subprocess.run([sys.executable, "-m", "distalign", *args], stdout=fh,
+                              stderr=subprocess.PIPE, text=True, timeout=300,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_cli_as_a_process_with_output_to_a_file(tmp_path: Path) -> None:
+    """As in a batch job: progress as plain lines, the tables, exit 0; a bad flag exits 2."""
+    log = tmp_path / "log.txt"
+    proc = _cli(["toy", "--seeds", "2", "--ns", "16,64", "--methods", "rlhf,pmle",
+                 "--contexts", "2", "--responses", "3", "--out", str(tmp_path / "run")], log)
+    assert proc.returncode == 0, proc.stderr
+    text = log.read_text()
+    assert "toy 2/4" in text and "toy 4/4" in text  # one progress line per method
+    assert "results.json" in text and (tmp_path / "run" / "figure1.png").exists()
+    proc = _cli(["toy", "--ns", "8,8", "--out", str(tmp_path / "bad")], log)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: --ns lists n = 8 twice; give each sample size once"
+    assert "Traceback" not in log.read_text() + proc.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Annotated
 
@@ -16,6 +17,37 @@ def _parse_ints(text: str, flag: str) -> tuple[int, ...]:
         return tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError:
         raise ConfigError(f"{flag} must be comma-separated integers, got {text!r}") from None
+
+
+def _output_dir(out: Path) -> Path:
+    """Create ``--out`` and make sure files can be written there, before the run starts."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: is a file, not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"--out {out}: cannot write there ({exc.strerror})") from None
+    return out
+
+
+def _plot_path(out: Path, plot: str) -> Path:
+    """``--plot`` inside ``--out`` (an absolute path stays as it is); its suffix must be a
+    format matplotlib writes. matplotlib is imported for the check only when it is not PNG."""
+    path = out / plot
+    suffix = path.suffix.lower().lstrip(".")
+    if suffix == "png":
+        return path
+    if not suffix:
+        raise ConfigError(f"--plot {plot}: give a file name with a suffix, e.g. figure1.pdf")
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if suffix not in formats:
+        raise ConfigError(f"--plot {plot}: matplotlib cannot write .{suffix} files "
+                          f"(it writes {', '.join(sorted(formats))})")
+    return path
 
 
 @app.command(
@@ -43,13 +75,16 @@ def toy(
         "rlhf,rkl,pmle,distill,dpo,rebel",
     seed: Annotated[int, typer.Option(help="base random seed")] = 0,
     out: Annotated[Path | None, typer.Option(
-        help="output directory (default runs/toy-<preset>)")] = None,
+        "--out", "-o", help="output directory (default runs/toy-<preset>)")] = None,
+    plot: Annotated[str, typer.Option(
+        help="figure file inside --out; the suffix picks the format (png, pdf, svg, …)")] =
+        "figure1.png",
     device: Annotated[str, typer.Option(help="torch device: cpu or cuda[:i]")] = "cpu",
 ) -> None:
     from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
+    from distalign.progress import StepProgress
     from distalign.tabular.experiment import ToyConfig, run_toy
     from distalign.tabular.report import LABELS, write_outputs
 
@@ -71,19 +106,26 @@ def toy(
             overrides[key] = val
     cfg = ToyConfig.from_preset(preset, **overrides)
     out_dir = out if out is not None else Path("runs") / f"toy-{preset}"
+    plot_path = _plot_path(out_dir, plot)
+    _output_dir(out_dir)
 
     console = Console()
     total = len(cfg.ns) * len(cfg.methods)
-    with Progress(TextColumn("[bold]toy[/] {task.description}"), BarColumn(),
-                  TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
-                  console=console, transient=True) as bar:
-        task = bar.add_task("starting", total=total)
+    # one solve per method covers every n: off a terminal, one line per method
+    with StepProgress("toy", total=total, every=len(cfg.ns)) as bar:
+        done = 0
 
         def step(method: str, n: int) -> None:
-            bar.update(task, advance=1, description=f"n={n:<6} {method}")
+            nonlocal done
+            done += 1
+            bar.update(done, info=f"{method} n={n}")
 
         results = run_toy(cfg, progress=step)
-    paths = write_outputs(results, out_dir)
+    try:
+        paths = write_outputs(results, out_dir, figure=plot_path)
+    except OSError as exc:
+        where = exc.filename or out_dir
+        raise ConfigError(f"--out {out_dir}: cannot write {where} ({exc.strerror})") from None
 
     summ = {(r["method"], r["n"], r["choice"]): r for r in results.summary}
     kl0 = sum(results.kl_star_ref) / cfg.seeds
