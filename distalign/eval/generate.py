@@ -34,6 +34,9 @@ from distalign.progress import StepProgress
 # Sidecar fields that must match for a rerun to append to an existing file.
 COMPARED = ("model_path", "gguf_file", "tokenizer_path", "dtype", "generator", "prompt_set",
             "num_samples", "seed", "chat_template", "max_prompt_length", "gen")
+# The sidecar's ``gen``: the fields that shape the sampling distribution (engine sizing such as
+# vLLM's memory share goes to ``gen_engine`` and may change between resumed runs).
+SAMPLING_FIELDS = ("max_new_tokens", "min_new_tokens", "temperature", "top_k", "top_p", "backend")
 MODEL_OUTPUTS = "model_outputs.json"  # what `alpaca_eval evaluate --model_outputs` reads
 
 
@@ -215,7 +218,9 @@ def generate(model: str, prompts: str, out: str | Path, *, fmt: str = "auto",
         "prompts": prompts, "format": pset.format, "prompt_set": pset.digest,
         "num_prompts": len(pset.prompts), "num_samples": num_samples, "seed": seed,
         "chat_template": pset.chat_template, "max_prompt_length": max_prompt_length,
-        "gen": asdict(gen), "batch_size": batch_size, "truncated_prompts": pset.truncated,
+        "gen": {k: v for k, v in asdict(gen).items() if k in SAMPLING_FIELDS},
+        "gen_engine": {k: v for k, v in asdict(gen).items() if k not in SAMPLING_FIELDS},
+        "batch_size": batch_size, "truncated_prompts": pset.truncated,
         "distalign_version": _version(),
     }
     meta_path = sidecar_path(out)
