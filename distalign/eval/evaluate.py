@@ -30,7 +30,7 @@ import torch
 from distalign.errors import ConfigError, DataError
 from distalign.eval.annotations import write_annotations
 from distalign.eval.judges.base import Pair
-from distalign.eval.judges.reward import length_batches, resolve_model_dir
+from distalign.eval.judges.reward import length_batches, resolve_model_dir, split_gguf
 from distalign.eval.stats import bootstrap_ci, mean_se, winrate
 
 REQUIRED = {"prompt_id": str, "prompt": str, "output": str, "prompt_token_ids": list,
@@ -123,10 +123,11 @@ def _is_generations(path: Path) -> bool:
     return isinstance(first, dict) and "output_token_ids" in first
 
 
-def _load_lm(path: str, gguf: str | None = None) -> tuple[Any, Any]:
+def _load_lm(spec: str, gguf: str | None = None) -> tuple[Any, Any]:
     from distalign.lm.models import ModelConfig, load_policy, load_tokenizer
 
-    cfg = ModelConfig(name_or_path=resolve_model_dir(path), gguf_file=gguf)
+    path, own = split_gguf(spec)  # DIR@FILE.gguf
+    cfg = ModelConfig(name_or_path=resolve_model_dir(path), gguf_file=own or gguf)
     return load_policy(cfg).eval().requires_grad_(False), load_tokenizer(cfg)
 
 

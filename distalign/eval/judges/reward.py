@@ -31,15 +31,25 @@ def resolve_model_dir(path: str) -> str:
     return path
 
 
-def load_scorer_dir(path: str, gguf_file: str | None = None) -> tuple[Any, Any]:
-    """(frozen reward model, its tokenizer) from a directory written by the engine or HF."""
+def split_gguf(spec: str) -> tuple[str, str | None]:
+    """``DIR@FILE.gguf`` → (DIR, FILE.gguf); anything else → (spec, None)."""
+    path, sep, gguf = spec.rpartition("@")
+    return (path, gguf) if sep and gguf.endswith(".gguf") else (spec, None)
+
+
+def load_scorer_dir(spec: str) -> tuple[Any, Any]:
+    """(frozen reward model, its tokenizer) from a directory written by the engine or HF
+    (``DIR@FILE.gguf`` for a GGUF file)."""
     from distalign.lm.models import ModelConfig, load_scorer, load_tokenizer
 
-    cfg = ModelConfig(name_or_path=resolve_model_dir(path), gguf_file=gguf_file)
+    path, gguf = split_gguf(spec)
+    cfg = ModelConfig(name_or_path=resolve_model_dir(path), gguf_file=gguf)
     tok = load_tokenizer(cfg)
     model = load_scorer(cfg.name_or_path, cfg, 1, tok.pad_token_id).eval()
-    if model.get_output_embeddings() is not None:  # a causal LM would get a random head
-        raise ConfigError(f"{path}: a causal LM, not a reward model (no trained score head)")
+    arch = getattr(model.config, "architectures", None) or []
+    if arch and all(a.endswith("ForCausalLM") for a in arch):  # its score head would be random
+        raise ConfigError(f"{spec}: a causal LM ({arch[0]}), not a reward model with a trained "
+                          "score head; train one with `distalign train reward`")
     return model.requires_grad_(False), tok
 
 
