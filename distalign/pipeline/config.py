@@ -105,7 +105,7 @@ class PipelineConfig:
     output_dir: str | None = None  # default: runs/<name>
     base: BaseModel = field(default_factory=BaseModel)
     data: DataSection = field(default_factory=DataSection)
-    defaults: dict[str, Any] = field(default_factory=dict)  # merged into every training stage
+    defaults: dict[str, Any] = field(default_factory=dict)  # under every training stage's config
     sft: StageSection | None = None
     reward: StageSection | None = None
     methods: dict[str, StageSection] = field(default_factory=dict)

@@ -8,10 +8,10 @@ Layout under ``output_dir``::
     <method>-s<seed>/      one run directory per method × seed, + generations.jsonl, eval*/
     report.md report.png report.json
 
-Every training stage's config is: the recipe (``configs/paper/...``), then the pipeline's
-wiring (π₀ or the SFT model, the reward model, the data), then ``defaults``, then the stage's
-own ``config``; the run's name, directory and seed are the pipeline's. Each one goes through
-``load_config`` here, so a bad key fails in one line before anything trains.
+Every training stage's config is: the pipeline's ``defaults``, then the stage's recipe
+(``configs/paper/...``), then the wiring (π₀ or the SFT model, the reward model, the data),
+then the stage's own ``config``; the run's name, directory and seed are the pipeline's. Each
+one goes through ``load_config`` here, so a bad key fails in one line before anything trains.
 """
 
 from __future__ import annotations
@@ -134,7 +134,7 @@ class _Planner:
             data = {**data, **extra}
         if data:
             wiring["data"] = data
-        layers = [_load_recipe(self.pc, section, method, name), wiring, self.pc.defaults,
+        layers = [self.pc.defaults, _load_recipe(self.pc, section, method, name), wiring,
                   section.config,
                   {"run": {"name": name, "output_dir": str(self.out), "seed": seed}}]
         merged = OmegaConf.to_container(OmegaConf.merge(*[OmegaConf.create(x) for x in layers]))
