@@ -203,3 +203,28 @@ def test_cli_eval_subprocess_output_to_file(tiny, gens, tmp_path):
                           "--reward-model", str(tiny.reward)], capture_output=True, text=True)
     assert res.returncode == 2 and res.stderr.strip().count("\n") == 0
     assert res.stderr.startswith("error: ") and "no such generations file" in res.stderr
+
+
+def test_openai_judge_end_to_end_rerun_makes_zero_calls(gens, tmp_path):
+    from test_judges import _Server
+
+    server = _Server()
+    try:
+        rows, _ = read_generations(gens)
+        out = tmp_path / "oa"
+        first = evaluate(gens, out, judge="openai:judge-model", judge_url=server.url,
+                         progress=False)
+        assert server.requests == 2 * len(rows) and first["judge_calls"] == 2 * len(rows)
+
+        def p_a(a: str) -> float:  # the test server's judge: the side containing "good"
+            return 0.8 if "good" in a else 0.2
+        want = [(p_a(r["output"]) + 1 - p_a(r["reference"])) / 2 for r in rows]
+        assert first["metrics"]["eval/win_rate"] == pytest.approx(100 * sum(want) / len(want))
+        ann = json.loads((out / "annotations.json").read_text())
+        assert [a["preference"] for a in ann] == pytest.approx([1 + w for w in want])
+        again = evaluate(gens, out, judge="openai:judge-model", judge_url=server.url,
+                         progress=False)
+        assert server.requests == 2 * len(rows) and again["judge_calls"] == 0
+        assert again["metrics"]["eval/win_rate"] == first["metrics"]["eval/win_rate"]
+    finally:
+        server.close()
