@@ -211,6 +211,23 @@ def run_toy(
         torch.set_num_threads(old_threads)
 
 
+#: methods solved in closed form (the rest are Newton solves)
+CLOSED_FORM = ("rlhf", "rkl")
+
+
+class _Clock:
+    """Accumulates wall seconds per phase: ``lap(name)`` books the time since the last lap."""
+
+    def __init__(self) -> None:
+        self.totals: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.totals[name] = self.totals.get(name, 0.0) + now - self._last
+        self._last = now
+
+
 @dataclass
 class _Grid:
     """Everything shared by the methods: the world, the data tables and the fitted reward."""
@@ -250,10 +267,14 @@ def _prepare(config: ToyConfig) -> _Grid:
     return _Grid(world, ns, betas, inp, val_counts, n_val_t)
 
 
-def _method_grid(grid: _Grid, method: str, gamma: float) -> tuple[Tensor, Tensor, Tensor]:
+def _method_grid(
+    grid: _Grid, method: str, gamma: float, clock: _Clock | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
     """Full-data fits ``[N, S, B, X, K]``, their forward KL and the held-out log-likelihood of
     the train fits (both ``[N, S, B]``) of one method over the whole grid."""
     log_pi = SOLVERS[method](grid.inp, grid.betas)  # [N, 2, S, B, X, K]: full fit, train fit
+    if clock is not None:
+        clock.lap("closed_forms" if method in CLOSED_FORM else "newton")
     full = log_pi[:, 0]
     fkl = exact_kl(grid.world.log_star[:, None], full).mean(-1)  # E_x over uniform contexts
     val = _val_loglik(log_pi[:, 1], grid.val_counts, grid.n_val, gamma)
@@ -290,8 +311,7 @@ def _run(config: ToyConfig, progress: Callable[[str, int], None] | None) -> ToyR
     kl_star_ref = exact_kl(world.log_star, world.log_ref).mean(-1).tolist()
     records: list[dict] = []
     for m in config.methods:
-        full, fkl, val = _method_grid(grid, m, config.gamma)
-        clock.lap("closed_forms" if m in CLOSED_FORM else "newton")
+        full, fkl, val = _method_grid(grid, m, config.gamma, clock)
         pick = {"oracle": fkl.argmin(-1, keepdim=True), "honest": val.argmax(-1, keepdim=True)}
         cols: dict[str, list] = {}
         for choice, idx in pick.items():
@@ -316,20 +336,3 @@ def _run(config: ToyConfig, progress: Callable[[str, int], None] | None) -> ToyR
     clock.lap("selection")
     res.timings = clock.totals
     return res
-
-
-#: methods solved in closed form (the rest are Newton solves)
-CLOSED_FORM = ("rlhf", "rkl")
-
-
-class _Clock:
-    """Accumulates wall seconds per phase: ``lap(name)`` books the time since the last lap."""
-
-    def __init__(self) -> None:
-        self.totals: dict[str, float] = {}
-        self._last = time.perf_counter()
-
-    def lap(self, name: str) -> None:
-        now = time.perf_counter()
-        self.totals[name] = self.totals.get(name, 0.0) + now - self._last
-        self._last = now
