@@ -63,6 +63,22 @@ def test_runner_skips_done_stages_and_reruns_changed_ones_downstream(tmp_path):
     assert _calls(tmp_path / "a") == ["1", "5"]
 
 
+def test_runner_in_worker_processes_respects_dependencies(tmp_path):
+    target = "test_pipeline:count_call"
+    stages = [Stage(f"s{i}", "train", target, {"out": str(tmp_path / f"s{i}"), "value": i},
+                    tmp_path / f"s{i}", deps=("root",)) for i in range(3)]
+    stages.insert(0, Stage("root", "data", target, {"out": str(tmp_path / "root"), "value": 9},
+                           tmp_path / "root"))
+    done: list[str] = []
+    out = run_stages(stages, workers=2, log=lambda _: None,
+                     on_done=lambda o: done.append(o.stage.name))
+    assert done[0] == "root" and sorted(done[1:]) == ["s0", "s1", "s2"]
+    assert {k: v.result["value"] for k, v in out.items()} == {"root": 9, "s0": 0, "s1": 1,
+                                                              "s2": 2}
+    again = run_stages(stages, workers=2, log=lambda _: None)
+    assert all(o.reused for o in again.values())
+
+
 def test_runner_rejects_unknown_dependencies_and_cycles(tmp_path):
     a, b = _stages(tmp_path)
     with pytest.raises(ConfigError, match="'b' depends on 'x', which is not a stage"):

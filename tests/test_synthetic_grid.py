@@ -57,6 +57,18 @@ def test_miniature_grid_writes_results_and_reuses_finished_runs(tmp_path):
     again = run_grid(TINY, tmp_path, log=logs.append)
     assert all(r["seconds"] == 0.0 for r in again["runs"])
     assert sum("reused" in line for line in logs) == 8
+    # the grid is scheduled by the pipeline runner: each run has its done marker, and a run
+    # without one (killed before it finished) is the only one trained again
+    markers = sorted((tmp_path / "runs").glob("*/*/.done.train.json"))
+    assert len(markers) == 8
+    target = tmp_path / "runs" / "n64-s0" / "pmle-beta0"
+    (target / ".done.train.json").unlink()
+    (target / "summary.json").unlink()
+    third = run_grid(TINY, tmp_path, log=logs.append)
+    trained = [r for r in third["runs"] if r["seconds"] > 0]
+    assert [Path(r["run_dir"]) for r in trained] == [target]
+    by_dir = {r["run_dir"]: r["metrics"] for r in res["runs"]}
+    assert trained[0]["metrics"] == pytest.approx(by_dir[str(target)], rel=1e-5)
 
 
 def test_cli_rejects_bad_arguments(capsys):

@@ -282,7 +282,7 @@ def plan(pc: PipelineConfig, dry_run: bool = False) -> Plan:
     spec = {"out": str(pc.out), "rows": rows, "judges": judges,
             "metrics": pc.report.metrics, "reward": p.rm if p.rm else None,
             "stages": [[s.name, str(s.marker)] for s in p.stages], "title": pc.name}
-    p.add("report", "report", "report_run", spec, pc.out, ends)
+    p.add("report", "report", "report_run", spec, pc.out, ends, resumable=False)
     order(p.stages)
     return Plan(p.stages, pi0, p.notes)
 

@@ -45,6 +45,7 @@ class Stage:
     deps: tuple[str, ...] = ()
     launchable: bool = False  # may run under the launcher (training); others run in-process
     clear: tuple[str, ...] = ()  # outputs (relative to out) to delete before a redo
+    resumable: bool = True  # continues its own partial outputs (training, generation, judging)
     fingerprint: str = ""
 
     @property
@@ -122,7 +123,8 @@ def status(stage: Stage) -> str:
     mark = read_marker(stage)
     if mark is not None:
         return "done" if mark.get("fingerprint") == stage.fingerprint else "changed"
-    return "partial" if stage.out.exists() and any(stage.out.iterdir()) else "todo"
+    started = stage.resumable and stage.out.exists() and any(stage.out.iterdir())
+    return "partial" if started else "todo"
 
 
 def _write_marker(stage: Stage, result: dict[str, Any], seconds: float) -> None:
