@@ -247,8 +247,9 @@ def generate(model: str, prompts: str, out: str | Path, *, fmt: str = "auto",
     bar = StepProgress("generate", total=len(batches), completed=len(batches) - len(todo),
                        enabled=progress)
     with bar:
-        bar.note(f"prompts {pset.source} (format={pset.format}): {len(ps)} prompts, "
-                 f"{pset.truncated} cut to --max-prompt-length={max_prompt_length}; "
+        cut = (f", {pset.truncated} cut to --max-prompt-length={max_prompt_length}"
+               if max_prompt_length else "")
+        bar.note(f"prompts {pset.source} (format={pset.format}): {len(ps)} prompts{cut}; "
                  f"{len(done)} rows already in {out}"
                  + (f" (dropped a torn last line of {torn} bytes)" if torn else ""))
         if todo:
