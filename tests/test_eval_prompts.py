@@ -140,3 +140,17 @@ def test_messages_rows_and_parquet(tmp_path):
     assert pset.format == "messages" and p.prompt_id == "a"
     assert p.prompt == "who is that man" and p.reference == "he is my first man"
     assert p.token_ids == _chat_ids(conv[:1])
+
+
+def test_chat_template_flag_on_plain_prompts(tmp_path):
+    path = _jsonl(tmp_path / "p.jsonl", [{"prompt": "the dog is"}])
+    pset = load_prompt_set(path, TOK, chat_template=True)
+    assert pset.chat_template and pset.prompts[0].prompt == "the dog is"
+    assert pset.prompts[0].token_ids == _chat_ids([{"role": "user", "content": "the dog is"}])
+    bare = tiny_tokenizer()
+    bare.chat_template = None
+    with pytest.raises(ConfigError, match="the tokenizer has no chat template"):
+        load_prompt_set(path, bare, chat_template=True)
+    conv = _jsonl(tmp_path / "c.jsonl", [{"prompt": [{"role": "user", "content": "a"}]}])
+    with pytest.raises(DataError, match="row 0: a conversation prompt needs a tokenizer with"):
+        load_prompt_set(conv, bare)
