@@ -176,7 +176,13 @@ def test_tiny_pipeline_end_to_end_report_and_skip(tiny, tmp_path, capsys):
     assert report["reward_accuracy"] is not None
     # every stage wrote a marker; a rerun runs nothing
     _main(["pipeline", str(cfg)])
-    assert "0 stages run, 11 already done" in capsys.readouterr().out
+    assert "0 stages run, 12 already done" in capsys.readouterr().out
+    # the online run's rollout curves: a plot in its run dir, and its last values in the report
+    assert (out / "rlhf-s0" / "curves.png").stat().st_size > 1000
+    rows = [json.loads(x) for x in (out / "rlhf-s0" / "metrics.jsonl").read_text().split("\n")
+            if x]
+    last = [r for r in rows if "env/entropy" in r][-1]
+    assert f"{last['env/entropy']:.3f}" in (out / "report.md").read_text()
 
 
 def test_kill_9_then_rerun_equals_an_uninterrupted_pipeline(tiny, tmp_path):

@@ -64,6 +64,7 @@ class _Planner:
         self.stages: list[Stage] = []
         self.notes: list[str] = []
         self.split = self.out / "data" if pc.data.split else None
+        self.curves: list[str] = []
 
     def add(self, name: str, kind: str, func: str, spec: dict, out: Path, deps=(), **kw) -> str:
         self.stages.append(Stage(name, kind, f"{STAGES}:{func}", spec, out,
@@ -176,6 +177,10 @@ class _Planner:
                 uses_rm = self.get_method(method).uses_reward_model
                 self.add(name, "train", "train_run", {"method": method, "config": cfg},
                          self.out / name, [*deps, rm_dep if uses_rm else None], launchable=True)
+                if self.get_method(method).data_kind == "prompts":  # rollout curves
+                    self.curves.append(self.add(f"curves/{name}", "curves", "curves_run",
+                                                {"run_dir": str(self.out / name)},
+                                                self.out / name, [name], resumable=False))
                 runs.append((name, method, seed, cfg.get("gen", {})))
         return init, runs
 
@@ -282,7 +287,7 @@ def plan(pc: PipelineConfig, dry_run: bool = False) -> Plan:
     spec = {"out": str(pc.out), "rows": rows, "judges": judges,
             "metrics": pc.report.metrics, "reward": p.rm if p.rm else None,
             "stages": [[s.name, str(s.marker)] for s in p.stages], "title": pc.name}
-    p.add("report", "report", "report_run", spec, pc.out, ends, resumable=False)
+    p.add("report", "report", "report_run", spec, pc.out, [*ends, *p.curves], resumable=False)
     order(p.stages)
     return Plan(p.stages, pi0, p.notes)
 

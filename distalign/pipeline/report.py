@@ -52,6 +52,25 @@ def _columns(runs: list[Run], judges: list[str]) -> list[str]:
         return [m for m in ("loss",) if m in present] or sorted(present)[:3]
 
 
+def _online_table(root: Path, rows: list[dict[str, Any]]) -> str:
+    """R̂, KL(π‖π₀) and entropy of the rollouts at the end of each online run."""
+    from distalign.pipeline.stages import CURVES
+
+    runs = []
+    for r in rows:
+        mark = _json(root / r["name"] / ".done.curves.json").get("result", {})
+        last = {k: v for k, v in mark.get("last", {}).items() if v is not None}
+        if last:
+            runs.append(Run(path=root / r["name"], method=r["method"], name=r["name"],
+                            seed=r["seed"], metrics=last))
+    if not runs:
+        return ""
+    cols = [k for k in CURVES if any(k in run.metrics for run in runs)]
+    lines = markdown(aggregate(runs, cols), cols).splitlines()
+    lines[0] = "| Algorithm | " + " | ".join(f"{c} (train)" for c in cols) + " | runs |"
+    return "\n".join(lines)
+
+
 def write_report(out: str, rows: list[dict[str, Any]], judges: list[str],
                  metrics: list[str] | None, reward: str | None,
                  stages: list[list[str]], title: str) -> dict[str, Any]:
@@ -84,6 +103,10 @@ def write_report(out: str, rows: list[dict[str, Any]], judges: list[str],
         if rm_acc is not None:
             notes.append(f"Reward model: held-out pair accuracy {rm_acc:.3f} "
                          f"(eval/rm/accuracy of {Path(reward).parent}).")
+    online = _online_table(root, rows)
+    if online:
+        notes += ["", "Online training, last logged step (mean ± std over seeds; "
+                  "curves in each run's curves.png):", "", online]
     times = []
     for name, marker in stages:
         mark = _json(Path(marker))

@@ -114,3 +114,34 @@ def report_run(**kwargs: Any) -> dict[str, Any]:
     from distalign.pipeline.report import write_report
 
     return write_report(**kwargs)
+
+
+CURVES = ("env/score", "env/kl", "env/entropy")
+
+
+def curves_run(run_dir: str) -> dict[str, Any]:
+    """One plot per online run: R̂, KL(π‖π₀) and entropy of its rollouts against the step,
+    from ``metrics.jsonl`` (written to ``curves.png`` in the run directory)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = _read_jsonl(Path(run_dir) / "metrics.jsonl")
+    keys = [k for k in CURVES if any(k in r for r in rows)]
+    if not keys:
+        return {}
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.4 * len(keys), 3.0))
+    axes = [axes] if len(keys) == 1 else list(axes)
+    last = {}
+    for ax, key in zip(axes, keys, strict=True):
+        pts = [(r["step"], r[key]) for r in rows if key in r and r.get("step", 0) > 0]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".")
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        last[key] = pts[-1][1] if pts else None
+    fig.suptitle(Path(run_dir).name, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(Path(run_dir) / "curves.png", dpi=110)
+    plt.close(fig)
+    return {"plot": str(Path(run_dir) / "curves.png"), "last": last}
