@@ -177,12 +177,13 @@ class PairwiseObjective:
             out = torch.zeros(flat.shape[0], K * K, dtype=flat.dtype, device=dev)
             return out.index_copy_(1, cell, flat).reshape(-1, K, K)
 
-        extras = tuple(dense(e) for e in self.extras)
+        # constants from the pair-form extras, before they are broadcast over the batch
+        consts = self.closed.prepare(*self.extras) if self.closed is not None else ()
         return replace(
             self,
             weight=dense(self.weight),
-            extras=extras,
-            consts=self.closed.prepare(*extras) if self.closed is not None else (),
+            extras=tuple(dense(e) for e in self.extras),
+            consts=tuple(dense(c) for c in consts),
             kl_coef=full(self.kl_coef, ()),
             log_ref=full(self.log_ref, (K,)),
             ridge=full(self.ridge, ()),
@@ -273,17 +274,24 @@ class PairwiseObjective:
         s1 = self.weight * d1
         g = s1.sum(-1) - s1.sum(-2)
         A = self.weight * d2
-        A = A + A.transpose(-1, -2)
-        H = -A
-        H.diagonal(dim1=-2, dim2=-1).add_(A.sum(-1))
+        H = A + A.transpose(-1, -2)
+        diag = H.sum(-1)
+        H.neg_()
         if self.kl_coef is not None:
-            gk, hk = kl_grad_hess(theta, self.log_ref)
-            g = g + self.kl_coef[:, None] * gk
-            H = H + self.kl_coef[:, None, None] * hk
-        K = theta.shape[-1]
-        proj = torch.eye(K, dtype=theta.dtype, device=theta.device) - 1.0 / K
-        g = g + self.ridge[:, None] * self._centred_dev(theta)
-        H = H + self.ridge[:, None, None] * proj
+            # c·H_KL = c·(diag(g_KL + p) − p uᵀ − u pᵀ), u = g_KL + p/2 (see kl_grad_hess),
+            # added in place: two fused K×K updates instead of four K×K temporaries
+            gk, p, u = _kl_pieces(theta, self.log_ref)
+            c = self.kl_coef[:, None]
+            g = g + c * gk
+            cp = c * p
+            H.addcmul_(cp[:, :, None], u[:, None, :], value=-1.0)
+            H.addcmul_(u[:, :, None], cp[:, None, :], value=-1.0)
+            diag = diag + c * (gk + p)
+        # ridge·(I − 11ᵀ/K) on the centred logits
+        r = self.ridge[:, None]
+        H.sub_((r / theta.shape[-1])[..., None])
+        H.diagonal(dim1=-2, dim2=-1).add_(diag + r)
+        g = g + r * self._centred_dev(theta)
         return g, H
 
 
@@ -297,6 +305,15 @@ def library_derivatives_grad(pair_fn: PairFn, d: Tensor, *extras: Tensor) -> tup
     return d1.detach(), d2
 
 
+def _kl_pieces(theta: Tensor, log_ref: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """g = ∇_θ KL(softmax θ ‖ π₀), p = softmax θ and u = g + p/2 (see :func:`kl_grad_hess`)."""
+    log_p = torch.log_softmax(theta, -1)
+    p = log_p.exp()
+    h = log_p - log_ref
+    g = p * (h - (p * h).sum(-1, keepdim=True))
+    return g, p, g + 0.5 * p
+
+
 def kl_grad_hess(theta: Tensor, log_ref: Tensor) -> tuple[Tensor, Tensor]:
     """Gradient and Hessian in the logits θ of KL(softmax θ ‖ π₀) (checked against autograd).
 
@@ -304,12 +321,9 @@ def kl_grad_hess(theta: Tensor, log_ref: Tensor) -> tuple[Tensor, Tensor]:
     H = diag(g + p) − p gᵀ − g pᵀ − p pᵀ. H is not PSD far from π₀: the KL is convex in p,
     not in the logits.
     """
-    log_p = torch.log_softmax(theta, -1)
-    p = log_p.exp()
-    h = log_p - log_ref
-    g = p * (h - (p * h).sum(-1, keepdim=True))
+    g, p, u = _kl_pieces(theta, log_ref)
     # p gᵀ + g pᵀ + p pᵀ = p uᵀ + u pᵀ with u = g + p/2: one outer product instead of three
-    outer = p[..., :, None] * (g + 0.5 * p)[..., None, :]
+    outer = p[..., :, None] * u[..., None, :]
     H = -(outer + outer.transpose(-1, -2))
     H.diagonal(dim1=-2, dim2=-1).add_(g + p)  # in place: no K×K diag_embed temporary
     return g, H
@@ -426,6 +440,8 @@ def _newton_flat(
     """
     theta = theta0.clone()
     obj_all.check(theta)
+    if obj_all.closed is not None:  # the extras only served the check: stop copying them
+        obj_all = replace(obj_all, extras=())
     active = torch.arange(theta.shape[0], device=theta.device)
     obj = obj_all
     F = torch.full((theta.shape[0],), float("nan"), dtype=theta.dtype, device=theta.device)
