@@ -260,3 +260,18 @@ def test_hf_judge_needs_letter_tokens(tiny):
 
     with pytest.raises(ValueError, match="no single token for 'A'"):
         letter_ids(tiny_tokenizer(), "A")
+
+
+def test_cache_shared_by_two_processes(tmp_path):
+    """Two evaluations writing one cache file concurrently (the pipeline shares one)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from distalign.eval.judges.cache import JudgeCache\n"
+            "c = JudgeCache(sys.argv[1]); w = sys.argv[2]\n"
+            "for i in range(200): c.put_many('j', 't', [(w, str(i), 'b', 0.5, 'A')])\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "c.sqlite"), w])
+             for w in ("x", "y")]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    cache = JudgeCache(tmp_path / "c.sqlite")
+    assert len(cache) == 400 and cache.get("j", "t", "y", "199", "b") == (0.5, "A")

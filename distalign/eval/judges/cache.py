@@ -2,7 +2,8 @@
 
 Each single-order answer is stored with its raw text, unparseable ones included (as null), so
 that a rerun reproduces the same evaluation with zero judge calls. Writes are committed per
-batch: a crash loses at most the batch in flight.
+batch: a crash loses at most the batch in flight. Processes may share one file (SQLite's
+locking, WAL journal).
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ class JudgeCache:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(self.path)
+        # several evaluations (pipeline workers) may share one cache: wait for the lock
+        self.db = sqlite3.connect(self.path, timeout=120)
+        self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute(
             "CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, judge TEXT, "
             "template TEXT, p REAL, raw TEXT)"
