@@ -220,6 +220,10 @@ def test_openai_judge_end_to_end_rerun_makes_zero_calls(gens, tmp_path):
             return 0.8 if "good" in a else 0.2
         want = [(p_a(r["output"]) + 1 - p_a(r["reference"])) / 2 for r in rows]
         assert first["metrics"]["eval/win_rate"] == pytest.approx(100 * sum(want) / len(want))
+        # with "good" on neither side the server says B in both orders: a position flip
+        flips = [(p_a(r["output"]) > 0.5) != (1 - p_a(r["reference"]) > 0.5) for r in rows]
+        assert first["flip_rate"] == pytest.approx(sum(flips) / len(flips))
+        assert first["unparsed"] == first["unparsed_answers"] == 0
         ann = json.loads((out / "annotations.json").read_text())
         assert [a["preference"] for a in ann] == pytest.approx([1 + w for w in want])
         again = evaluate(gens, out, judge="openai:judge-model", judge_url=server.url,

@@ -268,6 +268,9 @@ def judge_winrate(rows: list[dict[str, Any]], path: Path, out_dir: Path, judge_s
         "ties": st["n_draws"], "unparsed": st["n_dropped"], "judged": st["n_total"],
         "win_rate_ci95": [st["ci_low"], st["ci_high"]],
         "flip_rate": sum(flips) / len(flips) if flips else None,
+        # single-order answers without a verdict (the pair keeps its other order's)
+        "unparsed_answers": sum((v.p_first is None) + (v.p_second is None) for v in verdicts)
+        if getattr(judge, "template_id", None) else 0,
         "both_orders": sum(v.p_first is not None or v.p_second is not None for v in verdicts),
         "mean_length_output": _mean_len(p.output for p in pairs),
         "mean_length_reference": _mean_len(p.reference for p in pairs),
