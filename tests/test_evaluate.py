@@ -232,3 +232,21 @@ def test_openai_judge_end_to_end_rerun_makes_zero_calls(gens, tmp_path):
         assert again["metrics"]["eval/win_rate"] == first["metrics"]["eval/win_rate"]
     finally:
         server.close()
+
+
+def test_contract_with_distalign_generate(tiny, tmp_path):
+    """`distalign generate`'s own file and sidecar evaluate as they are (prompt-set digest,
+    model path, temperature), and --prompt-set accepts the prompts file it read."""
+    from distalign.eval.generate import generate
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p, "reference": r}) + "\n"
+                               for p, r in zip(PROMPTS[:3], REFS[:3], strict=True)))
+    gen = GenerationConfig(max_new_tokens=5, temperature=T)
+    out = generate(str(tiny.policy), str(prompts), tmp_path / "gens.jsonl", gen=gen,
+                   num_samples=2, progress=False)
+    result = evaluate(out, tmp_path / "ev", judge=f"reward:{tiny.reward}",
+                      ref_model=str(tiny.ref), prompt_set=prompts, progress=False)
+    m = result["metrics"]
+    assert m["eval/n"] == 6 and result["kl_temperature"] == T and result["prompt_set"]
+    assert 0 <= m["eval/win_rate"] <= 100 and math.isfinite(m["eval/kl_ref"])
