@@ -232,8 +232,15 @@ def test_kill_9_then_rerun_equals_an_uninterrupted_pipeline(tiny, tmp_path):
         assert killed_eval[name] == pytest.approx(metrics, rel=1e-5, abs=1e-7), name
 
 
-def test_subprocess_launcher_runs_training_stages(tiny, tmp_path):
-    cfg = _config(tiny, tmp_path / "out", launcher={"kind": "subprocess"},
+ACCELERATE_CPU = ["--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
+                  "--dynamo_backend", "no", "--cpu"]
+
+
+@pytest.mark.parametrize("launcher", [{"kind": "subprocess"},
+                                      {"kind": "accelerate", "args": ACCELERATE_CPU}],
+                         ids=["subprocess", "accelerate"])
+def test_launchers_run_training_stages_in_child_processes(launcher, tiny, tmp_path):
+    cfg = _config(tiny, tmp_path / "out", launcher=launcher,
                   methods={"dpo": {}}, generate=None, eval=None, reward=None)
     _main(["pipeline", str(_write(tmp_path / "p.yaml", cfg))])
     mark = json.loads((tmp_path / "out" / "dpo-s0" / ".done.train.json").read_text())
