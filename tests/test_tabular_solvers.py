@@ -20,8 +20,15 @@ from distalign.tabular import (
     rlhf_policy,
     sample_pairs,
 )
-from distalign.tabular.newton import PairwiseObjective, kl_grad_hess, pair_index
-from distalign.tabular.solvers import SOLVERS
+from distalign.tabular.newton import (
+    ClosedForm,
+    PairDerivativeError,
+    PairwiseObjective,
+    kl_grad_hess,
+    newton_solve,
+    pair_index,
+)
+from distalign.tabular.solvers import SOLVERS, _softplus_neg
 
 GAMMA = 0.5
 
@@ -181,3 +188,36 @@ def test_solvers_return_normalised_policies_for_the_whole_grid(
     assert torch.allclose(logp.exp().sum(-1), torch.ones(3, 4, 4, dtype=torch.float64))
     far = 0 if method == "rebel" else 3  # η = 0, or β (τ) = 100: every method is near π₀
     assert exact_kl(logp[:, far], data.log_ref).max() < 0.02
+
+
+def _pmle_objective(data: FitInput, closed: ClosedForm | None) -> PairwiseObjective:
+    pairs = pair_index(5)
+    w = (data.counts / data.n[:, None, None, None])[..., pairs[0], pairs[1]][:, None]
+
+    def pair(d: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        return pmle_loss(d, torch.zeros_like(d), GAMMA, weight)[0]
+
+    return PairwiseObjective(pair, pairs, w, kl_coef=BETAS[:, None] / 4,
+                             log_ref=data.log_ref[:, None], ridge=1e-6, closed=closed)
+
+
+def test_a_closed_form_that_is_not_the_library_loss_is_refused(data: FitInput) -> None:
+    """ψ of γ = 1 where the library call uses γ = 0.5: the solve stops before any step."""
+
+    def derivs(d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s = torch.sigmoid(-d)
+        return -s, s * (1 - s)
+
+    wrong = ClosedForm(lambda d: torch.nn.functional.softplus(-d), derivs)
+    theta0 = data.log_ref[:, None].expand(3, 3, 4, 5)
+    with pytest.raises(PairDerivativeError, match="differs from the library"):
+        newton_solve(_pmle_objective(data, wrong), theta0)
+
+
+def test_closed_forms_give_the_autograd_solution_and_slabs_do_not_matter(data: FitInput) -> None:
+    """Newton with the closed-form ψ′, ψ″ (cut into 1-problem slabs) equals Newton with
+    autograd through pmle_loss (one slab)."""
+    theta0 = data.log_ref[:, None].expand(3, 3, 4, 5)
+    fast, _ = newton_solve(_pmle_objective(data, _softplus_neg(GAMMA)), theta0, slab=1)
+    slow, _ = newton_solve(_pmle_objective(data, None), theta0)
+    assert (fast - slow).abs().max() < 1e-9
