@@ -199,10 +199,15 @@ def test_cli_eval_subprocess_output_to_file(tiny, gens, tmp_path):
     assert rc == 0, text
     assert "win-rate" in text and "RM score" in text and "\x1b[" not in text
     assert (tmp_path / "ev" / "eval.json").is_file()
-    res = subprocess.run([sys.executable, "-m", "distalign", "eval", str(tmp_path / "nope.jsonl"),
-                          "--reward-model", str(tiny.reward)], capture_output=True, text=True)
-    assert res.returncode == 2 and res.stderr.strip().count("\n") == 0
-    assert res.stderr.startswith("error: ") and "no such generations file" in res.stderr
+    # an unreachable judge: one line, exit 2, and the RM score computed before it is kept
+    res = subprocess.run([sys.executable, "-m", "distalign", "eval", str(gens), "--out",
+                          str(tmp_path / "ev2"), "--reward-model", str(tiny.reward), "--judge",
+                          "openai:m", "--judge-url", "http://127.0.0.1:9/v1", "--max-retries",
+                          "0", "--no-progress"], capture_output=True, text=True)
+    assert res.returncode == 2 and res.stderr.strip().count("\n") == 0, res.stderr
+    assert res.stderr.startswith("error: judge URL http://127.0.0.1:9/v1 is unreachable")
+    kept = json.loads((tmp_path / "ev2" / "eval.json").read_text())["metrics"]
+    assert "eval/rm_score" in kept and "eval/win_rate" not in kept
 
 
 def test_openai_judge_end_to_end_rerun_makes_zero_calls(gens, tmp_path):

@@ -61,7 +61,10 @@ def eval_cmd(
         Path | None, typer.Option("--out", "-o", help="output folder (default: eval/ next to "
                                   "the generations file)")
     ] = None,
-    judge: Annotated[str | None, typer.Option("--judge", help="judge spec")] = None,
+    judge: Annotated[
+        str | None, typer.Option("--judge", help="reward:DIR, hf:DIR[@FILE.gguf], openai:MODEL "
+                                 "(with --judge-url) or oracle[:WORLD.json]")
+    ] = None,
     judge_url: Annotated[
         str | None, typer.Option("--judge-url", help="base URL of an OpenAI-compatible server "
                                  "(API key from $DISTALIGN_JUDGE_API_KEY or $OPENAI_API_KEY)")
@@ -81,9 +84,20 @@ def eval_cmd(
                                  "model_path)")
     ] = None,
     prompt_set: Annotated[
-        Path | None, typer.Option("--prompt-set", help="another generations file that must "
-                                  "hold the same prompts")
+        str | None, typer.Option("--prompt-set", help="the prompts these generations must come "
+                                 "from: a sha256 digest, another generations file or the "
+                                 "prompts data file")
     ] = None,
+    concurrency: Annotated[
+        int, typer.Option("--concurrency", min=1, help="openai judge: parallel requests")
+    ] = 8,
+    timeout: Annotated[
+        float, typer.Option("--timeout", min=0.1, help="openai judge: seconds per request")
+    ] = 60.0,
+    max_retries: Annotated[
+        int, typer.Option("--max-retries", min=0, help="openai judge: retries with backoff "
+                          "on connection errors, 429 and 5xx")
+    ] = 5,
     annotations: Annotated[
         Path | None, typer.Option("--annotations", help="aggregate this AlpacaEval annotations "
                                   "file (.json or .json.gz) instead")
@@ -94,7 +108,12 @@ def eval_cmd(
     ] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
 ) -> None:
+    import transformers
+
     from distalign.eval.evaluate import evaluate, evaluate_annotations
+
+    # our own progress lines say what is loading and scoring; per-file bars are noise in logs
+    transformers.utils.logging.disable_progress_bar()
 
     if annotations is not None:
         if generations is not None:
@@ -109,6 +128,9 @@ def eval_cmd(
             generations, where, judge=judge, reward_model=reward_model, ref_model=ref_model,
             policy_model=policy_model, template=template, batch_size=batch_size,
             cache_dir=cache_dir, progress=progress, judge_url=judge_url, prompt_set=prompt_set,
+            judge_options={"concurrency": concurrency, "timeout": timeout,
+                           "max_retries": max_retries} if (judge or "").startswith("openai:")
+            else None,
         )
     for line in summary_lines(result):
         typer.echo(line)
