@@ -274,6 +274,8 @@ BAD = [
     ({"generate": None}, "stage 'eval' depends on stage 'generate', which is missing"),
     ({"reward": None}, "stage 'rlhf-s0' depends on stage 'reward', which is missing"),
     ({"methods": {"dpo": {"config": {"algo": {"gama": 1}}}}}, "stage 'dpo-s0'"),
+    ({"launcher": {"kind": "slurm"}}, "p.yaml: launcher.kind='slurm'"),
+    ({"methods": {"dpo": {"recipe": "nowhere.yaml"}}}, "recipe not found: nowhere.yaml"),
 ]
 
 

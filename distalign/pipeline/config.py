@@ -155,6 +155,8 @@ def load_pipeline(path: str | Path, overrides: list[str] | tuple[str, ...] = ())
         cfg: PipelineConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as exc:
         raise ConfigError(_message(path, exc)) from exc
+    except ConfigError as exc:  # a section's own check (e.g. launcher.kind)
+        raise ConfigError(f"{path}: {exc}") from None
     cfg.root = str(path.resolve().parent)
     if not cfg.name:
         cfg.name = path.stem
