@@ -66,6 +66,18 @@ def test_bootstrap_ci_brackets_the_mean():
     assert mean_se([3.0]) == (3.0, pytest.approx(float("nan"), nan_ok=True))
 
 
+def test_cluster_bootstrap_resamples_prompts():
+    from distalign.eval.stats import bootstrap_ci, cluster_bootstrap_ci
+
+    # 20 prompts × 10 identical samples: the rows look like 200 draws, but only 20 are
+    # independent, so the prompt-level interval is about √10 times wider
+    values = [float(i % 2) for i in range(20) for _ in range(10)]
+    groups = [str(i) for i in range(20) for _ in range(10)]
+    lo, hi = cluster_bootstrap_ci(values, groups)
+    rlo, rhi = bootstrap_ci(values)
+    assert lo < 0.5 < hi and (hi - lo) / (rhi - rlo) == pytest.approx(10 ** 0.5, rel=0.2)
+
+
 def test_bad_annotation_files(tmp_path):
     with pytest.raises(DataError, match="no such annotations file"):
         read_annotations(tmp_path / "missing.json")

@@ -101,6 +101,8 @@ def test_rm_score_kl_and_reward_judge_equal_hand_computation(tiny, gens, tmp_pat
     p = torch.sigmoid(r_out - r_ref)
     assert m["eval/win_rate"] == pytest.approx(100 * p.mean().item(), abs=1e-4)
     assert m["eval/win_rate_discrete"] == pytest.approx(100 * (p > 0.5).float().mean().item())
+    lo, hi = result["win_rate_ci95_by_prompt"]  # 2 samples per prompt: prompts resampled
+    assert lo <= m["eval/win_rate"] <= hi
     # KL: log-probs of both models at the sampling temperature, one unpadded row at a time
     pi = AutoModelForCausalLM.from_pretrained(tiny.policy).eval()
     pi0 = AutoModelForCausalLM.from_pretrained(tiny.ref).eval()

@@ -31,7 +31,7 @@ from distalign.errors import ConfigError, DataError
 from distalign.eval.annotations import write_annotations
 from distalign.eval.judges.base import Pair
 from distalign.eval.judges.reward import length_batches, resolve_model_dir, split_gguf
-from distalign.eval.stats import bootstrap_ci, mean_se, winrate
+from distalign.eval.stats import bootstrap_ci, cluster_bootstrap_ci, mean_se, winrate
 
 REQUIRED = {"prompt_id": str, "prompt": str, "output": str, "prompt_token_ids": list,
             "output_token_ids": list, "ended": bool}
@@ -267,6 +267,7 @@ def judge_winrate(rows: list[dict[str, Any]], path: Path, out_dir: Path, judge_s
         "judge_seconds": seconds, "wins": st["n_wins"], "losses": st["n_wins_base"],
         "ties": st["n_draws"], "unparsed": st["n_dropped"], "judged": st["n_total"],
         "win_rate_ci95": [st["ci_low"], st["ci_high"]],
+        "win_rate_ci95_by_prompt": _by_prompt_ci(rows, prefs),
         "flip_rate": sum(flips) / len(flips) if flips else None,
         # single-order answers without a verdict (the pair keeps its other order's)
         "unparsed_answers": sum((v.p_first is None) + (v.p_second is None) for v in verdicts)
@@ -275,6 +276,16 @@ def judge_winrate(rows: list[dict[str, Any]], path: Path, out_dir: Path, judge_s
         "mean_length_output": _mean_len(p.output for p in pairs),
         "mean_length_reference": _mean_len(p.reference for p in pairs),
     }
+
+
+def _by_prompt_ci(rows: list[dict[str, Any]], prefs: list[float | None]) -> list[float] | None:
+    """With several samples per prompt: the 95 % CI resampling prompts, not rows."""
+    kept = [(str(r["prompt_id"]), 100 * (p - 1)) for r, p in zip(rows, prefs, strict=True)
+            if p is not None]
+    if len({g for g, _ in kept}) == len(kept):
+        return None  # one sample per prompt: the row bootstrap already is this one
+    lo, hi = cluster_bootstrap_ci([v for _, v in kept], [g for g, _ in kept])
+    return [lo, hi]
 
 
 def _mean_len(texts: Any) -> float:

@@ -42,6 +42,24 @@ def bootstrap_ci(
     return float(lo), float(hi)
 
 
+def cluster_bootstrap_ci(
+    values: Sequence[float], groups: Sequence[str], level: float = 0.95, resamples: int = 2000,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Bootstrap interval of the mean resampling whole groups (prompts): with several samples
+    per prompt the rows are correlated, and only the prompts are independent draws."""
+    ids = {g: i for i, g in enumerate(dict.fromkeys(groups))}
+    if len(ids) < 2:
+        return math.nan, math.nan
+    g = np.array([ids[x] for x in groups])
+    sums = np.bincount(g, weights=np.asarray(values, dtype=np.float64), minlength=len(ids))
+    counts = np.bincount(g, minlength=len(ids)).astype(np.float64)
+    pick = np.random.default_rng(seed).integers(0, len(ids), size=(resamples, len(ids)))
+    means = sums[pick].sum(axis=1) / counts[pick].sum(axis=1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
 def _valid(p: float | None) -> bool:
     return p is not None and not (isinstance(p, float) and math.isnan(p)) and 1.0 <= p <= 2.0
 
