@@ -304,6 +304,7 @@ def test_inconsistent_reward_tokenizer_and_bad_flags(tiny, tmp_path, capsys):
     other = tmp_path / "other_rm"
     save_tiny(tok, other)
     save_tiny(tiny_reward_model(tok, seed=3), other)
+    capsys.readouterr()  # the save's own progress output
     cfg = _write(tmp_path / "p.yaml", _config(tiny, tmp_path / "out",
                                               reward={"model": str(other)}))
     for args, message in (
