@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import threading
 from pathlib import Path
@@ -41,10 +42,9 @@ def _prefetch_matplotlib() -> None:
     """
 
     def load() -> None:
-        try:
+        # a missing matplotlib is reported by the plot itself, in the main thread
+        with contextlib.suppress(ImportError):
             import matplotlib.figure  # noqa: F401
-        except ImportError:  # the plot itself raises it again, in the main thread
-            pass
 
     threading.Thread(target=load, name="prefetch-matplotlib", daemon=True).start()
 
