@@ -20,12 +20,12 @@ from distalign.tabular import (
     rlhf_policy,
     sample_pairs,
 )
-from distalign.tabular.newton import (
+from distalign.tabular.newton import newton_solve
+from distalign.tabular.pairwise import (
     ClosedForm,
     PairDerivativeError,
     PairwiseObjective,
     kl_grad_hess,
-    newton_solve,
     pair_index,
 )
 from distalign.tabular.solvers import SOLVERS, _softplus_neg

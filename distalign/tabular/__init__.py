@@ -8,7 +8,8 @@ solvers that optimise the ``distalign.objectives`` losses, exact KL metrics.
 """
 
 from distalign.tabular.experiment import PRESETS, ToyConfig, ToyResults, default_betas, run_toy
-from distalign.tabular.newton import PairwiseObjective, exact_kl, newton_solve
+from distalign.tabular.newton import newton_solve
+from distalign.tabular.pairwise import ClosedForm, PairwiseObjective, exact_kl
 from distalign.tabular.solvers import (
     METHODS,
     SOLVERS,
@@ -29,6 +30,7 @@ __all__ = [
     "PRESETS",
     "SOLVERS",
     "TUNED",
+    "ClosedForm",
     "FitInput",
     "PairwiseObjective",
     "Pairs",

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from distalign.errors import ConfigError
 from distalign.objectives import preference_logprob
-from distalign.tabular.newton import exact_kl
+from distalign.tabular.pairwise import exact_kl
 from distalign.tabular.solvers import METHODS, SOLVERS, FitInput, fit_reward
 from distalign.tabular.stats import loglog_slope, mean_ci
 from distalign.tabular.world import World, make_world, pair_counts, sample_pairs

@@ -28,14 +28,8 @@ from distalign.objectives import (
     preference_logprob,
     rebel_loss,
 )
-from distalign.tabular.newton import (
-    ClosedForm,
-    PairwiseObjective,
-    gather_pairs,
-    newton_solve,
-    objective_value,
-    pair_index,
-)
+from distalign.tabular.newton import newton_solve, objective_value
+from distalign.tabular.pairwise import ClosedForm, PairwiseObjective, gather_pairs, pair_index
 
 # Closed-form ψ, ψ', ψ'' (derivatives in d) of each pair term below, for speed; newton_solve
 # checks them against autograd through the library call at the start of every solve.
