@@ -348,3 +348,19 @@ def test_data_config_is_an_omegaconf_structured_config():
         DataConfig(path="x", max_prompt_length=8, max_length=8)
     with pytest.raises(ConfigError, match="eval_fraction cannot be combined"):
         DataConfig(path="x", eval_fraction=0.1, eval_split="test")
+
+
+def test_columns_mapping_renames_and_names_a_missing_column(tmp_path, tok):
+    from distalign.lm.data import DataConfig
+
+    path = tmp_path / "q.jsonl"
+    path.write_text(json.dumps({"question": "the dog is", "good": "a dog", "bad": "no"}) + "\n")
+    cols = {"prompt": "question", "chosen": "good", "rejected": "bad"}
+    ds, report = build_dataset(DataConfig(path=str(path), columns=cols), tok, "pairs")
+    assert report.rows_kept == 1 and set(ds.column_names) == {"prompt_ids", "chosen_ids",
+                                                               "rejected_ids"}
+    with pytest.raises(DataError, match="data.columns.prompt='query'.*no column 'query'"):
+        build_dataset(DataConfig(path=str(path), columns={**cols, "prompt": "query"}), tok,
+                      "pairs")
+    with pytest.raises(ConfigError, match="data.columns.answer"):
+        DataConfig(path=str(path), columns={"answer": "good"})

@@ -252,3 +252,16 @@ def test_token_scores_through_peft_seq_cls_adapter():
     with torch.no_grad():
         head.modules_to_save["default"].weight.add_(1.0)
     assert (token_scores(peft_rm, ids, attn) - expected).abs().max() > 1e-3
+
+
+def test_chat_template_override_from_text_or_file(ckpt, tmp_path):
+    template = "{% for m in messages %}[{{ m['content'] }}]{% endfor %}"
+    msgs = [{"role": "user", "content": "the cat"}]
+    tok = load_tokenizer(ModelConfig(name_or_path=ckpt, chat_template=template))
+    assert tok.apply_chat_template(msgs, tokenize=False) == "[the cat]"
+    path = tmp_path / "t.jinja"
+    path.write_text(template)
+    tok = load_tokenizer(ModelConfig(name_or_path=ckpt, chat_template=str(path)))
+    assert tok.apply_chat_template(msgs, tokenize=False) == "[the cat]"
+    with pytest.raises(ConfigError, match="model.chat_template"):
+        load_tokenizer(ModelConfig(name_or_path=ckpt, chat_template=str(tmp_path / "no.jinja")))
