@@ -68,7 +68,7 @@ def _lbfgs(objective, shape: tuple[int, ...]) -> torch.Tensor:
 
 @pytest.mark.parametrize("method", ["rlhf", "rkl"])
 def test_closed_forms_are_the_optima_of_objectives_1_and_15(data: FitInput, method: str) -> None:
-    """RLHF (1) and RKL (15) with exact expectations; the closed forms of SPEC App. B."""
+    """RLHF (1) and RKL (15) with exact expectations; the closed forms of App. B."""
     betas = torch.tensor([0.25, 1.0, 4.0], dtype=torch.float64)  # π not too peaked for L-BFGS
     r = data.reward[:, None]  # [S, 1, X, K]
     ref = data.log_ref[:, None]

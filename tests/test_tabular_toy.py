@@ -1,5 +1,5 @@
 """The paper's claim in the `strong` toy world: distribution-learning methods reach O(1/n),
-RLHF plateaus (SPEC §5, Figure 1)."""
+RLHF plateaus (the paper's Figure 1)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The tabular world and its sampler follow SPEC §1.2 / §5.1."""
+"""The tabular world and its sampler follow eq. (3) and App. D.1 of the paper."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ def test_world_tables_are_normalised_and_independent_draws() -> None:
     assert w.log_star.shape == (4, 3, 6)
     for t in (w.log_star, w.log_ref, w.log_mu):
         assert torch.allclose(t.exp().sum(-1), torch.ones(4, 3, dtype=torch.float64))
-    assert torch.equal(w.log_mu, w.log_ref)  # μ = π₀ (our reading of SPEC §5.2)
+    assert torch.equal(w.log_mu, w.log_ref)  # μ = π₀ (our reading of App. D.1, which does not say)
     assert not torch.allclose(w.log_star, w.log_ref)  # π₀ is not derived from π*
     # logits ~ N(0, 0.1²): centred log-probs have spread ≈ 0.1
     sd = (w.log_star - w.log_star.mean(-1, keepdim=True)).std()

@@ -1,4 +1,4 @@
-"""``distalign toy``: the exact tabular Figure 1 (SPEC §5) for all six methods."""
+"""``distalign toy``: the exact tabular Figure 1 (arXiv 2506.01523 v2, App. D.1), six methods."""
 
 from __future__ import annotations
 
@@ -74,8 +74,8 @@ def _plot_path(out: Path, plot: str) -> Path:
 )
 def toy(
     preset: Annotated[str, typer.Option(
-        help="'paper' = SPEC §5.1 (logit scale 0.1); 'strong' = logit scale 1.0, where the "
-        "separation shows within n ≤ 2^16")] = "paper",
+        help="'paper' = the paper's App. D.1 (logit scale 0.1); 'strong' = logit scale 1.0, "
+        "where the separation shows within n ≤ 2^16")] = "paper",
     seeds: Annotated[int, typer.Option(help="independent worlds + datasets (≥ 1)")] = 8,
     n_min_exp: Annotated[int, typer.Option(help="smallest n is 2^this")] = 5,
     n_max_exp: Annotated[int, typer.Option(help="largest n is 2^this")] = 16,

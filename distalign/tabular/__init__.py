@@ -1,5 +1,6 @@
-"""The exact tabular world of the paper's Figure 1 (SPEC §5): closed forms, batched Newton
-solvers that optimise the ``distalign.objectives`` losses, exact KL metrics.
+"""The exact tabular world of the paper's Figure 1 (arXiv 2506.01523 v2, App. D.1): closed
+forms, batched Newton solvers that optimise the ``distalign.objectives`` losses, exact KL
+metrics.
 
 >>> from distalign.tabular import ToyConfig, run_toy
 >>> res = run_toy(ToyConfig.from_preset("strong", seeds=2, ns=(64, 256), methods=("rlhf", "rkl")))

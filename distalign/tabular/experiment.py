@@ -1,4 +1,4 @@
-"""The Figure 1 experiment: every method, every n, every seed, the whole β grid (SPEC §5).
+"""The Figure 1 experiment (App. D.1): every method, every n, every seed, the whole β grid.
 
 For each n the first n pairs of one long i.i.d. sample are used (nested datasets). Two fits
 are made per method in one batched program: on all n pairs (for the oracle choice and the
@@ -27,7 +27,7 @@ from distalign.tabular.world import World, make_world, pair_counts, sample_pairs
 #: logit scale of the `strong` preset; see docs/toy.md for the reasoning
 STRONG_LOGIT_SCALE = 1.0
 PRESETS: dict[str, dict[str, float | int]] = {
-    # SPEC §5.1: |X| = K = 10, γ = 0.5, logits iid N(0, 0.1²), μ = π₀, n = 2^5 … 2^16
+    # the paper's App. D.1: |X| = K = 10, γ = 0.5, logits iid N(0, 0.1²), μ = π₀, n = 2^5 … 2^16
     "paper": {"contexts": 10, "responses": 10, "gamma": 0.5, "logit_scale": 0.1},
     # same world, 10× larger logits: the RLHF floor is ~100× higher, the 1/n regime is reached
     # well inside n ≤ 2^16

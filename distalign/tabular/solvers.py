@@ -1,4 +1,4 @@
-"""Exact tabular solvers for the six methods of the paper (SPEC §2, Appendix B).
+"""Exact tabular solvers for the six methods of the paper (arXiv 2506.01523 v2, §2 and App. B).
 
 Shapes: a :class:`FitInput` holds batch dims ``[...]`` (for the toy: {full, train} fit × seed)
 followed by ``[X, K]`` (or ``[X, K, K]`` for win counts). A solver takes a β grid ``[B]`` and
@@ -116,7 +116,7 @@ def _bt_pair(d: Tensor, weight: Tensor | None = None) -> Tensor:
 
 
 def fit_reward(counts: Tensor, n: Tensor, ridge: float = 1e-6) -> Tensor:
-    """BT reward MLE, SPEC eq. (9), by Newton on tabular logistic regression.
+    """BT reward MLE, eq. (9), by Newton on tabular logistic regression.
 
     Minimises (1/n) Σ_{D_n} −ln σ(R(x,a⁺) − R(x,a⁻)) + (λ/2X) Σ_x ‖R(x) − mean R(x)‖². The
     ridge λ makes the MLE unique when a response is unseen or undefeated (small n); R̂ is
@@ -133,13 +133,13 @@ def fit_reward(counts: Tensor, n: Tensor, ridge: float = 1e-6) -> Tensor:
 
 # ---------------------------------------------------------------------- closed forms
 def rlhf_policy(inp: FitInput, betas: Tensor) -> Tensor:
-    """RLHF (1) with reward R̂: π ∝ π₀ exp(R̂/β) (SPEC App. B). β = 0 → greedy limit."""
+    """RLHF (1) with reward R̂: π ∝ π₀ exp(R̂/β) (App. B). β = 0 → greedy limit."""
     b = _grid(betas).clamp_min(BETA_FLOOR)
     return torch.log_softmax(inp.log_ref[..., None, :, :] + inp.reward[..., None, :, :] / b, -1)
 
 
 def rkl_policy(inp: FitInput, betas: Tensor) -> Tensor:
-    """Reverse KL (15): π ∝ π₀^{β/(β+γ)} exp(R̂/(β+γ)) (SPEC App. B); γ is the entropy weight."""
+    """Reverse KL (15): π ∝ π₀^{β/(β+γ)} exp(R̂/(β+γ)) (App. B); γ is the entropy weight."""
     b = _grid(betas)
     logits = (b * inp.log_ref[..., None, :, :] + inp.reward[..., None, :, :]) / (b + inp.gamma)
     return torch.log_softmax(logits, -1)
@@ -147,7 +147,7 @@ def rkl_policy(inp: FitInput, betas: Tensor) -> Tensor:
 
 # ---------------------------------------------------------------------- iterative methods
 def pmle_policy(inp: FitInput, betas: Tensor) -> Tensor:
-    """PMLE with KL, SPEC eq. (5): (4) on D_n + β·KL(π‖π₀) (exact KL, no sampling).
+    """PMLE with KL, eq. (5): (4) on D_n + β·KL(π‖π₀) (exact KL, no sampling).
 
     Ridge λγ² on the centred logits, i.e. λ on the implied reward γ ln π, so that at β = 0
     PMLE's optimum is exactly π ∝ exp(R̂/γ), the reverse-KL optimum at β = 0.
@@ -172,7 +172,7 @@ def pmle_policy(inp: FitInput, betas: Tensor) -> Tensor:
 
 
 def distill_policy(inp: FitInput, betas: Tensor) -> Tensor:
-    """Preference distillation with KL, SPEC eq. (12), the pair expectation EXACT under μ.
+    """Preference distillation with KL, eq. (12), the pair expectation EXACT under μ.
 
     E_{x, a, b ∼ μ(x)} KL(Bern(σ(R̂_a − R̂_b)) ‖ Bern(σ(γ(ln π_a − ln π_b)))) + β KL(π‖π₀). With
     μ of full support this is strictly convex in the centred logits, so no ridge is needed.
@@ -203,7 +203,7 @@ def distill_policy(inp: FitInput, betas: Tensor) -> Tensor:
     mu = inp.log_mu.exp()
     weight = gather_pairs(2 * mu[..., :, None] * mu[..., None, :] / X, pairs)[..., None, :, :]
     r = gather_pairs(inp.reward[..., :, None] - inp.reward[..., None, :], pairs)
-    # preference simulator P_π̃(a ≻ b) = σ(R̂_a − R̂_b) (SPEC, "Preference simulator")
+    # the paper's preference simulator (before eq. (11)): P_π̃(a ≻ b) = σ(R̂_a − R̂_b)
     target = preference_logprob(r, torch.zeros_like(r), 1.0).exp()[..., None, :, :]
     b = _grid(betas)
     obj = PairwiseObjective(
@@ -220,7 +220,7 @@ def distill_policy(inp: FitInput, betas: Tensor) -> Tensor:
 
 
 def dpo_policy(inp: FitInput, temps: Tensor) -> Tensor:
-    """DPO, SPEC eq. (6), with temperature τ from the grid (Tables 5/6 call it "β").
+    """DPO, eq. (6), with temperature τ from the grid (Tables 5/6 call it "β").
 
     Ridge λτ² on the centred π/π₀ log-ratio, i.e. λ on the implied reward τ ln(π/π₀): the
     same ridge as (9), so the tabular DPO optimum is exactly RLHF's closed form at β = τ
@@ -251,7 +251,7 @@ def dpo_policy(inp: FitInput, temps: Tensor) -> Tensor:
 
 
 def rebel_policy(inp: FitInput, etas: Tensor) -> Tensor:
-    """REBEL, SPEC eq. (10), relative to π₀, on the labelled pairs of D_n; η is tuned.
+    """REBEL, eq. (10), relative to π₀, on the labelled pairs of D_n; η is tuned.
 
     Least squares (ln(π/π₀)(a⁺) − ln(π/π₀)(a⁻) − η(R̂(a⁺) − R̂(a⁻)))² + ridge λ on the centred
     ln(π/π₀) (for responses never compared). When every context's comparison graph is

@@ -1,10 +1,10 @@
-"""The exact tabular world of the paper's Figure 1 (SPEC §5.1, §1.2).
+"""The exact tabular world of the paper's Figure 1 (arXiv 2506.01523 v2, App. D.1; eq. (3)).
 
 |X| contexts, K single-token responses. Every distribution is a table of log-probabilities of
 shape ``[S, X, K]`` where S indexes independent seeds (each seed has its own π*, π₀ and data),
 so everything downstream is batched over seeds in one tensor program.
 
-Labelled pairs follow the paper's preference model (SPEC §1.2, eq. (3)): x ∼ Uniform(X),
+Labelled pairs follow the paper's preference model (eq. (3)): x ∼ Uniform(X),
 a, b ∼ μ(x) i.i.d., and a wins with probability σ(γ (ln π*(a|x) − ln π*(b|x))). Because the
 world is tabular, a dataset is summarised without loss by its win-count table
 C[s, x, i, j] = #{pairs in context x where response i beat response j}; every objective on
@@ -43,7 +43,7 @@ class World:
         return self.log_star.shape[2]
 
     def win_prob(self) -> Tensor:
-        """P_*(i ≻ j | x) for every ordered pair, ``[S, X, K, K]`` (SPEC eq. (3))."""
+        """P_*(i ≻ j | x) for every ordered pair, ``[S, X, K, K]`` (eq. (3))."""
         ls = self.log_star
         return preference_logprob(ls[..., :, None], ls[..., None, :], self.gamma).exp()
 
@@ -59,7 +59,7 @@ def make_world(
     dtype: torch.dtype = torch.float64,
     device: str | torch.device = "cpu",
 ) -> World:
-    """Draw π* = softmax(α*) and π₀ = softmax(α₀) with α*, α₀ i.i.d. N(0, scale²) (SPEC §5.1).
+    """Draw π* = softmax(α*) and π₀ = softmax(α₀) with α*, α₀ i.i.d. N(0, scale²) (App. D.1).
 
     π₀ is drawn independently of π*, as in the paper. ``mu`` is ``"ref"`` (μ = π₀, our reading
     of §5.2) or ``"uniform"``.
@@ -98,7 +98,7 @@ class Pairs:
 
 
 def sample_pairs(world: World, n: int, generator: torch.Generator | None = None) -> Pairs:
-    """Sample n labelled pairs per seed from the paper's preference model (SPEC §1.2).
+    """Sample n labelled pairs per seed from the paper's preference model (eq. (3)).
 
     Responses are drawn by inverse-CDF on uniforms (one tensor program over seeds and pairs).
     Pairs are i.i.d., so any prefix of the result is itself a sample of that size; the
