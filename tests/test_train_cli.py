@@ -143,3 +143,25 @@ def test_data_columns_map_other_column_names(config_file, tmp_path):
           "run.name=cols"])
     summary = json.loads((tmp_path / "cols" / "summary.json").read_text())
     assert summary["data"]["train"]["rows_kept"] == 8
+
+
+def test_online_progress_lines_show_phase_times_in_a_log_file(tiny, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    cfg = base_config(tiny, "rebel", tmp_path / "online")
+    cfg["run"].update(max_steps=2, log_every=1)
+    cfg["algo"] = {"update_epochs": 1}
+    path = tmp_path / "rebel.yaml"
+    path.write_text(yaml.safe_dump({"method": "rebel", **cfg}))
+    log = tmp_path / "log.txt"
+    with log.open("w") as f:
+        proc = subprocess.run([sys.executable, "-m", "distalign", "train", "rebel", "--config",
+                               str(path)], stdout=f, stderr=subprocess.STDOUT, timeout=300,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+    text = log.read_text()
+    assert proc.returncode == 0, text
+    assert "rebel 2/2" in text and "time gen=" in text and "upd=" in text, text
+    rows = read_metrics(tmp_path / "online")
+    assert all(r["time/generate"] > 0 for r in rows[1:])
