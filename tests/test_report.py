@@ -149,3 +149,15 @@ def test_cli_report_subprocess_output_to_file(tmp_path):
     res = subprocess.run([sys.executable, "-m", "distalign", "report", str(RUNS), "--metrics",
                           "eval/nope"], capture_output=True, text=True)
     assert res.returncode == 2 and res.stderr.startswith("error: metric 'eval/nope'")
+
+
+def test_torn_last_metrics_line_is_dropped_but_a_torn_middle_line_is_an_error(tmp_path):
+    run = tmp_path / "rkl"
+    shutil.copytree(RUNS / "rkl-s0-interrupted", run)
+    metrics = run / "metrics.jsonl"
+    good = metrics.read_text()
+    metrics.write_text(good + '{"step": 99, "loss": 7')  # killed while writing
+    assert load_run(run).metrics["loss"] == 1.0  # the last complete row still wins
+    metrics.write_text('{"step": 0, "lo\n' + good)
+    with pytest.raises(DataError, match="metrics.jsonl line 1: invalid JSON"):
+        load_run(run)

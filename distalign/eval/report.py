@@ -154,12 +154,15 @@ def _last_values(path: Path) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if not path.is_file():
         return out
-    for i, line in enumerate(path.read_text().splitlines()):
+    lines = path.read_text().splitlines()
+    for i, line in enumerate(lines):
         if not line.strip():
             continue
         try:
             out.update(json.loads(line))
         except json.JSONDecodeError as exc:
+            if i == len(lines) - 1:  # torn by a kill mid-write; the engine drops it on resume
+                continue
             raise DataError(f"{path} line {i + 1}: invalid JSON ({exc.msg})") from exc
     out.pop("time", None)
     return out

@@ -45,7 +45,9 @@ def load_scorer_dir(spec: str) -> tuple[Any, Any]:
     path, gguf = split_gguf(spec)
     cfg = ModelConfig(name_or_path=resolve_model_dir(path), gguf_file=gguf)
     tok = load_tokenizer(cfg)
-    model = load_scorer(cfg.name_or_path, cfg, 1, tok.pad_token_id).eval()
+    model = load_scorer(
+        cfg.name_or_path, cfg, 1, tok.pad_token_id, head="error", what="reward model"
+    ).eval()
     arch = getattr(model.config, "architectures", None) or []
     if arch and all(a.endswith("ForCausalLM") for a in arch):  # its score head would be random
         raise ConfigError(f"{spec}: a causal LM ({arch[0]}), not a reward model with a trained "
