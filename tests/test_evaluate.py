@@ -177,7 +177,7 @@ def test_reward_model_with_another_tokenizer_is_refused(tiny, gens, tmp_path):
     world_tokenizer(build_world()).save_pretrained(other)  # a different vocabulary
     with pytest.raises(ConfigError, match="does not share the tokenizer of the policy"):
         evaluate(gens, tmp_path / "e", reward_model=str(other), progress=False)
-    with pytest.raises(ConfigError, match="a causal LM .*not a reward model"):
+    with pytest.raises(ConfigError, match="has no trained .score. head"):
         evaluate(gens, tmp_path / "e", reward_model=str(tiny.policy), progress=False)
 
 
