@@ -90,11 +90,11 @@ def child(a: argparse.Namespace) -> None:
     if a.backend == "vllm":  # build the engine once, outside the timed step (cached)
         import torch
 
-        from distalign.lm.models import apply_lora, load_policy, load_tokenizer
+        from distalign.lm.models import load_policy, load_tokenizer
         from distalign.lm.vllm_sampler import VLLMSampler
 
         t0 = time.perf_counter()
-        warm = apply_lora(load_policy(cfg.model), cfg.model.lora)
+        warm = load_policy(cfg.model)  # LoRA-wrapped like the run's policy
         tok = load_tokenizer(cfg.model)
         ids = torch.tensor([tok("Hello").input_ids])
         VLLMSampler(tok, cfg.gen).generate(warm, ids, torch.ones_like(ids))

@@ -62,11 +62,13 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
 _DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-# Benign vLLM warnings that every sync or request would repeat: parameter-free layers (the
-# rotary cache) "fail" to load on an in-place reload and keep their tensors, which is right;
+# Benign vLLM warnings that every sync or request would repeat: layers without weights of
+# their own (the rotary cache, a tied LM head) "fail" to load on an in-place reload and keep
+# their tensors, which is right;
 # with skip_tokenizer_init the engine has no EOS of its own (we pass stop_token_ids).
 # The chat-template warm-up needs a tokenizer, which the engine deliberately has none of.
 _QUIET = ("RotaryEmbedding: Failed to load weights", "Using None for EOS token id",
+          "ParallelLMHead: Failed to load weights",  # tied to the embedding, loaded with it
           "Using None for BOS token id", "doesn't allow to use `torch.set_num_threads`",
           "Chat template warmup failed")
 
@@ -270,10 +272,17 @@ class VLLMSampler:
         if not force and engine.synced is not None and engine.synced.matches(model):
             return False
         t0 = time.perf_counter()
-        with torch.no_grad():
-            engine.llm.collective_rpc(
-                "reload_weights", kwargs={"weights_iterator": policy_weights(model)}
-            )
+        engine.synced = None  # a failed push leaves the engine's weights unknown
+        try:
+            with torch.no_grad():
+                engine.llm.collective_rpc(
+                    "reload_weights", kwargs={"weights_iterator": policy_weights(model)}
+                )
+        except ValueError as err:  # a name or shape vLLM's model does not have
+            raise ConfigError(
+                f"gen.backend=vllm: the policy's weights do not fit vLLM's "
+                f"{type(hf).__name__} ({_first_line(err)[:300]})"
+            ) from err
         engine.llm.reset_prefix_cache()  # cached KV blocks belong to the old weights
         engine.synced = _Stamp(model)
         engine.syncs += 1
