@@ -117,6 +117,14 @@ def test_read_only_out(tmp_path: Path, capsys) -> None:
     _one_line_error(capsys, "cannot write there")
 
 
+def test_plot_in_a_missing_folder(tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["toy", *TINY, "--out", str(tmp_path / "run"), "--plot", "no/such/fig.png"])
+    assert exc.value.code == 2
+    _one_line_error(capsys, "does not exist")
+    assert not (tmp_path / "run" / "results.json").exists()
+
+
 def test_plot_format_from_suffix(tmp_path: Path) -> None:
     main(["toy", *TINY, "--out", str(tmp_path), "--plot", "fig.svg"])
     assert (tmp_path / "fig.svg").read_text().lstrip().startswith("<?xml")

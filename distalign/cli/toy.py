@@ -127,6 +127,8 @@ def toy(
     out_dir = out if out is not None else Path("runs") / f"toy-{preset}"
     plot_path = _plot_path(out_dir, plot)
     _output_dir(out_dir)
+    if not plot_path.parent.is_dir():
+        raise ConfigError(f"--plot {plot}: folder {plot_path.parent} does not exist")
 
     _prefetch_matplotlib()
     console = Console()
