@@ -161,3 +161,15 @@ def test_torn_last_metrics_line_is_dropped_but_a_torn_middle_line_is_an_error(tm
     metrics.write_text('{"step": 0, "lo\n' + good)
     with pytest.raises(DataError, match="metrics.jsonl line 1: invalid JSON"):
         load_run(run)
+
+
+def test_an_evaluation_only_folder_is_the_base_row_and_comes_first(tmp_path):
+    """The pipeline's π₀ folder has generations and eval/eval.json but no training run."""
+    shutil.copytree(RUNS / "dpo-s0", tmp_path / "dpo-s0")
+    base = tmp_path / "base" / "eval"
+    base.mkdir(parents=True)
+    (base / "eval.json").write_text(json.dumps({"metrics": {"synthetic/kl_fwd": 0.9}}))
+    runs = [load_run(p) for p in find_runs([tmp_path])]
+    rows = aggregate(runs, ["synthetic/kl_fwd"])
+    assert [r.label for r in rows] == ["π₀ (base)", "DPO"]
+    assert rows[0].stats["synthetic/kl_fwd"][0] == 0.9

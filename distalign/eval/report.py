@@ -27,10 +27,10 @@ import yaml
 from distalign.errors import ConfigError, DataError
 
 # Table 2's row order; other methods follow alphabetically.
-METHOD_ORDER = ("sft", "reward", "dpo", "pmle", "rebel", "distill", "rlhf", "rkl")
+METHOD_ORDER = ("base", "sft", "reward", "dpo", "pmle", "rebel", "distill", "rlhf", "rkl")
 METHOD_NAMES = {
-    "sft": "SFT", "reward": "Reward model", "dpo": "DPO", "pmle": "PMLE", "rebel": "REBEL",
-    "distill": "Pref. Distill.", "rlhf": "RLHF", "rkl": "Reverse KL",
+    "base": "π₀ (base)", "sft": "SFT", "reward": "Reward model", "dpo": "DPO", "pmle": "PMLE",
+    "rebel": "REBEL", "distill": "Pref. Distill.", "rlhf": "RLHF", "rkl": "Reverse KL",
 }
 # label and direction (↑ higher is better, ↓ lower) of metrics the project logs
 KNOWN = {
@@ -140,7 +140,8 @@ def load_run(path: str | Path) -> Run:
     seed = summary.get("seed", run_cfg.get("seed"))
     return Run(
         path=path,
-        method=str(summary.get("method") or config.get("method") or "unknown"),
+        # a folder with only an evaluation (the pipeline's `base/`, π₀ itself) is named by it
+        method=str(summary.get("method") or config.get("method") or path.name),
         name=str(summary.get("name") or run_cfg.get("name") or path.name),
         seed=int(seed) if seed is not None else None,
         config=config,
