@@ -148,8 +148,9 @@ def main() -> None:
     if a.fit_probe:
         probe = fit_probe(a.fit_probe, *a.probe_pairs, a.probe_max_tokens, a.seed)
         print(json.dumps(probe), flush=True)
-    from distalign.eval.judges.base import Pair, make_judge
+    from distalign.eval.judges.base import Pair
     from distalign.eval.judges.cache import JudgeCache
+    from distalign.eval.judges.factory import make_judge
 
     rows, skipped = load_pairs(a.pairs, a.seed, a.max_chars)
     spec = spec_of(a.judge)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from distalign.errors import ConfigError, DataError
-from distalign.eval.judges.base import Pair, Verdict, load_template, make_judge
+from distalign.eval.judges import Pair, Verdict, load_template, make_judge
 from distalign.eval.judges.cache import JudgeCache
 from distalign.eval.judges.openai import OpenAIJudge, parse_verdict, preference_from_logprobs
 

@@ -233,8 +233,8 @@ def _write_json(path: Path, obj: dict[str, Any]) -> None:
 
 def judge_winrate(rows: list[dict[str, Any]], path: Path, out_dir: Path, judge_spec: str,
                   meta: dict[str, Any], policy_tok: Any, **kw: Any) -> dict[str, Any]:
-    from distalign.eval.judges.base import make_judge
     from distalign.eval.judges.cache import JudgeCache
+    from distalign.eval.judges.factory import make_judge
 
     # LLM judges read text, so an empty output is an error for them; the reward and oracle
     # judges score it like any other response (the synthetic world's invalid empty string)

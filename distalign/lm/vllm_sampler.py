@@ -47,16 +47,15 @@ import torch
 from torch import Tensor, nn
 
 from distalign.errors import ConfigError
-from distalign.lm.generation import (
+from distalign.lm.models import is_peft_model, unwrap_model
+from distalign.lm.rollout import (
     GenerationConfig,
     Rollout,
     _token_ids,
     check_generation_config,
-    register_sampler,
     stop_token_ids,
     truncate_after_eos,
 )
-from distalign.lm.models import is_peft_model, unwrap_model
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
@@ -376,5 +375,3 @@ class VLLMSampler:
             logprobs=(logprobs * response_mask.cpu()).to(device),
         )
 
-
-register_sampler("vllm", lambda cfg, tok: VLLMSampler(tok, cfg))

@@ -19,6 +19,9 @@ from distalign.eval.report import plot as bar_plot
 SECONDARY = ("eval/win_rate", "eval/win_rate_se", "eval/win_rate_discrete")
 EVAL_COLUMNS = ("eval/win_rate", "eval/rm_score", "eval/kl_ref", "eval/length")
 
+# the training-time curves of online runs shown beside the table (one plot per run)
+CURVES = ("env/score", "env/kl", "env/entropy")
+
 
 def _json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
@@ -54,8 +57,6 @@ def _columns(runs: list[Run], judges: list[str]) -> list[str]:
 
 def _online_table(root: Path, rows: list[dict[str, Any]]) -> str:
     """R̂, KL(π‖π₀) and entropy of the rollouts at the end of each online run."""
-    from distalign.pipeline.stages import CURVES
-
     runs = []
     for r in rows:
         mark = _json(root / r["name"] / ".done.curves.json").get("result", {})

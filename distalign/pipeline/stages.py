@@ -116,9 +116,6 @@ def report_run(**kwargs: Any) -> dict[str, Any]:
     return write_report(**kwargs)
 
 
-CURVES = ("env/score", "env/kl", "env/entropy")
-
-
 def curves_run(run_dir: str) -> dict[str, Any]:
     """One plot per online run: R̂, KL(π‖π₀) and entropy of its rollouts against the step,
     from ``metrics.jsonl`` (written to ``curves.png`` in the run directory)."""
@@ -126,6 +123,8 @@ def curves_run(run_dir: str) -> dict[str, Any]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from distalign.pipeline.report import CURVES
 
     rows = _read_jsonl(Path(run_dir) / "metrics.jsonl")
     keys = [k for k in CURVES if any(k in r for r in rows)]
