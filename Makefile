@@ -23,8 +23,11 @@ install: $(VENV)/.installed
 
 dev: $(VENV)/.dev
 
+# The main job on its embedded default: the exact toy (seconds), then the quick real-model
+# pipeline (SmolLM2-135M on HH-RLHF, about 8 minutes on 2 idle cores; see demo-real below).
 demo: install
 	$(BIN)/distalign toy
+	$(MAKE) demo-real
 
 test: dev
 	$(BIN)/ruff check distalign tests benchmarks
