@@ -88,3 +88,22 @@ def test_a_torn_last_metrics_line_is_dropped_on_resume(make_config, tmp_path):
         f.write('{"step": 3, "loss": 0.6')  # killed mid-write
     train(make_config("dpo", run_dir, "run.save_every=1", "run.max_steps=3"))
     assert _steps(run_dir) == [0, 1, 2, 3]
+
+
+def test_trainer_state_is_written_atomically(tmp_path, monkeypatch):
+    """The state file marks a checkpoint complete: a write cut short (kill -9, full disk)
+    must leave the previous whole file, never an empty or partial one."""
+    import os
+
+    from distalign.train.checkpoint import TrainState
+
+    path = tmp_path / "trainer_state.json"
+    TrainState(step=1).save(path)
+
+    def cut(fd: int) -> None:
+        raise OSError("killed mid-write")
+
+    monkeypatch.setattr(os, "fsync", cut)
+    with pytest.raises(OSError, match="mid-write"):
+        TrainState(step=2).save(path)
+    assert TrainState.load(path).step == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,7 +21,14 @@ class TrainState:
     optimizer_steps: int = 0
 
     def save(self, path: Path) -> None:
-        path.write_text(json.dumps(asdict(self)) + "\n")
+        # atomic: this file marks a checkpoint as complete, so a kill -9 mid-write must leave
+        # either no file or a whole one (an empty one would be picked up and fail to parse)
+        tmp = path.with_name(path.name + ".tmp")
+        with tmp.open("w") as f:
+            f.write(json.dumps(asdict(self)) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: Path) -> TrainState:

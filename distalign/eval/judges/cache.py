@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import sqlite3
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -26,12 +28,22 @@ class JudgeCache:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # several evaluations (pipeline workers) may share one cache: wait for the lock
         self.db = sqlite3.connect(self.path, timeout=120)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute(
-            "CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, judge TEXT, "
-            "template TEXT, p REAL, raw TEXT)"
-        )
-        self.db.commit()
+        # Switching a new file to WAL needs an exclusive lock, and SQLite answers "database is
+        # locked" at once (no busy wait) when another process is doing the same: retry.
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                self.db.execute("PRAGMA journal_mode=WAL")
+                self.db.execute(
+                    "CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, judge TEXT, "
+                    "template TEXT, p REAL, raw TEXT)"
+                )
+                self.db.commit()
+                break
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05 + 0.1 * random.random())
 
     def get(self, judge: str, template: str | None, prompt: str, a: str, b: str
             ) -> tuple[float | None, str] | None:
