@@ -74,18 +74,6 @@ class Rollout:
             None if self.logprobs is None else self.logprobs[rows],
         )
 
-    def to(self, device: torch.device | str) -> Rollout:
-        return Rollout(
-            self.input_ids.to(device),
-            self.attention_mask.to(device),
-            self.response_mask.to(device),
-            self.prompt_length,
-            self.ended.to(device),
-            self.response_lengths.to(device),
-            self.num_samples,
-            None if self.logprobs is None else self.logprobs.to(device),
-        )
-
 
 class Sampler(Protocol):
     """Anything that turns left-padded prompts into a :class:`Rollout`."""
