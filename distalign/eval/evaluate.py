@@ -29,6 +29,7 @@ import torch
 
 from distalign.errors import ConfigError, DataError
 from distalign.eval.annotations import write_annotations
+from distalign.eval.genfile import numbered_rows, sidecar_path
 from distalign.eval.judges.base import Pair
 from distalign.eval.judges.reward import length_batches, resolve_model_dir, split_gguf
 from distalign.eval.stats import bootstrap_ci, cluster_bootstrap_ci, mean_se, winrate
@@ -37,32 +38,20 @@ REQUIRED = {"prompt_id": str, "prompt": str, "output": str, "prompt_token_ids": 
             "output_token_ids": list, "ended": bool}
 
 
-def sidecar_path(generations: str | Path) -> Path:
-    p = Path(generations)
-    return p.with_name(p.name.removesuffix(".jsonl") + ".meta.json")
-
-
 def read_generations(path: str | Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Rows (checked field by field) and the sidecar (``{}`` when absent)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such generations file")
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for i, line in enumerate(f):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path} line {i + 1}: invalid JSON ({exc.msg})") from exc
-            for key, kind in REQUIRED.items():
-                if key not in row:
-                    raise DataError(f"{path} row {i}: missing field {key!r}")
-                if not isinstance(row[key], kind):
-                    raise DataError(f"{path} row {i}: field {key!r} is not a {kind.__name__}")
-            row["_line"] = i
-            rows.append(row)
+    for i, row in numbered_rows(path):
+        for key, kind in REQUIRED.items():
+            if key not in row:
+                raise DataError(f"{path} row {i}: missing field {key!r}")
+            if not isinstance(row[key], kind):
+                raise DataError(f"{path} row {i}: field {key!r} is not a {kind.__name__}")
+        row["_line"] = i
+        rows.append(row)
     if not rows:
         raise DataError(f"{path}: no generations")
     meta: dict[str, Any] = {}

@@ -24,7 +24,8 @@ from typing import Any
 
 import torch
 
-from distalign.errors import ConfigError, DataError
+from distalign.errors import ConfigError
+from distalign.eval.genfile import read_generations, sidecar_path
 from distalign.eval.prompts import Prompt, PromptSet, load_prompt_set
 from distalign.lm.collators import pad_sequences
 from distalign.lm.generation import GenerationConfig, make_sampler
@@ -38,12 +39,6 @@ COMPARED = ("model_path", "gguf_file", "tokenizer_path", "dtype", "generator", "
 # vLLM's memory share goes to ``gen_engine`` and may change between resumed runs).
 SAMPLING_FIELDS = ("max_new_tokens", "min_new_tokens", "temperature", "top_k", "top_p", "backend")
 MODEL_OUTPUTS = "model_outputs.json"  # what `alpaca_eval evaluate --model_outputs` reads
-
-
-def sidecar_path(out: str | Path) -> Path:
-    """``gens.jsonl`` → ``gens.meta.json`` next to it (the rule ``distalign eval`` reads)."""
-    out = Path(out)
-    return out.with_name(out.name.removesuffix(".jsonl") + ".meta.json")
 
 
 def gen_config(overrides: list[str], base: GenerationConfig | None = None) -> GenerationConfig:
@@ -98,23 +93,6 @@ def batch_seed(seed: int, prompt_ids: list[str]) -> int:
     on which batches ran before (resume) or on the process."""
     digest = hashlib.sha256(json.dumps([seed, prompt_ids]).encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
-
-
-def read_generations(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a generations file (a torn last line, without its newline, is ignored)."""
-    data = Path(path).read_bytes()
-    rows = []
-    for lineno, raw in enumerate(data[: data.rfind(b"\n") + 1].split(b"\n")[:-1], start=1):
-        if not raw.strip():
-            continue
-        try:
-            row = json.loads(raw)
-            (str(row["prompt_id"]), int(row["sample"]))
-        except (ValueError, KeyError, TypeError) as e:
-            raise DataError(f"{path} line {lineno}: not a generations row ({type(e).__name__}: "
-                            f"{e}); the file is damaged, rerun with --overwrite") from e
-        rows.append(row)
-    return rows
 
 
 def _cut_torn_line(path: Path) -> int:
