@@ -220,13 +220,18 @@ def load_policy(cfg: ModelConfig) -> nn.Module:
 
     if not cfg.name_or_path:
         raise ConfigError("model.name_or_path is empty")
-    model = load_causal_lm(cfg.name_or_path, cfg, "policy")
+    return _prepare_trainable(load_causal_lm(cfg.name_or_path, cfg, "policy"), cfg, "CAUSAL_LM")
+
+
+def _prepare_trainable(model: nn.Module, cfg: ModelConfig, task_type: str) -> nn.Module:
+    """The policy's memory and regularisation settings on any trained model: dropout off (if
+    asked), gradient checkpointing, and a LoRA adapter of ``task_type``."""
     if cfg.disable_dropout:
         disable_dropout(model)
     if cfg.gradient_checkpointing:
         _enable_gradient_checkpointing(model)
     if cfg.lora.enabled:
-        model = apply_lora(model, cfg.lora, "CAUSAL_LM")
+        model = apply_lora(model, cfg.lora, task_type)
     return model
 
 
@@ -262,14 +267,7 @@ def load_scorer(
 def trainable_scorer(path: str, cfg: ModelConfig, what: str, head: str) -> nn.Module:
     """A scorer to train (reward model, PPO value model) with the policy's memory settings:
     gradient checkpointing and, when LoRA is on, a SEQ_CLS adapter that also trains the head."""
-    model = load_scorer(path, cfg, head=head, what=what)
-    if cfg.disable_dropout:
-        disable_dropout(model)
-    if cfg.gradient_checkpointing:
-        _enable_gradient_checkpointing(model)
-    if cfg.lora.enabled:
-        model = apply_lora(model, cfg.lora, "SEQ_CLS")
-    return model
+    return _prepare_trainable(load_scorer(path, cfg, head=head, what=what), cfg, "SEQ_CLS")
 
 
 def load_reward_model(cfg: ModelConfig, pad_token_id: int | None = None) -> nn.Module:

@@ -44,6 +44,16 @@ def _newton_step(g: Tensor, H: Tensor) -> Tensor:
     return step - step.mean(-1, keepdim=True)
 
 
+def _slab_lead(batch: tuple[int, ...], slab: int) -> int:
+    """How many leading axes of ``batch`` to loop over so that a slab holds ≤ ``slab``
+    problems (or only the last axis is left)."""
+    lead, size = 0, math.prod(batch)
+    while lead < len(batch) - 1 and size > slab:
+        size //= batch[lead]
+        lead += 1
+    return lead
+
+
 def newton_solve(
     objective: PairwiseObjective,
     theta0: Tensor,
@@ -59,10 +69,7 @@ def newton_solve(
     result does not depend on the cut.
     """
     batch, K = theta0.shape[:-1], theta0.shape[-1]
-    lead, size = 0, math.prod(batch)
-    while lead < len(batch) - 1 and size > slab:
-        size //= batch[lead]
-        lead += 1
+    lead = _slab_lead(batch, slab)
     theta = torch.empty_like(theta0)
     stats = {"iterations": 0.0, "unconverged": 0.0, "stalled": 0.0, "work": 0.0}
     for idx in itertools.product(*(range(b) for b in batch[:lead])):
@@ -79,10 +86,7 @@ def newton_solve(
 def objective_value(objective: PairwiseObjective, theta: Tensor, slab: int = SLAB) -> Tensor:
     """F(θ) for every problem of ``theta`` (``[..., K]`` → ``[...]``), slab by slab."""
     batch, K = theta.shape[:-1], theta.shape[-1]
-    lead, size = 0, math.prod(batch)
-    while lead < len(batch) - 1 and size > slab:
-        size //= batch[lead]
-        lead += 1
+    lead = _slab_lead(batch, slab)
     out = theta.new_empty(batch)
     for idx in itertools.product(*(range(b) for b in batch[:lead])):
         part = _slab_objective(objective, idx, len(batch)).flatten(batch[lead:], K)
