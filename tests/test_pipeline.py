@@ -50,6 +50,10 @@ def test_runner_skips_done_stages_and_reruns_changed_ones_downstream(tmp_path):
     again = run_stages(_stages(tmp_path), log=lambda _: None)
     assert all(o.reused for o in again.values())
     assert again["a"].result == {"value": 1}  # read back from the done marker
+    # each marker times its stage: wall and CPU seconds, and the load beside it
+    mark = json.loads((tmp_path / "a" / ".done.train.json").read_text())
+    assert mark["seconds"] >= 0 and mark["cpu_seconds"] >= 0 and len(mark["load"]) == 2
+    assert mark["resumed"] is False and again["a"].timing["seconds"] == mark["seconds"]
     assert _calls(tmp_path / "a") == ["1"] and _calls(tmp_path / "b") == ["2"]
     # a changes: a runs again, and b (whose input changed) too
     changed = _stages(tmp_path, a_value=5)
@@ -213,6 +217,8 @@ def test_kill_9_then_rerun_equals_an_uninterrupted_pipeline(tiny, tmp_path):
     text = (tmp_path / "log2.txt").read_text()
     assert rc == 0, text
     assert "dpo-s0: resuming" in text and "▶ reward" not in text
+    assert json.loads((run_dir / ".done.train.json").read_text())["resumed"] is True
+    assert "| dpo-s0 (resumed: this attempt) |" in (killed / "report.md").read_text()
     def summary(d: Path) -> dict:
         m = json.loads((d / "summary.json").read_text())["metrics"]
         return {k: v for k, v in m.items() if "time" not in k and k != "tokens_per_s"}

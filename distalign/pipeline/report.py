@@ -108,20 +108,32 @@ def write_report(out: str, rows: list[dict[str, Any]], judges: list[str],
     if online:
         notes += ["", "Online training, last logged step (mean ± std over seeds; "
                   "curves in each run's curves.png):", "", online]
-    times = []
-    for name, marker in stages:
-        mark = _json(Path(marker))
-        if mark:
-            times.append((name, float(mark.get("seconds", 0.0))))
-    md = [f"# {title}", "", table, *notes, "", "| stage | wall time (s) |", "|---|---|"]
-    md += [f"| {n} | {s:.1f} |" for n, s in times]
+    times = {name: mark for name, marker in stages if (mark := _json(Path(marker)))}
+    md = [f"# {title}", "", table, *notes, "", stage_times(times)]
     (root / "report.md").write_text("\n".join(md) + "\n")
     result = {
         "metrics": cols,
         "rows": [{"label": row.label, "runs": [r.name for r in row.runs],
                   "stats": {k: {"mean": v[0], "std": v[1], "n": v[2]}
                             for k, v in row.stats.items()}} for row in table_rows],
-        "reward_accuracy": rm_acc, "stage_seconds": dict(times), "table": table,
+        "reward_accuracy": rm_acc, "table": table,
+        "stage_seconds": {n: m.get("seconds", 0.0) for n, m in times.items()},
     }
     (root / "report.json").write_text(json.dumps(result, indent=1) + "\n")
     return result
+
+
+def stage_times(marks: dict[str, dict[str, Any]]) -> str:
+    """Each stage's wall and CPU seconds with the 1-min load average at its start and end,
+    so a time measured beside other work (load > cores) or a resumed stage (this attempt
+    only) is visible as such."""
+    lines = ["| stage | wall time (s) | CPU time (s) | load (start → end) |", "|---|---|---|---|"]
+    for name, m in marks.items():
+        cpu = f"{m['cpu_seconds']:.1f}" if "cpu_seconds" in m else "–"
+        load = " → ".join(f"{v:.1f}" for v in m["load"]) if m.get("load") else "–"
+        note = " (resumed: this attempt)" if m.get("resumed") else ""
+        lines.append(f"| {name}{note} | {float(m.get('seconds', 0.0)):.1f} | {cpu} | {load} |")
+    wall = sum(float(m.get("seconds", 0.0)) for m in marks.values())
+    lines.append(f"| **total** | {wall:.1f} | "
+                 f"{sum(float(m.get('cpu_seconds', 0.0)) for m in marks.values()):.1f} | |")
+    return "\n".join(lines) + "\n"

@@ -16,6 +16,7 @@ import hashlib
 import importlib
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -74,6 +75,7 @@ class Outcome:
     result: dict[str, Any]
     seconds: float
     reused: bool
+    timing: dict[str, Any] = field(default_factory=dict)
 
 
 def _digest(obj: Any) -> str:
@@ -127,11 +129,27 @@ def status(stage: Stage) -> str:
     return "partial" if started else "todo"
 
 
-def _write_marker(stage: Stage, result: dict[str, Any], seconds: float) -> None:
+def _clock() -> tuple[float, float, float]:
+    """Wall time, CPU seconds of this process and its children, 1-min load average."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(
+        resource.RUSAGE_CHILDREN)
+    cpu = own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+    return time.perf_counter(), cpu, os.getloadavg()[0]
+
+
+def _timing(start: tuple[float, float, float], resumed: bool) -> dict[str, Any]:
+    # CPU time and the load average make a wall time readable: a stage that ran beside
+    # other work shows load > cores, and a resumed stage's wall time covers this attempt only
+    end = _clock()
+    return {"seconds": end[0] - start[0], "cpu_seconds": end[1] - start[1],
+            "load": [round(start[2], 2), round(end[2], 2)], "resumed": resumed}
+
+
+def _write_marker(stage: Stage, result: dict[str, Any], timing: dict[str, Any]) -> None:
     stage.out.mkdir(parents=True, exist_ok=True)
     tmp = stage.marker.with_suffix(".tmp")
     tmp.write_text(json.dumps({
-        "stage": stage.name, "fingerprint": stage.fingerprint, "seconds": seconds,
+        "stage": stage.name, "fingerprint": stage.fingerprint, **timing,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "result": result,
     }, default=str, indent=1) + "\n")
     os.replace(tmp, stage.marker)  # atomic: a kill leaves either no marker or a whole one
@@ -144,9 +162,12 @@ def call(target: str, spec: dict[str, Any]) -> dict[str, Any]:
     return dict(result or {})
 
 
-def _call_timed(target: str, spec: dict[str, Any]) -> tuple[dict[str, Any], float]:
-    t0 = time.perf_counter()
-    return call(target, spec), time.perf_counter() - t0
+def _call_timed(
+    target: str, spec: dict[str, Any], resumed: bool = False
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    start = _clock()
+    result = call(target, spec)
+    return result, _timing(start, resumed)
 
 
 def _launch(stage: Stage, launcher: Launcher) -> dict[str, Any]:
@@ -203,6 +224,7 @@ def run_stages(
     order(stages)
     launcher = launcher or Launcher()
     outcomes: dict[str, Outcome] = {}
+    resuming: set[str] = set()
     pending = list(stages)
     if only is not None:
         for s in stages:
@@ -210,12 +232,15 @@ def run_stages(
                 pending.remove(s)
                 if status(s) == "done":
                     finish_reused = read_marker(s) or {}
-                    outcomes[s.name] = Outcome(s, finish_reused.get("result", {}), 0.0, True)
+                    outcomes[s.name] = Outcome(s, finish_reused.get("result", {}), 0.0, True,
+                                               _marker_timing(finish_reused))
 
-    def finish(stage: Stage, result: dict[str, Any], seconds: float, reused: bool) -> None:
+    def finish(stage: Stage, result: dict[str, Any], timing: dict[str, Any], reused: bool,
+               ) -> None:
         if not reused:
-            _write_marker(stage, result, seconds)
-        outcomes[stage.name] = Outcome(stage, result, seconds, reused)
+            _write_marker(stage, result, timing)
+        outcomes[stage.name] = Outcome(stage, result, timing.get("seconds", 0.0), reused,
+                                       timing)
         if on_done is not None:
             on_done(outcomes[stage.name])
 
@@ -233,12 +258,13 @@ def run_stages(
         st = "todo" if force else status(stage)
         if st == "done":
             mark = read_marker(stage) or {}
-            finish(stage, mark.get("result", {}), 0.0, True)
+            finish(stage, mark.get("result", {}), _marker_timing(mark), True)
             return True
         if st == "changed" or (force and stage.marker.exists()):
             _redo(stage, log)
         elif st == "partial":
             log(f"  {stage.name}: resuming ({stage.out})")
+            resuming.add(stage.name)
         return False
 
     if workers <= 1:
@@ -247,12 +273,12 @@ def run_stages(
             if reuse(stage):
                 continue
             log(f"▶ {stage.name} → {stage.out}")
-            t0 = time.perf_counter()
+            start = _clock()
             if stage.launchable and launcher.kind != "inprocess":
                 result = _launch(stage, launcher)
             else:
                 result = call(stage.target, stage.spec)
-            finish(stage, result, time.perf_counter() - t0, False)
+            finish(stage, result, _timing(start, stage.name in resuming), False)
         return outcomes
 
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
@@ -263,7 +289,8 @@ def run_stages(
                 for stage in ready:
                     if not reuse(stage):
                         log(f"▶ {stage.name} → {stage.out}")
-                        running[pool.submit(_call_timed, stage.target, stage.spec)] = stage
+                        running[pool.submit(_call_timed, stage.target, stage.spec,
+                                            stage.name in resuming)] = stage
                 ready = take_ready(len(pending))
             if not running:
                 if pending:
@@ -272,9 +299,13 @@ def run_stages(
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
             for fut in finished:
                 stage = running.pop(fut)
-                result, seconds = fut.result()
-                finish(stage, result, seconds, False)
+                result, timing = fut.result()
+                finish(stage, result, timing, False)
     return outcomes
+
+
+def _marker_timing(mark: dict[str, Any]) -> dict[str, Any]:
+    return {k: mark[k] for k in ("seconds", "cpu_seconds", "load", "resumed") if k in mark}
 
 
 def _stuck(pending: list[Stage]) -> list[Stage]:
