@@ -65,6 +65,11 @@ def pipeline(
     typer.echo(p.table())
     if dry_run:
         return
+    import transformers
+
+    # the stages report their own progress; HF's per-load bars (GGUF de-quantisation, shard
+    # writing) are carriage-return noise in a log file
+    transformers.utils.logging.disable_progress_bar()
     names = None
     if (picked := _split(only)) is not None:
         names = {s.name for s in select(p.stages, picked)}
