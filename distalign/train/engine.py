@@ -11,6 +11,7 @@ import contextlib
 import logging
 import math
 import time
+import warnings
 from collections import defaultdict
 from dataclasses import asdict
 from pathlib import Path
@@ -363,6 +364,10 @@ def _quiet_libraries() -> None:
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
+    # peft asks for the property that transformers 5 renamed; the warning names no action
+    # for our users and would open every log
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
+                            category=FutureWarning)
 
 
 def train(cfg: TrainConfig, callbacks: list[Callback] | tuple = ()) -> Path:
