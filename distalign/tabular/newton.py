@@ -83,6 +83,16 @@ def newton_solve(
     return theta, stats
 
 
+def newton_decrement(objective: PairwiseObjective, theta: Tensor) -> tuple[Tensor, Tensor]:
+    """The Newton step (``[..., K]``) and decrement gᵀH⁻¹g (``[...]``) at ``theta``, unsliced:
+    for certificates on small batches (one problem per context)."""
+    batch, K = theta.shape[:-1], theta.shape[-1]
+    flat = objective.flatten(batch, K)
+    g, H = flat.grad_hess(theta.reshape(-1, K))
+    step = _newton_step(g, H)
+    return step.reshape(theta.shape), (-(g * step).sum(-1)).reshape(batch)
+
+
 def objective_value(objective: PairwiseObjective, theta: Tensor, slab: int = SLAB) -> Tensor:
     """F(θ) for every problem of ``theta`` (``[..., K]`` → ``[...]``), slab by slab."""
     batch, K = theta.shape[:-1], theta.shape[-1]

@@ -28,7 +28,7 @@ from distalign.objectives import (
     preference_logprob,
     rebel_loss,
 )
-from distalign.tabular.newton import newton_solve, objective_value
+from distalign.tabular.newton import QUADRATIC, newton_decrement, newton_solve, objective_value
 from distalign.tabular.pairwise import ClosedForm, PairwiseObjective, gather_pairs, pair_index
 
 # Closed-form ψ, ψ', ψ'' (derivatives in d) of each pair term below, for speed; newton_solve
@@ -122,13 +122,17 @@ def fit_reward(counts: Tensor, n: Tensor, ridge: float = 1e-6) -> Tensor:
     ridge λ makes the MLE unique when a response is unseen or undefeated (small n); R̂ is
     returned centred per context (the shift is not identified and cancels everywhere).
     """
+    theta0 = torch.zeros(counts.shape[:-1], dtype=counts.dtype, device=counts.device)
+    r, _ = newton_solve(_bt_objective(counts, n, ridge), theta0)
+    return r - r.mean(-1, keepdim=True)
+
+
+def _bt_objective(counts: Tensor, n: Tensor, ridge: float) -> PairwiseObjective:
+    """The objective of (9) with the ridge of :func:`fit_reward`, per context ``[..., X]``."""
     X, K = counts.shape[-3], counts.shape[-1]
     pairs = pair_index(K, ordered=True, device=counts.device)
     weight = gather_pairs(counts / n[..., None, None, None], pairs)
-    obj = PairwiseObjective(_bt_pair, pairs, weight, ridge=ridge / X, closed=_softplus_neg(1.0))
-    theta0 = torch.zeros(counts.shape[:-1], dtype=counts.dtype, device=counts.device)
-    r, _ = newton_solve(obj, theta0)
-    return r - r.mean(-1, keepdim=True)
+    return PairwiseObjective(_bt_pair, pairs, weight, ridge=ridge / X, closed=_softplus_neg(1.0))
 
 
 # ---------------------------------------------------------------------- closed forms
@@ -245,9 +249,18 @@ def dpo_policy(inp: FitInput, temps: Tensor) -> Tensor:
         anchor=ref,
         closed=_softplus_neg(None),
     )
-    # start at the exact optimum (RLHF's closed form); τ = 0 starts at π₀ (its answer)
+    # RLHF's closed form at β = τ; τ = 0 gives π₀ (its answer)
     init = torch.where(temps > 0, temps, torch.full_like(temps, float("inf")))
-    return _solve(obj, rlhf_policy(inp, init))
+    # Certificate: in the implied reward r = τ(θ − ln π₀) the objective IS that of (9), same
+    # pairs and ridge, so its gradient and Hessian are τ and τ² times those of (9) at r = R̂:
+    # the Newton step from the closed form is (the step of (9) at R̂)/τ and the decrement is
+    # that of (9), the same for every τ. Where that decrement is in Newton's quadratic regime
+    # the solve would stop after that one step, so it is taken here without the solve.
+    step, dec = newton_decrement(_bt_objective(inp.counts, inp.n, inp.ridge), inp.reward)
+    if not bool((dec < QUADRATIC).all()):
+        return _solve(obj, rlhf_policy(inp, init))
+    inv_tau = torch.where(temps > 0, 1.0 / temps, torch.zeros_like(temps))[:, None, None]
+    return torch.log_softmax(ref + (inp.reward + step)[..., None, :, :] * inv_tau, -1)
 
 
 def rebel_policy(inp: FitInput, etas: Tensor) -> Tensor:
@@ -278,7 +291,7 @@ def rebel_policy(inp: FitInput, etas: Tensor) -> Tensor:
         return 2 * (d - d_ref - eta * dr), torch.full_like(d, 2.0)
 
     X = inp.contexts
-    eta = _grid(etas)
+    one = torch.ones(1, dtype=etas.dtype, device=etas.device)
     ref = inp.log_ref[..., None, :, :]
     r = inp.reward[..., None, :, :]
     d_ref = gather_pairs(ref[..., :, None] - ref[..., None, :], inp.pairs())
@@ -287,14 +300,17 @@ def rebel_policy(inp: FitInput, etas: Tensor) -> Tensor:
         pair,
         inp.pairs(),
         inp.pair_weight(),
-        extras=(d_ref, d_r, eta),
+        extras=(d_ref, d_r, _grid(one)),
         ridge=inp.ridge / X,
         anchor=ref,
         closed=ClosedForm(value, derivs),
     )
-    # start at RLHF's closed form at β = 1/η (REBEL's optimum when the pairs connect)
-    init_beta = torch.where(etas > 0, 1.0 / etas, torch.full_like(etas, float("inf")))
-    return _solve(obj, rlhf_policy(inp, init_beta))
+    # In δ = θ − ln π₀ the objective is (δ − ηR̂)ᵀL(δ − ηR̂) + (λ/2X)‖Pδ‖², L the Laplacian of
+    # the pair weights: a quadratic whose optimum δ = η(2L + (λ/X)P)⁺2LR̂ is linear in η.
+    # One solve at η = 1 (from RLHF's closed form at β = 1, the optimum when the pairs
+    # connect) gives every η.
+    delta = _solve(obj, rlhf_policy(inp, one)) - ref
+    return torch.log_softmax(ref + _grid(etas) * delta, -1)
 
 
 def _solve(obj: PairwiseObjective, *inits: Tensor) -> Tensor:
