@@ -1,83 +1,117 @@
-"""`distalign synthetic` end to end on a miniature grid: runs, selection, outputs, CLI errors."""
+"""`distalign synthetic` end to end on a miniature grid: both reward classes, the adaptive
+rounds (β-grid extension, budget raises), selection, outputs, reuse, CLI errors."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from distalign.synthetic.config import Stage, SyntheticConfig
+from distalign.synthetic.adapt import selection_keys
+from distalign.synthetic.config import Convergence, Stage, SyntheticConfig
 from distalign.synthetic.experiment import run_grid
-from distalign.synthetic.results import select
 from distalign.synthetic.world import WorldConfig
 
 TINY = SyntheticConfig(
     world=WorldConfig(prompt_len=1, num_content=2, max_len=2),
-    methods=("pmle", "rkl"),
+    methods=("pmle", "rlhf"),
     sizes=(64, 128),
     seeds=(0,),
     sft_samples=256,
     sft=Stage(run={"batch_size": 64, "epochs": 1}, optim={"lr": 3e-3}),
     reward=Stage(run={"batch_size": 32, "epochs": 1}, optim={"lr": 1e-3}),
+    light_reward=Stage(run={"batch_size": 32, "epochs": 2}, optim={"lr": 0.1}),
     offline=Stage(run={"batch_size": 32, "epochs": 1}, optim={"lr": 1e-3}),
-    online=Stage(run={"batch_size": 16, "max_steps": 2}, optim={"lr": 1e-3},
+    online=Stage(run={"batch_size": 16, "max_steps": 10}, optim={"lr": 1e-3},
                  algo={"update_epochs": 1, "missing_eos_penalty": 10.0}),
-    grids={"pmle": [{"beta": 0.0}, {"beta": 1.0}], "rkl": [{"beta": 0.0}]},
-    eval_points=1,
+    # two points: whichever is chosen lies on an edge, so each group is extended once
+    grids={"pmle": [{"beta": 0.0}, {"beta": 1.0}], "rlhf": [{"beta": 1.0}, {"beta": 4.0}]},
+    eval_points=2,
+    # a tolerance no 10-step run meets: every on-policy run gets its one raise
+    convergence=Convergence(window=2, tol=1e-9, max_raises=1),
+    max_extensions=1,
+    slope_points=2,
+    bootstrap=50,
     workers=1,
 )
 
 
-def test_miniature_grid_writes_results_and_reuses_finished_runs(tmp_path):
+def test_miniature_grid_adapts_writes_results_and_reuses_finished_runs(tmp_path):
     logs: list[str] = []
     res = run_grid(TINY, tmp_path, log=logs.append)
-    # 2 sizes × (reward + 2 pmle + 1 rkl) engine runs, each with a run directory
-    assert len(res["runs"]) == 8
-    for r in res["runs"]:
+    runs = res["runs"]
+    assert {r["variant"] for r in runs} == {"offline", "standard", "light"}
+    for r in runs:
         assert (Path(r["run_dir"]) / "summary.json").exists()
-        assert "val_pref_loglik" in r["metrics"]
-    chosen = select(res["runs"])
-    for key, c in chosen.items():
-        vals = [g["metrics"]["val_pref_loglik"] for g in c["grid"]]
-        kls = [g["metrics"]["kl_fwd"] for g in c["grid"]]
-        assert c["selected"]["metrics"]["val_pref_loglik"] == max(vals), key
-        assert c["oracle"]["metrics"]["kl_fwd"] == min(kls), key
+    # the light reward model is the linear class and reports its exact rm_kl_fwd
+    light_rm = [r for r in runs if r["method"] == "reward" and r["variant"] == "light"]
+    assert len(light_rm) == 2 and all(0 <= r["metrics"]["rm_kl_fwd"] < 1 for r in light_rm)
+    cfg = json.loads((tmp_path / "runs/n64-s0/light/reward/final/config.json").read_text())
+    assert cfg["model_type"] == "distalign_light_reward"
+    # every rlhf group was extended past the edge its choice sat on: a third β, trained
+    ext = [e for e in res["events"] if e["what"] == "grid extended" and e["method"] == "rlhf"]
+    assert {(e["variant"], e["n"]) for e in ext} == {(v, n) for v in ("standard", "light")
+                                                      for n in (64, 128)}
+    for e in ext:
+        beta = e["params"]["beta"]
+        assert beta in (0.25, 16.0)
+        cell = tmp_path / "runs" / f"n{e['n']}-s0" / ("light" if e["variant"] == "light" else "")
+        assert list(cell.glob(f"rlhf-beta{beta:g}-*/summary.json"))
+    # budget raises: a "-x2" run with twice the steps, and "not converged" stays reported
+    raised = [r for r in runs if r["method"] == "rlhf" and r["level"] == 1]
+    assert raised and all(r["tag"].endswith("-x2") for r in raised)
+    steps = json.loads((Path(raised[0]["run_dir"]) / "summary.json").read_text())["step"]
+    assert steps == 20
+    assert res["convergence"]["not_converged"] > 0
+    table = res["methods"]["light"]["rlhf"]["by_n"]["128"]
+    assert table["leak_aware_seeds"]["0"]["converged"] is False
+    # the selection rules on the final grid
+    for variant in ("standard", "light"):
+        for n, cell in res["methods"][variant]["rlhf"]["by_n"].items():
+            finals = [r for r in runs if r["variant"] == variant and r["method"] == "rlhf"
+                      and r["n"] == int(n) and r["level"] == 1]
+            best = max(finals, key=lambda r: selection_keys(r["metrics"])["leak_aware"])
+            assert cell["leak_aware_params"] == [best["params"]]
+            orc = min(finals, key=lambda r: r["metrics"]["kl_fwd"])
+            assert cell["oracle"]["kl_fwd"]["mean"] == pytest.approx(orc["metrics"]["kl_fwd"])
+    # outputs
     saved = json.loads((tmp_path / "synthetic_results.json").read_text())
-    assert set(saved["methods"]) == {"pmle", "rkl"}
-    assert set(saved["methods"]["pmle"]["by_n"]) == {"64", "128"}
-    assert saved["reference"]["pi0"]["kl_ref"] == pytest.approx(0, abs=1e-9)
-    table = (tmp_path / "synthetic_table.md").read_text()
-    assert "| PMLE |" in table and "| Reverse KL |" in table
+    assert set(saved["methods"]) == {"standard", "light"}
+    assert set(saved["methods"]["light"]) == {"pmle", "rlhf"}
+    claims = (tmp_path / "claims.md").read_text()
+    assert "| consistent at O(1/n) | standard | pmle |" in claims and "Rules" in claims
+    # non-converged RLHF runs are no evidence: its floor claim is inconclusive
+    assert "| RLHF stays above its floor | light | rlhf |" in claims
+    row = next(c for c in saved["claims"] if c["claim"] == "RLHF stays above its floor")
+    assert row["verdict"] == "inconclusive"
     for png in ("synthetic_kl.png", "synthetic_winrate.png"):
         assert (tmp_path / png).stat().st_size > 1000
-    # the engine's run directories are what `report` reads
-    assert (tmp_path / "runs" / "n128-s0" / "pmle-beta1" / "config.yaml").exists()
-    # a second call reuses every finished run instead of training again
+    assert any(line.startswith("elapsed: ") for line in logs)
+    # a second call reuses every finished run and repeats the same adaptations
+    logs.clear()
     again = run_grid(TINY, tmp_path, log=logs.append)
     assert all(r["seconds"] == 0.0 for r in again["runs"])
-    assert sum("reused" in line for line in logs) == 8
-    # the grid is scheduled by the pipeline runner: each run has its done marker, and a run
-    # without one (killed before it finished) is the only one trained again
-    markers = sorted((tmp_path / "runs").glob("*/*/.done.train.json"))
-    assert len(markers) == 8
-    target = tmp_path / "runs" / "n64-s0" / "pmle-beta0"
-    (target / ".done.train.json").unlink()
-    (target / "summary.json").unlink()
-    third = run_grid(TINY, tmp_path, log=logs.append)
-    trained = [r for r in third["runs"] if r["seconds"] > 0]
-    assert [Path(r["run_dir"]) for r in trained] == [target]
-    by_dir = {r["run_dir"]: r["metrics"] for r in res["runs"]}
-    assert trained[0]["metrics"] == pytest.approx(by_dir[str(target)], rel=1e-5)
+    assert len(again["runs"]) == len(runs)
+    assert json.dumps(again["methods"]) == json.dumps(res["methods"])
 
 
-def test_cli_rejects_bad_arguments(capsys):
+def test_cli_rejects_bad_arguments(tmp_path):
     from distalign.cli import main
 
     with pytest.raises(SystemExit) as exc:
         main(["synthetic", "--methods", "ppo", "--out", "unused"])
     assert exc.value.code == 2
-    assert "unknown method(s) ['ppo']" in capsys.readouterr().err
+    # as a subprocess with output to a file: one line, exit 2, no traceback
+    log = tmp_path / "log.txt"
+    with log.open("w") as fh:
+        proc = subprocess.run([sys.executable, "-m", "distalign", "synthetic", "--reward-class",
+                               "heavy", "--out", str(tmp_path / "x")], stdout=fh, stderr=fh)
+    text = log.read_text()
+    assert proc.returncode == 2 and "Traceback" not in text
+    assert "error: --reward-class must be one of standard, light, both" in text
     with pytest.raises(SystemExit) as exc:
         main(["synthetic", "--sizes", "1k"])
-    assert "--sizes must be comma-separated integers" in capsys.readouterr().err
+    assert exc.value.code == 2

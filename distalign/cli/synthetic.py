@@ -39,6 +39,11 @@ def synthetic(
         str | None, typer.Option("--sizes", help="data sizes n, e.g. 1024,4096")
     ] = None,
     seeds: Annotated[str | None, typer.Option("--seeds", help="seeds, e.g. 0,1,2")] = None,
+    reward_class: Annotated[
+        str, typer.Option("--reward-class", help="reward model class: standard (the policy's "
+                          "transformer), light (a linear scorer over π*'s Markov features, "
+                          "the generator–verifier gap) or both")
+    ] = "both",
     workers: Annotated[
         int | None, typer.Option("--workers", help="parallel training processes (default 2)")
     ] = None,
@@ -55,6 +60,11 @@ def synthetic(
     for key, value in (("sizes", _ints(sizes, "sizes")), ("seeds", _ints(seeds, "seeds"))):
         if value:
             kwargs[key] = value
+    classes = {"both": ("standard", "light"), "standard": ("standard",), "light": ("light",)}
+    if reward_class not in classes:
+        raise ConfigError(f"--reward-class must be one of standard, light, both; got "
+                          f"{reward_class!r}")
+    kwargs["reward_classes"] = classes[reward_class]
     if workers is not None:
         if workers < 1:
             raise ConfigError(f"--workers must be >= 1, got {workers}")
@@ -65,4 +75,7 @@ def synthetic(
         raise ConfigError(str(exc)) from None
     results = run_grid(cfg, out, overwrite=overwrite, log=typer.echo)
     typer.echo((out / "synthetic_table.md").read_text())
-    typer.echo(f"{len(results['runs'])} runs in {results['seconds']:.0f}s; results in {out}")
+    typer.echo((out / "claims.md").read_text())
+    minutes, secs = divmod(round(results["seconds"]), 60)
+    typer.echo(f"{len(results['runs'])} engine runs in {minutes} min {secs} s (wall); "
+               f"results in {out}")

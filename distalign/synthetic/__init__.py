@@ -1,5 +1,7 @@
 """A ground-truth language world: known π*, enumerable responses, exact metrics (DESIGN.md).
 
+Importing it registers the light reward class (``light.py``) with transformers' Auto classes.
+
 >>> from distalign.synthetic import build_world
 >>> world = build_world()
 >>> world.num_prompts, world.num_responses
@@ -7,6 +9,7 @@
 """
 
 from distalign.synthetic.labels import PairSet, bt_probability, preference_loglik, sample_pairs
+from distalign.synthetic.light import LightRewardModel, light_reward_model
 from distalign.synthetic.lm import world_policy, world_tokenizer
 from distalign.synthetic.metrics import (
     ExactEvaluator,
@@ -20,12 +23,14 @@ from distalign.synthetic.world import World, WorldConfig, build_world
 __all__ = [
     "ExactEvaluator",
     "ExactMetricsCallback",
+    "LightRewardModel",
     "PairSet",
     "World",
     "WorldConfig",
     "build_world",
     "bt_probability",
     "exact_metrics",
+    "light_reward_model",
     "preference_loglik",
     "reward_metrics",
     "rlhf_floor",

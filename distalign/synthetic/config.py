@@ -1,16 +1,25 @@
-"""What ``distalign synthetic`` trains: the world, the data sizes and seeds, and per method the
-engine settings and the small hyper-parameter grid selected on held-out pairs.
+"""What ``distalign synthetic`` trains: the world, the data sizes and seeds, the reward-class
+variants, per method the engine settings and the hyper-parameter grid selected on held-out pairs,
+and the rules that adapt the grid (β extension, training-budget raises).
 
 Grids (γ is the world's tilt, 1 by default; all grids are multiples of it):
 
 - pmle, distill, rkl — the consistent estimators — use the true γ and grid β ∈ {0, 0.1γ, γ}:
   β = 0 is the estimator the theorems are about, β > 0 the regularised variants (5), (12), (15).
 - dpo grids its temperature γ_DPO ∈ {γ/4, γ, 4γ}: its population optimum is π₀·π*^{γ/γ_DPO}
-  (SPEC §2), the RLHF family, so the grid spans over- and under-shooting.
+  (the RLHF family), so the grid spans over- and under-shooting.
 - rlhf and rebel grid the KL weight β ∈ {γ/4, γ, 4γ} (RLHF optimum π₀·π*^{γ/β} with the true
-  reward); REBEL's η = 1 (SPEC Table 5) is a step size that does not move REBEL's fixed point.
+  reward); REBEL's η = 1 (the paper's Table 5) is a step size that does not move its fixed point.
 
-Two presets: ``default_config()`` (the README grid) and ``quick_config()`` (a smoke run).
+A grid whose selected point lies on an edge is extended past that edge by ``extend_factor``
+(log-spaced), at most ``max_extensions`` times per side (``adapt.py``); β = 0 is a natural edge
+(the unregularised estimator) and is never extended below.
+
+Variants (``reward_classes``): ``standard`` trains the reward model as the same transformer as
+the policy; ``light`` trains the linear Markov-feature scorer of ``light.py`` (Assumption 5's
+generator–verifier gap). The offline methods do not use R̂, so their runs are shared.
+
+Two presets: ``default_config()`` (the documented grid) and ``quick_config()`` (a smoke run).
 """
 
 from __future__ import annotations
@@ -23,23 +32,49 @@ from distalign.synthetic.world import WorldConfig
 ALL_METHODS = ("pmle", "dpo", "distill", "rebel", "rlhf", "rkl")
 OFFLINE = ("pmle", "dpo")  # trained on the labelled pairs themselves
 ONLINE = ("distill", "rebel", "rlhf", "rkl")  # prompts of D_n + reward model trained on D_n
+REWARD_CLASSES = ("standard", "light")
+# the searched hyper-parameter of each method, and whether 0 is a natural lower edge
+SEARCHED = {"pmle": "beta", "distill": "beta", "rkl": "beta", "dpo": "gamma", "rlhf": "beta",
+            "rebel": "beta"}
 
 
 @dataclass
 class Stage:
-    """Engine settings of one kind of run (merged into the method's config dict)."""
+    """Engine settings of one kind of run (merged into the method's config dict).
+
+    ``batches_per_epoch``: for epoch-based stages, the batch grows with n so that an epoch
+    has at most this many steps (tiny models cost per step, not per example, on a CPU).
+    """
 
     run: dict[str, Any]
     optim: dict[str, Any]
     algo: dict[str, Any] = field(default_factory=dict)
+    batches_per_epoch: int | None = None
+
+
+@dataclass
+class Convergence:
+    """The plateau rule of on-policy runs (``adapt.converged``).
+
+    A run has converged when its own objective's gap to the method's fixed point under R̂,
+    computed exactly over the prompt distribution at each evaluation, varies by at most
+    ``tol`` nats over the last ``window`` evaluations. A run that has not is retrained with
+    ``raise_factor``× the steps, at most ``max_raises`` times, then reported not converged.
+    """
+
+    window: int = 3
+    tol: float = 0.01
+    raise_factor: int = 2
+    max_raises: int = 1
 
 
 @dataclass
 class SyntheticConfig:
     world: WorldConfig = field(default_factory=WorldConfig)
     methods: tuple[str, ...] = ALL_METHODS
-    sizes: tuple[int, ...] = (1024, 4096, 16384)
-    seeds: tuple[int, ...] = (0, 1)
+    reward_classes: tuple[str, ...] = REWARD_CLASSES
+    sizes: tuple[int, ...] = (1024, 4096, 16384, 65536)
+    seeds: tuple[int, ...] = (0, 1, 2)
     val_fraction: float = 0.25  # validation pairs drawn in addition to n, as n·val_fraction
     sft_samples: int = 8192  # samples of π_sft that π₀ is fine-tuned on
     sft: Stage = field(
@@ -50,19 +85,31 @@ class SyntheticConfig:
     )
     reward: Stage = field(
         default_factory=lambda: Stage(
-            run={"batch_size": 64, "epochs": 10},
+            run={"batch_size": 64, "epochs": 6},
             optim={"lr": 1e-3, "scheduler": "cosine"},
-            algo={"center_coef": 0.01},  # pins BT's free offset near 0 (see below)
+            algo={"center_coef": 0.01},  # pins BT's free offset near 0
+            batches_per_epoch=64,
+        )
+    )
+    # the light scorer is a convex linear model: large steps, same data passes
+    light_reward: Stage = field(
+        default_factory=lambda: Stage(
+            run={"batch_size": 64, "epochs": 6},
+            optim={"lr": 0.1, "scheduler": "cosine"},
+            algo={"center_coef": 0.01},
+            batches_per_epoch=64,
         )
     )
     offline: Stage = field(
         default_factory=lambda: Stage(
-            run={"batch_size": 64, "epochs": 5}, optim={"lr": 1e-3, "scheduler": "cosine"}
+            run={"batch_size": 64, "epochs": 4},
+            optim={"lr": 1e-3, "scheduler": "cosine"},
+            batches_per_epoch=64,
         )
     )
     online: Stage = field(
         default_factory=lambda: Stage(
-            run={"batch_size": 64, "max_steps": 150},
+            run={"batch_size": 64, "max_steps": 120},
             optim={"lr": 1e-3, "scheduler": "cosine"},
             # A response that never stops is outside 𝒜 (π* = 0 there); the reward model has
             # never seen one, so without a penalty R̂ extrapolates. −10 is far below the
@@ -71,7 +118,12 @@ class SyntheticConfig:
         )
     )
     grids: dict[str, list[dict[str, float]]] = field(default_factory=dict)
-    eval_points: int = 5  # exact-metric evaluations per run (curves in metrics.jsonl)
+    eval_points: int = 6  # exact-metric evaluations per run (the plateau rule reads them)
+    convergence: Convergence = field(default_factory=Convergence)
+    extend_factor: float = 4.0
+    max_extensions: int = 1
+    slope_points: int = 3  # slopes are fitted over the largest this-many sizes
+    bootstrap: int = 2000  # resamples of the seeds for the confidence intervals
     workers: int = 2
 
     def __post_init__(self) -> None:
@@ -80,6 +132,9 @@ class SyntheticConfig:
         unknown = [m for m in self.methods if m not in ALL_METHODS]
         if unknown:
             raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(ALL_METHODS)}")
+        bad = [v for v in self.reward_classes if v not in REWARD_CLASSES]
+        if bad or not self.reward_classes:
+            raise ValueError(f"unknown reward class(es) {bad}; choose from standard, light")
         if not self.sizes or min(self.sizes) < 8:
             raise ValueError("sizes must be data sizes n >= 8")
 
@@ -89,6 +144,9 @@ class SyntheticConfig:
         return {"pmle": {"gamma": g}, "distill": {"gamma": g}, "rkl": {"gamma": g}}.get(
             method, {}
         )
+
+    def reward_stage(self, reward_class: str) -> Stage:
+        return self.light_reward if reward_class == "light" else self.reward
 
 
 def default_grids(gamma: float) -> dict[str, list[dict[str, float]]]:
@@ -105,7 +163,7 @@ def default_grids(gamma: float) -> dict[str, list[dict[str, float]]]:
 
 
 def default_config(**overrides: Any) -> SyntheticConfig:
-    """The documented grid: 6 methods × n ∈ {1024, 4096, 16384} × 2 seeds × 3 grid points."""
+    """The documented grid: 6 methods × 2 reward classes × n ∈ {1k, 4k, 16k, 64k} × 3 seeds."""
     return SyntheticConfig(**overrides)
 
 
@@ -123,6 +181,9 @@ def quick_config(**overrides: Any) -> SyntheticConfig:
         reward=Stage(
             run={"batch_size": 64, "epochs": 3}, optim={"lr": 1e-3}, algo={"center_coef": 0.01}
         ),
+        light_reward=Stage(
+            run={"batch_size": 64, "epochs": 3}, optim={"lr": 0.1}, algo={"center_coef": 0.01}
+        ),
         offline=Stage(run={"batch_size": 64, "epochs": 3}, optim={"lr": 1e-3}),
         online=Stage(
             run={"batch_size": 64, "max_steps": 40},
@@ -137,7 +198,11 @@ def quick_config(**overrides: Any) -> SyntheticConfig:
             "rlhf": [{"beta": g}],
             "rebel": [{"beta": g, "eta": 1.0}],
         },
-        eval_points=2,
+        eval_points=4,
+        convergence=Convergence(max_raises=0),
+        max_extensions=0,
+        slope_points=2,
+        bootstrap=200,
     )
     kwargs.update(overrides)
     return SyntheticConfig(**kwargs)

@@ -12,6 +12,14 @@
 - ``kl_rev``, ``entropy`` and ``kl_ref`` use π̂ conditioned on 𝒜 (π̂/π̂(𝒜), likewise π₀):
   outside 𝒜 the reverse KL to π* is +∞ and the rest is not enumerable, so these describe the
   policy's shape on 𝒜 and ``leak`` reports the rest.
+- ``log_mass`` = E_x ln π̂(𝒜|x), the log of the mass that passes a format check. It needs no π*
+  (only the enumerated 𝒜) and is exactly the leak's share of the forward KL:
+  ``kl_fwd`` = ``kl_fwd_cond`` − ``log_mass``; the leak-aware selection rule adds it to the
+  held-out preference log-likelihood.
+- ``obj_gap`` (on-policy runs, given R̂'s table): E_x KL(π̂(·|𝒜)‖π_T), π_T the method's own
+  fixed point under R̂ (RLHF/REBEL: π₀·exp(R̂/β); RKL/distill: (π₀^β·exp(R̂))^{1/(β+γ)}). It is
+  the run's objective suboptimality divided by its temperature, evaluated exactly over the
+  prompt distribution rather than on training batches; its plateau is the convergence rule.
 - ``win_ref`` / ``win_star``: the oracle win-rate Σ π̂(a) π₀(b) σ(γ Δ ln π*) of SPEC eq. (3),
   extended to all strings by the oracle's own rule: π*(a) = 0 outside 𝒜, so a valid response
   beats an invalid one with probability σ(+∞) = 1, and two invalid ones tie (½).
@@ -57,6 +65,7 @@ def exact_metrics(
         "kl_rev": (pq * (qbar - ls)).sum(-1).mean().item(),
         "entropy": -(pq * qbar).sum(-1).mean().item(),
         "leak": (1.0 - mass_q).mean().item(),
+        "log_mass": mass_q.log().mean().item(),
         "win_star": _win_rate(lq, ls, ls, gamma),
     }
     if logp_ref is not None:
@@ -80,6 +89,30 @@ def reward_metrics(scores: Tensor, logp_star: Tensor, gamma: float) -> dict[str,
         "rm_kl_fwd": (ls.exp() * (ls - lt)).sum(-1).mean().item(),
         "rm_corr": corr.mean().item(),
     }
+
+
+def fixed_point(
+    method: str, params: dict[str, float], reward: Tensor, logp_ref: Tensor, gamma: float
+) -> Tensor:
+    """ln π_T on 𝒜 of an on-policy method's objective with reward table R̂ ``[P, N]``.
+
+    RLHF (1) and REBEL (10): π_T ∝ π₀·exp(R̂/β). RKL (15) and distillation (11)–(12) with its
+    KL-shaped reward: π_T ∝ π₀^{β/(β+γ)}·exp(R̂/(β+γ)) (β = 0: π̃ ∝ exp(R̂/γ)).
+    """
+    r, lr = reward.double(), logp_ref.double()
+    beta = float(params.get("beta", 0.0))
+    if method in ("rlhf", "rebel"):
+        return torch.log_softmax(lr + r / beta, dim=-1)
+    if method in ("rkl", "distill"):
+        return torch.log_softmax((r + beta * lr) / (beta + gamma), dim=-1)
+    raise ValueError(f"no fixed point for method {method!r}")
+
+
+def objective_gap(logp_hat: Tensor, logp_target: Tensor) -> float:
+    """E_x KL(π̂(·|𝒜)‖π_T): 0 exactly at the method's fixed point."""
+    lq = logp_hat.double()
+    qbar = lq - lq.exp().sum(-1).log()[:, None]
+    return (qbar.exp() * (qbar - logp_target.double())).sum(-1).mean().item()
 
 
 def _win_rate(lq: Tensor, lr: Tensor, ls: Tensor, gamma: float) -> float:
@@ -189,10 +222,15 @@ class ExactMetricsCallback:
     """
 
     def __init__(
-        self, evaluator: ExactEvaluator, val_pairs: Any = None, prefix: str = "synthetic/"
+        self,
+        evaluator: ExactEvaluator,
+        val_pairs: Any = None,
+        prefix: str = "synthetic/",
+        target: Tensor | None = None,
     ) -> None:
         self.evaluator = evaluator
         self.val_pairs = val_pairs
+        self.target = target  # ln π_T of ``fixed_point``: adds ``obj_gap``
         self.prefix = prefix
         self.history: list[dict[str, float]] = []
 
@@ -206,6 +244,8 @@ class ExactMetricsCallback:
             table = ev.policy_logprobs(model)
             metrics = exact_metrics(table, ev.logp_star, world.gamma, ev.logp_ref)
             scale = world.gamma
+            if self.target is not None:
+                metrics["obj_gap"] = objective_gap(table, self.target)
         if self.val_pairs is not None:
             from distalign.synthetic.labels import preference_loglik
 
