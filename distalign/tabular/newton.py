@@ -93,14 +93,26 @@ def newton_decrement(objective: PairwiseObjective, theta: Tensor) -> tuple[Tenso
     return step.reshape(theta.shape), (-(g * step).sum(-1)).reshape(batch)
 
 
-def objective_value(objective: PairwiseObjective, theta: Tensor, slab: int = SLAB) -> Tensor:
-    """F(θ) for every problem of ``theta`` (``[..., K]`` → ``[...]``), slab by slab."""
+def objective_value(
+    objective: PairwiseObjective, theta: Tensor, slab: int = SLAB, where: Tensor | None = None
+) -> Tensor:
+    """F(θ) for every problem of ``theta`` (``[..., K]`` → ``[...]``), slab by slab; with a
+    mask ``where`` (``[...]``) only there, 0 elsewhere."""
     batch, K = theta.shape[:-1], theta.shape[-1]
     lead = _slab_lead(batch, slab)
-    out = theta.new_empty(batch)
+    out = theta.new_zeros(batch)
     for idx in itertools.product(*(range(b) for b in batch[:lead])):
+        th = theta[idx].reshape(-1, K)
+        sel = None if where is None else where[idx].reshape(-1).nonzero()[:, 0]
+        if sel is not None and sel.numel() == 0:
+            continue
         part = _slab_objective(objective, idx, len(batch)).flatten(batch[lead:], K)
-        out[idx] = part.value(theta[idx].reshape(-1, K)).reshape(batch[lead:])
+        if sel is None:
+            out[idx] = part.value(th).reshape(batch[lead:])
+        else:
+            vals = th.new_zeros(th.shape[0])
+            vals[sel] = part.subset(sel).value(th[sel])
+            out[idx] = vals.reshape(batch[lead:])
     return out
 
 

@@ -72,6 +72,7 @@ TUNED = {
     "dpo": "DPO temperature (the γ of eq. 6; 'β' in Tables 5/6)",
     "rebel": "η (REBEL reward scale, eq. 10)",
 }
+SAME_POINT = 1e-9  # starts whose centred logits end closer than this found the same optimum
 BETA_FLOOR = 1e-12  # RLHF at β = 0 is the greedy policy; evaluated as its β → 0⁺ limit
 
 
@@ -327,7 +328,11 @@ def _solve(obj: PairwiseObjective, *inits: Tensor) -> Tensor:
     shape = starts.shape[1:]
     theta, _ = newton_solve(obj, starts)
     if len(inits) > 1:
-        best = objective_value(obj, theta).argmin(0)
+        # values only where the starts ended in different points (small n); elsewhere every
+        # start found the same optimum and the first is kept
+        centred = theta - theta.mean(-1, keepdim=True)
+        differ = (centred - centred[:1]).abs().amax(-1).amax(0) > SAME_POINT
+        best = objective_value(obj, theta, where=differ.expand(theta.shape[:-1])).argmin(0)
         theta = torch.gather(theta, 0, best[None, ..., None].expand(1, *shape))
     return torch.log_softmax(theta[0], -1)
 
