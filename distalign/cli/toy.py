@@ -97,8 +97,9 @@ def toy(
         help="figure file inside --out; the suffix picks the format (png, pdf, svg, …)")] =
         "figure1.png",
     device: Annotated[str, typer.Option(help="torch device: cpu or cuda[:i]")] = "cpu",
-    threads: Annotated[int, typer.Option(
-        help="torch threads during the solves (1 is fastest on a busy machine)")] = 1,
+    threads: Annotated[int | None, typer.Option(
+        help="methods solved at once, one thread each (default: 2, or 1 on a 1-core "
+        "machine)")] = None,
 ) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -116,11 +117,11 @@ def toy(
             raise ConfigError(f"--n-min-exp must be ≥ 1 (n ≥ 2), got {n_min_exp}")
         n_values = tuple(2**k for k in range(n_min_exp, n_max_exp + 1))
     overrides: dict[str, object] = {
-        "seeds": seeds, "ns": n_values, "seed": seed, "device": device, "threads": threads,
+        "seeds": seeds, "ns": n_values, "seed": seed, "device": device,
         "methods": tuple(m.strip() for m in methods.split(",") if m.strip()),
     }
     for key, val in (("contexts", contexts), ("responses", responses), ("gamma", gamma),
-                     ("logit_scale", logit_scale)):
+                     ("logit_scale", logit_scale), ("threads", threads)):
         if val is not None:
             overrides[key] = val
     cfg = ToyConfig.from_preset(preset, **overrides)

@@ -231,25 +231,8 @@ def dpo_policy(inp: FitInput, temps: Tensor) -> Tensor:
     same ridge as (9), so the tabular DPO optimum is exactly RLHF's closed form at β = τ
     (Rafailov et al.). At τ = 0 the loss is constant and the ridge λ returns π₀.
     """
-
-    def pair(d: Tensor, d_ref: Tensor, tau: Tensor, weight: Tensor | None = None) -> Tensor:
-        z = torch.zeros_like(d)
-        return dpo_loss(d, z, d_ref, z, tau, weight)[0]
-
-    X = inp.contexts
-    tau = _grid(temps)
+    obj = dpo_objective(inp, temps)
     ref = inp.log_ref[..., None, :, :]
-    d_ref = gather_pairs(ref[..., :, None] - ref[..., None, :], inp.pairs())
-    ridge = torch.where(tau > 0, inp.ridge * tau**2, torch.full_like(tau, inp.ridge)) / X
-    obj = PairwiseObjective(
-        pair,
-        inp.pairs(),
-        inp.pair_weight(),
-        extras=(d_ref, tau),
-        ridge=ridge[..., 0],
-        anchor=ref,
-        closed=_softplus_neg(None),
-    )
     # RLHF's closed form at β = τ; τ = 0 gives π₀ (its answer)
     init = torch.where(temps > 0, temps, torch.full_like(temps, float("inf")))
     # Certificate: in the implied reward r = τ(θ − ln π₀) the objective IS that of (9), same
@@ -264,6 +247,29 @@ def dpo_policy(inp: FitInput, temps: Tensor) -> Tensor:
     return torch.log_softmax(ref + (inp.reward + step)[..., None, :, :] * inv_tau, -1)
 
 
+def dpo_objective(inp: FitInput, temps: Tensor) -> PairwiseObjective:
+    """The objective of (6) at each temperature of ``temps``, per problem ``[..., B, X]``."""
+
+    def pair(d: Tensor, d_ref: Tensor, tau: Tensor, weight: Tensor | None = None) -> Tensor:
+        z = torch.zeros_like(d)
+        return dpo_loss(d, z, d_ref, z, tau, weight)[0]
+
+    X = inp.contexts
+    tau = _grid(temps)
+    ref = inp.log_ref[..., None, :, :]
+    d_ref = gather_pairs(ref[..., :, None] - ref[..., None, :], inp.pairs())
+    ridge = torch.where(tau > 0, inp.ridge * tau**2, torch.full_like(tau, inp.ridge)) / X
+    return PairwiseObjective(
+        pair,
+        inp.pairs(),
+        inp.pair_weight(),
+        extras=(d_ref, tau),
+        ridge=ridge[..., 0],
+        anchor=ref,
+        closed=_softplus_neg(None),
+    )
+
+
 def rebel_policy(inp: FitInput, etas: Tensor) -> Tensor:
     """REBEL, eq. (10), relative to π₀, on the labelled pairs of D_n; η is tuned.
 
@@ -271,6 +277,18 @@ def rebel_policy(inp: FitInput, etas: Tensor) -> Tensor:
     ln(π/π₀) (for responses never compared). When every context's comparison graph is
     connected the optimum is π ∝ π₀ exp(η R̂): RLHF at β = 1/η.
     """
+    one = torch.ones(1, dtype=etas.dtype, device=etas.device)
+    ref = inp.log_ref[..., None, :, :]
+    # In δ = θ − ln π₀ the objective is (δ − ηR̂)ᵀL(δ − ηR̂) + (λ/2X)‖Pδ‖², L the Laplacian of
+    # the pair weights: a quadratic whose optimum δ = η(2L + (λ/X)P)⁺2LR̂ is linear in η.
+    # One solve at η = 1 (from RLHF's closed form at β = 1, the optimum when the pairs
+    # connect) gives every η.
+    delta = _solve(rebel_objective(inp, one), rlhf_policy(inp, one)) - ref
+    return torch.log_softmax(ref + _grid(etas) * delta, -1)
+
+
+def rebel_objective(inp: FitInput, etas: Tensor) -> PairwiseObjective:
+    """The objective of (10) at each η of ``etas``, per problem ``[..., B, X]``."""
 
     def pair(
         d: Tensor, d_ref: Tensor, dr: Tensor, eta: Tensor, weight: Tensor | None = None
@@ -291,27 +309,19 @@ def rebel_policy(inp: FitInput, etas: Tensor) -> Tensor:
     def derivs(d: Tensor, d_ref: Tensor, dr: Tensor, eta: Tensor) -> tuple[Tensor, Tensor]:
         return 2 * (d - d_ref - eta * dr), torch.full_like(d, 2.0)
 
-    X = inp.contexts
-    one = torch.ones(1, dtype=etas.dtype, device=etas.device)
     ref = inp.log_ref[..., None, :, :]
     r = inp.reward[..., None, :, :]
     d_ref = gather_pairs(ref[..., :, None] - ref[..., None, :], inp.pairs())
     d_r = gather_pairs(r[..., :, None] - r[..., None, :], inp.pairs())
-    obj = PairwiseObjective(
+    return PairwiseObjective(
         pair,
         inp.pairs(),
         inp.pair_weight(),
-        extras=(d_ref, d_r, _grid(one)),
-        ridge=inp.ridge / X,
+        extras=(d_ref, d_r, _grid(etas)),
+        ridge=inp.ridge / inp.contexts,
         anchor=ref,
         closed=ClosedForm(value, derivs),
     )
-    # In δ = θ − ln π₀ the objective is (δ − ηR̂)ᵀL(δ − ηR̂) + (λ/2X)‖Pδ‖², L the Laplacian of
-    # the pair weights: a quadratic whose optimum δ = η(2L + (λ/X)P)⁺2LR̂ is linear in η.
-    # One solve at η = 1 (from RLHF's closed form at β = 1, the optimum when the pairs
-    # connect) gives every η.
-    delta = _solve(obj, rlhf_policy(inp, one)) - ref
-    return torch.log_softmax(ref + _grid(etas) * delta, -1)
 
 
 def _solve(obj: PairwiseObjective, *inits: Tensor) -> Tensor:
