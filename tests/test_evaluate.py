@@ -109,6 +109,9 @@ def test_rm_score_kl_and_reward_judge_equal_hand_computation(tiny, gens, tmp_pat
     d = ((row_token_logps(pi, ids, attn, T) - row_token_logps(pi0, ids, attn, T)) * resp).sum(-1)
     assert m["eval/kl_ref"] == pytest.approx(d.mean().item(), abs=1e-4)
     assert m["eval/kl_ref_k3"] == pytest.approx((torch.expm1(-d) + d).mean().item(), abs=1e-4)
+    h = -(row_token_logps(pi, ids, attn, T) * resp).sum(-1)  # −ln π_T(y|x) per sample
+    assert m["eval/entropy"] == pytest.approx(h.mean().item(), abs=1e-4)
+    assert m["eval/entropy_se"] == pytest.approx(h.std().item() / math.sqrt(len(rows)), rel=1e-3)
     assert result["kl_temperature"] == T and result["kl_exact"] is True
     # the contract's keys, as distalign report reads them
     saved = json.loads((out / "eval.json").read_text())

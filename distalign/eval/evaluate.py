@@ -12,7 +12,8 @@ with a judge, ``annotations.json`` in AlpacaEval's schema (baseline = the refere
   mean of r − 1 − ln r with r = π₀(y|x)/π(y|x), non-negative per sample and also unbiased.
   Log-probs are taken at the sampling temperature T of the sidecar (T = 1 for greedy), so the
   estimate is of KL(π_T‖π₀_T), the distribution the samples came from; top-k/top-p truncation
-  makes it approximate (``kl_exact`` says so).
+  makes it approximate (``kl_exact`` says so). The same forwards give ``eval/entropy``, the
+  mean of −ln π(y|x): π_T's entropy per response in nats, estimated without bias.
 - **Win-rate** (a judge): 100 · mean P(output ≻ reference), discrete win-rate (ties = ½), SE,
   bootstrap CI, flip rate, unparsed count, mean lengths of both sides.
 """
@@ -183,8 +184,12 @@ def kl_estimates(rows: list[dict[str, Any]], policy: str, gguf: str | None, ref_
     k1 = [x - y for x, y in zip(lp, lr, strict=True)]
     k3 = [math.expm1(-d) + d for d in k1]  # r − 1 − ln r with ln r = −d
     (m1, s1), (m3, s3) = mean_se(k1), mean_se(k3)
+    # −ln π_T(y|x) over y ~ π_T is an unbiased estimate of π_T's entropy per response: the
+    # column that tells a distribution learner (RKL) from a mode seeker (RLHF) at equal KL
+    mh, sh = mean_se([-x for x in lp])
     return {"k1": k1, "metrics": {"eval/kl_ref": m1, "eval/kl_ref_se": s1,
-                                  "eval/kl_ref_k3": m3, "eval/kl_ref_k3_se": s3},
+                                  "eval/kl_ref_k3": m3, "eval/kl_ref_k3_se": s3,
+                                  "eval/entropy": mh, "eval/entropy_se": sh},
             "policy_model": policy, "ref_model": ref_model}
 
 

@@ -48,6 +48,7 @@ KNOWN = {
     "eval/length": ("length (tokens)", ""),
     "eval/rm_score": ("RM score", "↑"),
     "eval/kl_ref": ("KL(π‖π₀)", "↓"),
+    "eval/entropy": ("entropy (nats)", ""),
     "env/score": ("RM score", "↑"),
     "env/kl": ("KL(π‖π₀)", "↓"),
     "kl/online": ("KL(π‖π₀)", "↓"),

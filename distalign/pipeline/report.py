@@ -17,7 +17,7 @@ from distalign.eval.report import Run, aggregate, default_metrics, load_run, mar
 from distalign.eval.report import plot as bar_plot
 
 SECONDARY = ("eval/win_rate", "eval/win_rate_se", "eval/win_rate_discrete")
-EVAL_COLUMNS = ("eval/win_rate", "eval/rm_score", "eval/kl_ref", "eval/length")
+EVAL_COLUMNS = ("eval/win_rate", "eval/rm_score", "eval/kl_ref", "eval/entropy", "eval/length")
 
 # the training-time curves of online runs shown beside the table (one plot per run)
 CURVES = ("env/score", "env/kl", "env/entropy")
