@@ -90,7 +90,7 @@ def adapt_plan(cfg: SyntheticConfig, plan: dict, records: list[dict]) -> list[di
                     and point[1] < cfg.convergence.max_raises):
                 point[1] += 1
                 events.append({**base, "what": "budget raised", "params": point[0],
-                               "detail": f"{tag(point[0])} not converged; steps × "
+                               "detail": f"{tag(point[0])} not converged; continued to steps × "
                                          f"{cfg.convergence.raise_factor ** point[1]}"})
         if not now[key] or cfg.max_extensions == 0:
             continue

@@ -73,6 +73,9 @@ def _stage_run(stage: Stage, n: int, level: int, factor: int) -> dict[str, Any]:
     """The stage's run settings for data size n: the batch grows with n past
     ``batches_per_epoch`` steps per epoch; a raised budget multiplies ``max_steps``."""
     run = dict(stage.run)
+    for at, epochs in sorted(stage.epochs_at.items()):
+        if n >= at and "epochs" in run:
+            run["epochs"] = epochs
     if stage.batches_per_epoch and "epochs" in run:
         run["batch_size"] = max(int(run["batch_size"]), math.ceil(n / stage.batches_per_epoch))
     if "max_steps" in run:
@@ -147,23 +150,25 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     record = {k: job[k] for k in ("method", "variant", "n", "seed", "tag", "params", "level")}
     record["run_dir"] = str(run_dir)
     summary = run_dir / "summary.json"
-    if summary.exists() and not job.get("overwrite"):
+    steps = job["config"]["run"].get("max_steps")
+    done = summary.exists() and not job.get("overwrite") and (
+        steps is None or json.loads(summary.read_text()).get("step", 0) >= steps)
+    if done:
         metrics = json.loads(summary.read_text())["metrics"]
-        rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        curve = [r["synthetic/obj_gap"] for r in rows if "synthetic/obj_gap" in r]
         record.update(metrics=_synthetic(metrics), seconds=0.0, reused=True)
-        record.update(_convergence(job, curve) if job["method"] in ONLINE else {})
-        return record
-    _quiet(job.get("threads"))
-    ev = _evaluator(job["world"], job["pi0"], job["logp_ref"])
-    val = PairSet(*(torch.tensor(job["val"][k]) for k in ("x", "chosen", "rejected")))
-    callback = ExactMetricsCallback(ev, val, target=_target(ev, job))
-    t0 = time.perf_counter()
-    train(load_config(job["method"], job["config"]), callbacks=[callback])
-    last = {k: v for k, v in callback.history[-1].items() if k != "step"}
-    record.update(metrics=_synthetic(last), seconds=time.perf_counter() - t0, reused=False)
-    if job["method"] in ONLINE:
-        record.update(_convergence(job, [h["synthetic/obj_gap"] for h in callback.history]))
+    else:
+        _quiet(job.get("threads"))
+        ev = _evaluator(job["world"], job["pi0"], job["logp_ref"])
+        val = PairSet(*(torch.tensor(job["val"][k]) for k in ("x", "chosen", "rejected")))
+        callback = ExactMetricsCallback(ev, val, target=_target(ev, job))
+        t0 = time.perf_counter()
+        train(load_config(job["method"], job["config"]), callbacks=[callback])
+        last = {k: v for k, v in callback.history[-1].items() if k != "step"}
+        record.update(metrics=_synthetic(last), seconds=time.perf_counter() - t0, reused=False)
+    if job["method"] in ONLINE:  # the whole curve, across a continued run's two parts
+        rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        record.update(_convergence(job, [r["synthetic/obj_gap"] for r in rows
+                                         if "synthetic/obj_gap" in r]))
     return record
 
 
@@ -243,7 +248,6 @@ def _job(cfg, setup, cell, key, params, level, out, overwrite=False, threads=1):
              else cfg.online if method in ONLINE else cfg.offline)
     factor = cfg.convergence.raise_factor
     tag = "reward" if method == "reward" else f"{method}-{_tag(params)}"
-    tag += f"-x{factor**level}" if level else ""
     cdir = _cell_dir(out, n, seed, variant)
     if method == "reward":
         model = {"name_or_path": setup["light_init"] if variant == "light" else setup["pi0"]}
@@ -256,6 +260,8 @@ def _job(cfg, setup, cell, key, params, level, out, overwrite=False, threads=1):
     srun = _stage_run(stage, n, level, factor)
     run = {"name": tag, "output_dir": str(cdir), "seed": seed,
            "eval_every": _eval_every(srun, n, cfg.eval_points)}
+    if method in ONLINE:  # a raised budget continues the run from its last checkpoint
+        run.update(resume=True, save_every=int(stage.run["max_steps"]))
     econf = _engine_config(cfg, srun, stage, model=model, data=str(data), run=run, algo=algo)
     return {
         "method": method, "variant": variant, "n": n, "seed": seed, "tag": tag,
@@ -294,8 +300,7 @@ def run_grid(
     for seed in cfg.seeds:
         cells.update(_cell_data(cfg, setup["world"], setup["logp_ref"], out, seed))
     threads = 1 if cfg.workers > 1 else None
-    plan = initial_plan(cfg)
-    events: list[dict[str, Any]] = []
+    plan, events = _load_plan(cfg, out / "plan.json")
     # every raise and every extension needs a round; the last round's runs are final
     rounds = 1 + cfg.convergence.max_raises + 2 * cfg.max_extensions
     for r in range(rounds):
@@ -307,6 +312,7 @@ def run_grid(
             log(f"after round {r + 1}: {e['what']} for {e['variant']} {e['method']} n={e['n']}"
                 f" seed={e['seed']}: {e['detail']}")
         events += new
+        _save_plan(cfg, out / "plan.json", plan, events)
         if not new:
             break
     results = summarise(cfg, setup, current(plan, records), events, records,
@@ -314,6 +320,27 @@ def run_grid(
     write_outputs(results, out)
     log(f"elapsed: {results['seconds']:.0f} s wall for {len(records)} engine runs")
     return results
+
+
+def _fingerprint(cfg: SyntheticConfig) -> str:
+    return json.dumps({k: v for k, v in asdict(cfg).items() if k != "workers"}, sort_keys=True,
+                      default=str)
+
+
+def _load_plan(cfg: SyntheticConfig, path: Path) -> tuple[dict, list[dict]]:
+    """The adapted grid of an earlier call with the same config (so a rerun reuses its runs
+    instead of re-deciding from longer-trained ones), else the initial grid."""
+    if path.exists():
+        saved = json.loads(path.read_text())
+        if saved.get("config") == _fingerprint(cfg):
+            return {tuple(k): g for k, g in saved["plan"]}, saved["events"]
+    return initial_plan(cfg), []
+
+
+def _save_plan(cfg: SyntheticConfig, path: Path, plan: dict, events: list[dict]) -> None:
+    data = {"config": _fingerprint(cfg), "plan": [[list(k), g] for k, g in plan.items()],
+            "events": events}
+    path.write_text(json.dumps(data, indent=1) + "\n")
 
 
 def _stages(cfg, setup, cells, plan, out, overwrite, threads) -> list[RunStage]:
@@ -331,8 +358,7 @@ def _stages(cfg, setup, cells, plan, out, overwrite, threads) -> list[RunStage]:
                 continue
             deps = (f"{_cell_name(v, n, s)}/reward",) if m in ONLINE else ()
             for params, level in group["points"]:
-                for lv in range(level + 1):  # lower budgets stay in the graph (reused)
-                    stages.append(_stage(job((v, m, n, s), params, lv), deps))
+                stages.append(_stage(job((v, m, n, s), params, level), deps))
     return stages
 
 
