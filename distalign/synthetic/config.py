@@ -122,8 +122,8 @@ class SyntheticConfig:
             # A response that never stops is outside 𝒜 (π* = 0 there); the reward model has
             # never seen one, so without a penalty R̂ extrapolates. −10 is far below the
             # centred reward's spread (γ·|ln π*| ≲ 6 here); the engine's standard knob.
-            # 256 prompts and 2 passes per step: a probe of RKL with the light R̂ fell 3× faster
-            # per step than 64 × 1 at under twice the CPU time
+            # 256 prompts × 2 passes per step: in a probe (RKL, light R̂) obj_gap fell twice as
+            # far in 100 steps as with 64 × 1, as far as with 256 × 4
             algo={"update_epochs": 2, "missing_eos_penalty": 10.0},
         )
     )
