@@ -199,12 +199,14 @@ def _newton_flat(
         new_th = th + step
         F_new = torch.full_like(F, float("nan"))
         if far.numel():
-            sub = obj.subset(far)
+            # a subset copies every pair table: skip it when every problem is far (early on)
+            sub = obj if far.numel() == th.shape[0] else obj.subset(far)
             th_f, step_f = th[far], step[far]
             F_f = F[far]
             missing = F_f.isnan()
             if bool(missing.any()):
-                F_f[missing] = sub.subset(missing.nonzero()[:, 0]).value(th_f[missing])
+                miss = sub if bool(missing.all()) else sub.subset(missing.nonzero()[:, 0])
+                F_f[missing] = miss.value(th_f[missing])
             slope = -(g[far] * step_f).sum(-1)
             t = torch.ones_like(slope)
             trial = th_f + step_f

@@ -143,19 +143,20 @@ class PairwiseObjective:
     #: ``closed.prepare(*extras)`` once flattened
     consts: tuple[Tensor, ...] = ()
 
-    #: True once :meth:`flatten` has laid the pair fields out as dense ``[N, K, K]`` tables
+    #: True once :meth:`flatten` has laid the pair fields out as ``[N, M]`` arrays
     flat: bool = False
+    #: incidence matrix ``[K, M]`` (+1 at i, −1 at j for pair (i, j)), set by :meth:`flatten`
+    incidence: Tensor | None = None
 
     def flatten(self, batch: torch.Size, K: int) -> PairwiseObjective:
         """Materialise every field for each of the ``prod(batch)`` problems (axis 0).
 
-        Pair fields become dense ``[N, K, K]`` tables (entry (i, j) of pair (i, j), zero
-        weight elsewhere): the derivative assembly is then a few dense ops per problem,
-        with no gathers or scatters. Zero-weight entries add exactly 0 to F, g and H.
+        Pair fields become ``[N, M]`` arrays over the M listed pairs only (45 unordered pairs
+        for K = 10, against 100 cells of a dense K×K table). Differences and the gradient are
+        one matrix product with the incidence matrix each; the Hessian one scatter.
         """
         M = self.pairs.shape[1]
         dev = self.weight.device
-        cell = self.pairs[0] * K + self.pairs[1]
 
         def full(t: Tensor | float | None, tail: tuple[int, ...]) -> Tensor | None:
             if t is None:
@@ -163,23 +164,23 @@ class PairwiseObjective:
             t = torch.as_tensor(t, dtype=torch.float64, device=dev)
             return t.expand(*batch, *tail).reshape(-1, *tail)
 
-        def dense(t: Tensor) -> Tensor:
-            flat = full(t, (M,))
-            out = torch.zeros(flat.shape[0], K * K, dtype=flat.dtype, device=dev)
-            return out.index_copy_(1, cell, flat).reshape(-1, K, K)
-
+        inc = torch.zeros(K, M, dtype=torch.float64, device=dev)
+        cols = torch.arange(M, device=dev)
+        inc[self.pairs[0], cols] = 1.0
+        inc[self.pairs[1], cols] = -1.0
         # constants from the pair-form extras, before they are broadcast over the batch
         consts = self.closed.prepare(*self.extras) if self.closed is not None else ()
         return replace(
             self,
-            weight=dense(self.weight),
-            extras=tuple(dense(e) for e in self.extras),
-            consts=tuple(dense(c) for c in consts),
+            weight=full(self.weight, (M,)),
+            extras=tuple(full(e, (M,)) for e in self.extras),
+            consts=tuple(full(c, (M,)) for c in consts),
             kl_coef=full(self.kl_coef, ()),
             log_ref=full(self.log_ref, (K,)),
             ridge=full(self.ridge, ()),
             anchor=full(self.anchor, (K,)),
             flat=True,
+            incidence=inc,
         )
 
     def subset(self, idx: Tensor) -> PairwiseObjective:
@@ -208,10 +209,9 @@ class PairwiseObjective:
         out = out if isinstance(out, tuple) else (out,)
         return tuple(o.reshape(*batch, *o.shape[1:]) for o in out)
 
-    @staticmethod
-    def _diff(theta: Tensor) -> Tensor:
-        """d_ij = θ_i − θ_j for every cell of the ``[N, K, K]`` pair tables."""
-        return theta[:, :, None] - theta[:, None, :]
+    def _diff(self, theta: Tensor) -> Tensor:
+        """d = θ_i − θ_j for every pair, ``[N, M]`` (exact: the other products are 0)."""
+        return theta @ self.incidence
 
     def _centred_dev(self, theta: Tensor) -> Tensor:
         dev = theta if self.anchor is None else theta - self.anchor
@@ -231,7 +231,7 @@ class PairwiseObjective:
         d = self._diff(theta)
         fn = self.pair_fn
         if self.closed is not None:
-            out = (self.weight * self.closed.value(d, *self.consts)).sum((-1, -2))
+            out = (self.weight * self.closed.value(d, *self.consts)).sum(-1)
         elif self.weighted:
             # one library call per problem: Σ_m W_m ψ_m = (weighted mean) · Σ W
             def per_problem(d_p: Tensor, w_p: Tensor, *e_p: Tensor) -> Tensor:
@@ -241,7 +241,7 @@ class PairwiseObjective:
         else:
             shape = d.shape
             psi = vmap(fn)(*(t.reshape(-1) for t in (d, *self.extras))).reshape(shape)
-            out = (self.weight * psi).sum((-1, -2))
+            out = (self.weight * psi).sum(-1)
         if self.kl_coef is not None:
             out = out + self.kl_coef * _kl_logits(theta, self.log_ref)
         dev = self._centred_dev(theta)
@@ -260,14 +260,17 @@ class PairwiseObjective:
             d1, d2 = self.closed.derivs(d, *self.consts)
         else:
             d1, d2 = library_derivatives_grad(self.pair_fn, d, *self.extras)
-        # chain rule through d_ij = θ_i − θ_j: g_i += Wψ', g_j −= Wψ'; with A = Wψ'' the
-        # Hessian is the weighted graph Laplacian of A + Aᵀ
-        s1 = self.weight * d1
-        g = s1.sum(-1) - s1.sum(-2)
+        # chain rule through d = θ_i − θ_j: g_i += Wψ', g_j −= Wψ'; with A = Wψ'' per pair the
+        # Hessian is the weighted graph Laplacian: −A at (i, j) and (j, i), Σ A on the diagonal
+        inc = self.incidence
+        g = (self.weight * d1) @ inc.T
         A = self.weight * d2
-        H = A + A.transpose(-1, -2)
-        diag = H.sum(-1)
-        H.neg_()
+        N, K = theta.shape
+        i, j = self.pairs[0], self.pairs[1]
+        H = theta.new_zeros(N, K * K)
+        H.index_add_(1, torch.cat([i * K + j, j * K + i]), torch.cat([A, A], 1), alpha=-1.0)
+        H = H.view(N, K, K)
+        diag = A @ inc.abs().T
         if self.kl_coef is not None:
             # c·H_KL = c·(diag(g_KL + p) − p uᵀ − u pᵀ), u = g_KL + p/2 (see kl_grad_hess),
             # added in place: two fused K×K updates instead of four K×K temporaries

@@ -159,19 +159,38 @@ def pmle_policy(inp: FitInput, betas: Tensor) -> Tensor:
     """
     gamma = inp.gamma
 
-    def pair(d: Tensor, weight: Tensor | None = None) -> Tensor:
-        return pmle_loss(d, torch.zeros_like(d), gamma, weight)[0]
+    # The two orientations of a pair {i, j} enter as one term: C_ij wins of i and C_ji of j
+    # are weight (C_ij + C_ji)/n and share q = C_ji/(C_ij + C_ji) won by j, so that
+    # ψ(d; q) = (1 − q)·(4)(d) + q·(4)(−d), d = ln π_i − ln π_j: the sum over D_n unchanged.
+    def pair(d: Tensor, q: Tensor, weight: None = None) -> Tensor:
+        both = torch.stack([d, -d])
+        return pmle_loss(both, torch.zeros_like(both), gamma, torch.stack([1 - q, q]))[0]
 
-    X = inp.contexts
+    # ψ = softplus(−z) + q z, z = γd; ψ' = γ(σ(z) + q − 1), ψ'' = γ² σ(z) σ(−z)
+    def value(d: Tensor, q: Tensor) -> Tensor:
+        z = gamma * d
+        return _softplus(-z) + q * z
+
+    def derivs(d: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
+        sig = torch.sigmoid(gamma * d)
+        return gamma * (sig + q - 1), gamma**2 * sig * (1 - sig)
+
+    pairs = pair_index(inp.responses, ordered=False, device=inp.counts.device)
+    won = gather_pairs(inp.counts, pairs)
+    lost = gather_pairs(inp.counts.transpose(-1, -2), pairs)
+    total = won + lost
+    q = torch.where(total > 0, lost / total.clamp_min(1), torch.zeros_like(total))
     b = _grid(betas)
     obj = PairwiseObjective(
         pair,
-        inp.pairs(),
-        inp.pair_weight(),
-        kl_coef=b[..., 0] / X,
+        pairs,
+        (total / inp.n[..., None, None])[..., None, :, :],
+        extras=(q[..., None, :, :],),
+        kl_coef=b[..., 0] / inp.contexts,
         log_ref=inp.log_ref[..., None, :, :],
-        ridge=inp.ridge * gamma**2 / X,
-        closed=_softplus_neg(gamma),
+        ridge=inp.ridge * gamma**2 / inp.contexts,
+        weighted=False,  # the two orientations are weighted inside: values pair by pair
+        closed=ClosedForm(value, derivs),
     )
     return _solve(obj, rkl_policy(inp, betas), inp.log_ref[..., None, :, :])
 
