@@ -43,7 +43,13 @@ def exact_kl(log_p: Tensor, log_q: Tensor) -> Tensor:
 
 
 def _kl_logits(theta: Tensor, log_ref: Tensor) -> Tensor:
-    return exact_kl(torch.log_softmax(theta, -1), log_ref)
+    return exact_kl(_log_softmax(theta), log_ref)
+
+
+def _log_softmax(theta: Tensor) -> Tensor:
+    """log_softmax over a short last axis: torch's kernel is ~3× slower on ``[N, 10]``."""
+    z = theta - theta.amax(-1, keepdim=True)
+    return z - z.exp().sum(-1, keepdim=True).log()
 
 
 def pair_index(K: int, ordered: bool = True, device: str | torch.device = "cpu") -> Tensor:
@@ -301,7 +307,7 @@ def library_derivatives_grad(pair_fn: PairFn, d: Tensor, *extras: Tensor) -> tup
 
 def _kl_pieces(theta: Tensor, log_ref: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """g = ∇_θ KL(softmax θ ‖ π₀), p = softmax θ and u = g + p/2 (see :func:`kl_grad_hess`)."""
-    log_p = torch.log_softmax(theta, -1)
+    log_p = _log_softmax(theta)
     p = log_p.exp()
     h = log_p - log_ref
     g = p * (h - (p * h).sum(-1, keepdim=True))
