@@ -20,6 +20,7 @@ TINY = SyntheticConfig(
     methods=("pmle", "rlhf"),
     sizes=(64, 128),
     seeds=(0,),
+    online_min_n=0,
     sft_samples=256,
     sft=Stage(run={"batch_size": 64, "epochs": 1}, optim={"lr": 3e-3}),
     reward=Stage(run={"batch_size": 32, "epochs": 1}, optim={"lr": 1e-3}),

@@ -92,3 +92,21 @@ def test_bootstrap_mean_and_paired_verdicts():
     assert _verdict(b["ci"], 0.0, agree_below=False) == "agree"  # light: on-policy wins
     assert _verdict(b["ci"], 0.0, agree_below=True) == "disagree"  # standard: it should not
     assert _verdict([-0.01, 0.02], 0.0, agree_below=False) == "inconclusive"
+
+
+def test_default_grid_has_the_seeds_and_sizes_a_slope_ci_needs():
+    from distalign.synthetic.config import ONLINE, default_config
+    from distalign.synthetic.experiment import initial_plan
+
+    cfg = default_config()
+    assert len(cfg.seeds) >= 3 and len(cfg.sizes) >= 4 and max(cfg.sizes) >= 65536
+    assert cfg.reward_classes == ("standard", "light")
+    plan = initial_plan(cfg)
+    offline = sum(len(g["points"]) for k, g in plan.items() if k[0] == "offline")
+    online = sum(len(g["points"]) for k, g in plan.items() if k[1] in ONLINE)
+    assert offline == 4 * 3 * (3 + 3)  # sizes × seeds × (pmle + dpo grid points)
+    # on-policy from n = 4096: sizes × seeds × classes × (distill 2 + rkl 2 + rlhf 3 + rebel 2)
+    assert online == 3 * 3 * 2 * 9
+    assert not any(k[2] < cfg.online_min_n for k in plan if k[1] in ONLINE)
+    # the slope's range holds only sizes that every method has
+    assert sorted(cfg.sizes)[-cfg.slope_points] >= cfg.online_min_n

@@ -10,8 +10,9 @@ Grids (γ is the world's tilt, 1 by default; all grids are multiples of it):
   (the RLHF family), so the grid spans over- and under-shooting.
 - distill and rkl search β ∈ {0, 0.1γ} (two points for time: on-policy runs cost per step
   whatever n is; a choice of 0.1γ is on the edge, so the grid extends to 0.4γ by itself);
-- rlhf and rebel grid the KL weight β ∈ {γ, 4γ, 16γ} (RLHF optimum π₀·π*^{γ/β} with the true
-  reward); REBEL's η = 1 (the paper's Table 5) is a step size that does not move its fixed point.
+- rlhf grids the KL weight β ∈ {γ, 4γ, 16γ}, rebel β ∈ {4γ, 16γ} (RLHF optimum π₀·π*^{γ/β}
+  with the true reward); REBEL's η = 1 (the paper's Table 5) is a step size that does not
+  move its fixed point.
 
 A grid whose selected point lies on an edge is extended past that edge by ``extend_factor``
 (log-spaced), at most ``max_extensions`` times per side (``adapt.py``); β = 0 is a natural edge
@@ -79,6 +80,9 @@ class SyntheticConfig:
     reward_classes: tuple[str, ...] = REWARD_CLASSES
     sizes: tuple[int, ...] = (1024, 4096, 16384, 65536)
     seeds: tuple[int, ...] = (0, 1, 2)
+    # on-policy runs (and their reward models) only from this n on: they cost per step whatever
+    # n is, and slopes use the largest ``slope_points`` sizes
+    online_min_n: int = 4096
     val_fraction: float = 0.25  # validation pairs drawn in addition to n, as n·val_fraction
     sft_samples: int = 8192  # samples of π_sft that π₀ is fine-tuned on
     sft: Stage = field(
@@ -111,13 +115,13 @@ class SyntheticConfig:
             run={"batch_size": 64, "epochs": 3},
             optim={"lr": 1e-3, "scheduler": "cosine"},
             batches_per_epoch=128,
-            epochs_at={16384: 2, 65536: 1},
+            epochs_at={4096: 2, 16384: 1},
         )
     )
     # constant lr: with a decaying one every run would "plateau" by construction
     online: Stage = field(
         default_factory=lambda: Stage(
-            run={"batch_size": 256, "max_steps": 100},
+            run={"batch_size": 256, "max_steps": 80},
             optim={"lr": 1e-3, "scheduler": "constant"},
             # A response that never stops is outside 𝒜 (π* = 0 there); the reward model has
             # never seen one, so without a penalty R̂ extrapolates. −10 is far below the
@@ -170,7 +174,7 @@ def default_grids(gamma: float) -> dict[str, list[dict[str, float]]]:
         "rkl": consistent[:2],
         "dpo": [{"gamma": gamma / 4}, {"gamma": gamma}, {"gamma": 4 * gamma}],
         "rlhf": kl_family,
-        "rebel": [{**p, "eta": 1.0} for p in kl_family],
+        "rebel": [{**p, "eta": 1.0} for p in kl_family[1:]],
     }
 
 
@@ -185,6 +189,7 @@ def quick_config(**overrides: Any) -> SyntheticConfig:
     kwargs: dict[str, Any] = dict(
         sizes=(512, 2048),
         seeds=(0,),
+        online_min_n=0,
         sft_samples=4096,
         sft=Stage(
             run={"batch_size": 128, "epochs": 4},

@@ -278,6 +278,8 @@ def initial_plan(cfg: SyntheticConfig) -> dict[tuple, dict[str, Any]]:
     for n in cfg.sizes:
         for s in cfg.seeds:
             for m in cfg.methods:
+                if m in ONLINE and n < cfg.online_min_n:
+                    continue
                 for v in (cfg.reward_classes if m in ONLINE else ("offline",)):
                     plan[(v, m, n, s)] = {"points": [[dict(p), 0] for p in cfg.grids[m]],
                                           "ext": {"low": 0, "high": 0}}
@@ -350,7 +352,8 @@ def _stages(cfg, setup, cells, plan, out, overwrite, threads) -> list[RunStage]:
     # biggest cells first: their runs are the longest, so they should not start last
     order = sorted(cells, key=lambda c: (-c[0], c[1]))
     needs_rm = any(m in ONLINE for m in cfg.methods)
-    stages = [_stage(job((v, "reward", n, s), {})) for n, s in order if needs_rm
+    stages = [_stage(job((v, "reward", n, s), {})) for n, s in order
+              if needs_rm and n >= cfg.online_min_n
               for v in cfg.reward_classes]
     for n, s in order:
         for (v, m, gn, gs), group in plan.items():
