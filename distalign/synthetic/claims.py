@@ -109,7 +109,8 @@ def claims(results: dict[str, Any], points: int, resamples: int) -> list[dict[st
         if method not in results["methods"].get(variant, {}):
             return
         s = bootstrap_slope(_seed_values(results, variant, method, "kl_fwd"), points, resamples)
-        rows.append({"claim": claim, "variant": variant, "method": method, "stat": "slope",
+        label = "either (no R̂)" if method in ("pmle", "dpo") else variant
+        rows.append({"claim": claim, "variant": label, "method": method, "stat": "slope",
                      "value": s["slope"], "ci": s["ci"], "detail": f"n ∈ {s['sizes']}",
                      "verdict": _verdict(s["ci"], SLOPE_THRESHOLD, agree_below)})
 
