@@ -8,7 +8,7 @@ The split comes from the ``timings`` the run records in results.json: Newton sol
 distillation, DPO, REBEL and the BT reward), closed forms (RLHF, RKL), β selection (exact KL
 metrics, oracle and honest choices, records), I/O and plot; start-up is the wall time left over
 (interpreter, imports of torch, typer, rich and the CLI, and printing the tables).
-Run: ``python benchmarks/toy_speed.py [--repeat 3] [--threads 2]``. CPU time is the child's
+Run: ``python benchmarks/toy_speed.py [--repeat 3] [--threads 1]``. CPU time is the child's
 user + sys; on a shared machine compare it rather than wall time, and note the load average.
 """
 
@@ -27,11 +27,12 @@ from pathlib import Path
 PHASES = ("newton", "closed_forms", "selection", "io_plot")
 
 
-def run_once(preset: str, threads: int, extra: list[str]) -> dict[str, float]:
+def run_once(preset: str, threads: int | None, extra: list[str]) -> dict[str, float]:
     """One ``distalign toy`` process: wall, child CPU and the recorded phase timings."""
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "distalign", "toy", "--preset", preset, "--threads",
-               str(threads), "--out", tmp, *extra]
+        flag = [] if threads is None else ["--threads", str(threads)]
+        cmd = [sys.executable, "-m", "distalign", "toy", "--preset", preset, *flag,
+               "--out", tmp, *extra]
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -55,14 +56,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=1, help="runs (the fastest is shown)")
     parser.add_argument("--preset", default="paper", help="paper or strong")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads of the run")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="methods solved at once (default: the command's own default)")
     parser.add_argument("extra", nargs="*", help="more `distalign toy` flags (after --)")
     args = parser.parse_args()
     load0 = os.getloadavg()[0]
     runs = [run_once(args.preset, args.threads, args.extra) for _ in range(args.repeat)]
     best = min(runs, key=lambda r: r["wall"])
     walls = ", ".join(f"{r['wall']:.2f}" for r in runs)
-    print(f"distalign toy --preset {args.preset} --threads {args.threads}: 6 methods, 8 seeds, "
+    threads = "default" if args.threads is None else args.threads
+    print(f"distalign toy --preset {args.preset}, threads {threads}: 6 methods, 8 seeds, "
           f"n = 2^5..2^16, 41 β values; {os.cpu_count()} CPUs; 1-min load average "
           f"{load0:.2f} before, {os.getloadavg()[0]:.2f} after")
     print(f"wall from the shell: best {best['wall']:.2f} s of {len(runs)} "

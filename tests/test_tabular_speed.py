@@ -75,7 +75,16 @@ def test_dpo_closed_form_is_stationary_and_equals_the_newton_solve(
 
 
 def test_threads_give_the_same_records() -> None:
-    cfg = ToyConfig.from_preset("strong", seeds=2, ns=(32, 512), threads=1)
-    one = run_toy(cfg).records
+    """Two threads solve the Newton methods one n at a time: other slabs, same optima to the
+    toy's 1e-6 (a slab's vectorised reductions may round differently, and the ridge-held
+    corner solutions of n = 32 amplify that to ~1e-9)."""
+    one = run_toy(ToyConfig.from_preset("strong", seeds=2, ns=(32, 512), threads=1)).records
     two = run_toy(ToyConfig.from_preset("strong", seeds=2, ns=(32, 512), threads=2)).records
-    assert one == two
+    assert len(one) == len(two) == 2 * 2 * 6
+    for a, b in zip(one, two, strict=True):
+        assert a.keys() == b.keys()
+        for key, value in a.items():
+            if isinstance(value, float):
+                assert abs(b[key] - value) <= 1e-6 * max(1.0, abs(value)), (a, key)
+            else:
+                assert b[key] == value

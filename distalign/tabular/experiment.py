@@ -13,7 +13,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
@@ -214,6 +214,8 @@ def run_toy(
 
 #: methods solved in closed form (the rest are Newton solves)
 CLOSED_FORM = ("rlhf", "rkl")
+#: methods whose whole grid costs well under a second (closed forms and certified shortcuts)
+CHEAP = (*CLOSED_FORM, "dpo", "rebel")
 
 
 class _Clock:
@@ -269,16 +271,20 @@ def _prepare(config: ToyConfig) -> _Grid:
 
 
 def _method_grid(
-    grid: _Grid, method: str, gamma: float, clock: _Clock | None = None
+    grid: _Grid, method: str, gamma: float, clock: _Clock | None = None,
+    part: slice = slice(None),
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Full-data fits ``[N, S, B, X, K]``, their forward KL and the held-out log-likelihood of
-    the train fits (both ``[N, S, B]``) of one method over the whole grid."""
-    log_pi = SOLVERS[method](grid.inp, grid.betas)  # [N, 2, S, B, X, K]: full fit, train fit
+    the train fits (both ``[N, S, B]``) of one method over the grid (the sizes n in ``part``)."""
+    inp = grid.inp
+    if part != slice(None):  # every problem is independent: a slice of n is a smaller grid
+        inp = replace(inp, counts=inp.counts[part], n=inp.n[part], reward=inp.reward[part])
+    log_pi = SOLVERS[method](inp, grid.betas)  # [N, 2, S, B, X, K]: full fit, train fit
     if clock is not None:
         clock.lap("closed_forms" if method in CLOSED_FORM else "newton")
     full = log_pi[:, 0]
     fkl = exact_kl(grid.world.log_star[:, None], full).mean(-1)  # E_x over uniform contexts
-    val = _val_loglik(log_pi[:, 1], grid.val_counts, grid.n_val, gamma)
+    val = _val_loglik(log_pi[:, 1], grid.val_counts[part], grid.n_val[part], gamma)
     return full, fkl, val
 
 
@@ -299,23 +305,37 @@ def grid_metrics(
 def _solve_methods(
     grid: _Grid, config: ToyConfig, clock: _Clock
 ) -> Iterator[tuple[str, tuple[Tensor, Tensor, Tensor]]]:
-    """(method, :func:`_method_grid` result) in the order of ``config.methods``.
+    """(method, :func:`_method_grid` result) for every method, as they finish.
 
-    With ``config.threads`` > 1 the methods are solved in that many threads, the costliest
-    (Newton) first; torch releases the GIL inside its kernels, so the solves overlap. The
-    caller's work on one method (selection) overlaps the solves of the others.
+    With ``config.threads`` > 1 the work is spread over that many threads; torch releases
+    the GIL inside its kernels, so the solves overlap. The Newton methods are cut into one
+    task per n (costliest, smallest n, first) so that the threads stay balanced; the caller's
+    work on a finished method (selection) overlaps the solves of the others.
     """
     if config.threads == 1:
         for m in config.methods:
             yield m, _method_grid(grid, m, config.gamma, clock)
         return
-    costly = sorted(config.methods, key=lambda m: m in CLOSED_FORM)
+    cheap = [m for m in config.methods if m in CHEAP]
+    costly = [m for m in config.methods if m not in CHEAP]
+    tasks = [(m, slice(None)) for m in cheap]
+    tasks += [(m, slice(a, a + 1)) for a in range(len(grid.ns)) for m in costly]
     with ThreadPoolExecutor(config.threads, thread_name_prefix="toy") as pool:
-        futures = {m: pool.submit(_method_grid, grid, m, config.gamma) for m in costly}
-        for m in config.methods:
-            result = futures[m].result()
-            clock.lap("newton")  # the wall time spent waiting on the solves
-            yield m, result
+        futures: dict[str, list[Future]] = {m: [] for m in config.methods}
+        for m, part in tasks:
+            futures[m].append(pool.submit(_method_grid, grid, m, config.gamma, None, part))
+        pending = list(config.methods)
+        while pending:
+            done = [m for m in pending if all(f.done() for f in futures[m])]
+            if not done:
+                running = [f for m in pending for f in futures[m] if not f.done()]
+                wait(running, return_when=FIRST_COMPLETED)  # the done ones would not block
+                continue
+            for m in done:
+                pending.remove(m)
+                pieces = [f.result() for f in futures[m]]
+                clock.lap("newton")  # the wall time spent waiting on the solves
+                yield m, tuple(torch.cat(x) for x in zip(*pieces, strict=True))
 
 
 def _run(config: ToyConfig, progress: Callable[[str, int], None] | None) -> ToyResults:
