@@ -45,6 +45,7 @@ def test_tiny_run_writes_json_csv_and_figure(tmp_path: Path, capsys) -> None:
         (["--seeds", "0"], "--seeds"),
         (["--preset", "huge"], "unknown preset"),
         (["--ns", "a,b"], "--ns"),
+        (["--threads", "0"], "--threads"),
     ],
 )
 def test_bad_flags_exit_2_with_one_line(tmp_path: Path, capsys, flags: list[str],

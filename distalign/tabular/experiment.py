@@ -112,7 +112,7 @@ class ToyConfig:
         if self.device != "cpu" and not self.device.startswith("cuda"):
             raise ConfigError(f"--device must be 'cpu' or 'cuda[:i]', got {self.device!r}")
         if self.threads < 1:
-            raise ConfigError(f"threads must be ≥ 1, got {self.threads}")
+            raise ConfigError(f"--threads must be ≥ 1, got {self.threads}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError(f"--device {self.device}: CUDA is not available here")
 
