@@ -7,9 +7,9 @@ The grids (``distalign/synthetic/config.py``, version 2):
 
 - default: 6 methods × 2 reward classes × n ∈ {1024, 4096, 16384, 65536} × seeds {0, 1, 2}.
   Offline (pmle 3 β, dpo 3 γ_DPO; shared by both classes) with epochs 3/3/2/1; 2 reward models
-  per cell; on-policy distill and rkl with 2 β each, rlhf and rebel with 3 β each, 100 steps of
-  256 prompts per run, plus β-grid extensions and continuations to 200 steps where a run has
-  not converged. 2 worker processes, 1 torch thread each.
+  per cell from n = 4096 on; on-policy from n = 4096: distill, rkl and rebel with 2 β each,
+  rlhf with 3, 64 steps of 256 prompts per run, plus β-grid extensions and continuations to
+  128 steps where a run has not converged. 2 worker processes, 1 torch thread each.
 - quick: n ∈ {512, 2048}, 1 seed, 1–2 grid points, 40 on-policy steps, no adaptation: 26
   engine runs plus the SFT of π₀.
 
@@ -25,7 +25,8 @@ is the better guide to the idle machine:
 Per-unit CPU costs (seconds, measured under the same load with ``torch`` on 1 thread):
 offline 0.45 ms per pair per epoch (pmle and dpo, any batch ≥ 256: the tiny model costs per
 example); standard reward model 0.27 ms per pair per epoch; light reward model 0.03 s per
-step; on-policy 0.11 s per step at 256 prompts × 2 passes; ≈ 0.5 s start-up per engine run
+step; on-policy 0.14 s per step at 256 prompts × 2 passes (0.17 with the standard R̂ and
+transformer value model, 0.11 with the light ones); ≈ 0.5 s start-up per engine run
 (worker processes import once).
 
 Usage: ``python benchmarks/synthetic_speed.py [--grid quick|default|both] [--out DIR]``
@@ -49,7 +50,7 @@ MEASURED = {
 }
 LIMITS = {"quick": 180.0, "default": 1800.0}
 COST = {"offline_pair": 0.45e-3, "reward_pair": 0.27e-3, "light_step": 0.03,
-        "online_step": 0.11, "startup": 0.5, "sft": 25.0}
+        "online_step": 0.14, "startup": 0.5, "sft": 25.0}
 
 
 def _cpu_seconds() -> float:

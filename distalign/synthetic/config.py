@@ -121,7 +121,7 @@ class SyntheticConfig:
     # constant lr: with a decaying one every run would "plateau" by construction
     online: Stage = field(
         default_factory=lambda: Stage(
-            run={"batch_size": 256, "max_steps": 80},
+            run={"batch_size": 256, "max_steps": 64},
             optim={"lr": 1e-3, "scheduler": "constant"},
             # A response that never stops is outside 𝒜 (π* = 0 there); the reward model has
             # never seen one, so without a penalty R̂ extrapolates. −10 is far below the
