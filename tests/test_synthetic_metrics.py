@@ -172,3 +172,42 @@ def test_callback_scores_policies_and_reward_models(setup):
     scores = cb.on_evaluate(1, rm, tok)
     assert set(scores) == {"synthetic/rm_kl_fwd", "synthetic/rm_corr", "synthetic/val_pref_loglik"}
     assert len(cb.history) == 2
+
+
+@pytest.mark.parametrize("method,beta", [("rlhf", 0.5), ("rebel", 2.0), ("rkl", 0.0),
+                                         ("rkl", 0.3), ("distill", 0.1)])
+def test_objective_gap_is_the_objective_suboptimality_over_its_temperature(method, beta):
+    from distalign.synthetic.metrics import fixed_point, objective_gap
+
+    gen = torch.Generator().manual_seed(7)
+    P, N, gamma = 4, 6, 0.7
+    reward = torch.randn(P, N, generator=gen, dtype=torch.float64)
+    ref = torch.log_softmax(torch.randn(P, N, generator=gen, dtype=torch.float64), -1)
+    pol = torch.log_softmax(torch.randn(P, N, generator=gen, dtype=torch.float64), -1)
+    # each method's objective, exactly: E_π[R̂] − β KL(π‖π₀) (+ γ H(π) for RKL and distill)
+    entropy_weight = gamma if method in ("rkl", "distill") else 0.0
+
+    def objective(lp):
+        p = lp.exp()
+        return ((p * reward).sum(-1) - beta * (p * (lp - ref)).sum(-1)
+                - entropy_weight * (p * lp).sum(-1)).mean().item()
+
+    target = fixed_point(method, {"beta": beta}, reward, ref, gamma)
+    assert objective_gap(target, target) == pytest.approx(0.0, abs=1e-12)
+    temperature = beta + entropy_weight
+    gap = objective_gap(pol, target)
+    assert objective(target) - objective(pol) == pytest.approx(temperature * gap, rel=1e-9)
+    assert objective(target) > objective(pol)  # π_T maximises the objective
+
+
+def test_log_mass_is_the_leaks_share_of_the_forward_kl():
+    from distalign.synthetic.metrics import exact_metrics
+
+    gen = torch.Generator().manual_seed(3)
+    star = torch.log_softmax(torch.randn(5, 8, generator=gen, dtype=torch.float64), -1)
+    hat = torch.log_softmax(torch.randn(5, 8, generator=gen, dtype=torch.float64), -1)
+    mass = torch.tensor([0.9, 0.95, 1.0, 0.7, 0.99], dtype=torch.float64)
+    m = exact_metrics(hat + mass.log()[:, None], star, 1.0)  # sub-normalised: leaks 1 − mass
+    assert m["log_mass"] == pytest.approx(mass.log().mean().item(), rel=1e-12)
+    assert m["kl_fwd"] == pytest.approx(m["kl_fwd_cond"] - m["log_mass"], rel=1e-12)
+    assert m["leak"] == pytest.approx(1 - mass.mean().item(), rel=1e-12)
