@@ -78,11 +78,14 @@ def test_bootstrap_slope_recovers_exact_rates_and_drops_non_converged_seeds():
     s = bootstrap_slope(noisy, points=3, resamples=500)
     assert s["ci"][0] < -1.0 < s["ci"][1] or s["ci"][0] < s["slope"] < s["ci"][1]
     assert s["ci"][1] - s["ci"][0] > 0.1
-    # a size with fewer than two usable seeds: no CI, so inconclusive
+    # a size with one usable seed: a point estimate but no CI, so inconclusive
     thin = per_n(-1.0)
     thin[65536] = {"0": thin[65536]["0"]}
     t = bootstrap_slope(thin, points=3, resamples=100)
-    assert math.isnan(t["slope"]) and _verdict(t["ci"], -0.65, True) == "inconclusive"
+    assert math.isfinite(t["slope"]) and math.isnan(t["ci"][0])
+    assert _verdict(t["ci"], -0.65, True) == "inconclusive"
+    thin[65536] = {}  # none: not even a point estimate
+    assert math.isnan(bootstrap_slope(thin, points=3, resamples=100)["slope"])
 
 
 def test_bootstrap_mean_and_paired_verdicts():

@@ -65,9 +65,11 @@ def bootstrap_slope(per_n: dict[int, dict[str, float]], points: int, resamples: 
     seeds = sorted({s for n in sizes for s in per_n[n]})
     out: dict[str, Any] = {"sizes": sizes, "seeds": len(seeds), "slope": math.nan,
                            "ci": [math.nan, math.nan]}
-    if len(sizes) < 2 or any(len(per_n[n]) < 2 for n in sizes):
+    if len(sizes) < 2 or any(not per_n[n] for n in sizes):
         return out
     out["slope"] = loglog_slope(sizes, [mean(per_n[n].values()) for n in sizes])
+    if any(len(per_n[n]) < 2 for n in sizes):  # a point estimate, but no CI
+        return out
     rng = random.Random(seed)
     draws = []
     for _ in range(resamples):
@@ -173,6 +175,8 @@ def claims_markdown(results: dict[str, Any]) -> str:
     for r in results["claims"]:
         lo, hi = r["ci"]
         ci = f"[{lo:.3f}, {hi:.3f}]" if math.isfinite(lo) else "–"
+        value = f"{r['value']:.3f}" if math.isfinite(r["value"]) else "–"
+        detail = r["detail"] + ("" if math.isfinite(lo) else "; < 2 usable (converged) seeds")
         lines.append(f"| {r['claim']} | {r['variant']} | {r['method']} | {r['stat']} | "
-                     f"{r['value']:.3f} | {ci} | {r['detail']} | **{r['verdict']}** |")
+                     f"{value} | {ci} | {detail} | **{r['verdict']}** |")
     return "\n".join([*lines, "", RULES_TEXT])
