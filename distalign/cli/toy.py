@@ -98,8 +98,8 @@ def toy(
         "figure1.png",
     device: Annotated[str, typer.Option(help="torch device: cpu or cuda[:i]")] = "cpu",
     threads: Annotated[int | None, typer.Option(
-        help="methods solved at once, one thread each (default: 2, or 1 on a 1-core "
-        "machine)")] = None,
+        help="solver threads, one torch thread each; the methods and sizes n are spread "
+        "over them (default: 2, or 1 on a 1-core machine)")] = None,
 ) -> None:
     from rich.console import Console
     from rich.table import Table

@@ -60,8 +60,8 @@ class ToyConfig:
     mu: str = "ref"
     seed: int = 0
     device: str = "cpu"
-    #: methods solved at the same time, each in its own thread with one torch intra-op thread
-    #: (torch's own threads mostly synchronise on these small batched ops; see docs/toy.md)
+    #: solver threads, each with one torch intra-op thread (torch's own threads mostly
+    #: synchronise on these small batched ops); methods and sizes n are spread over them
     threads: int = field(default_factory=lambda: min(2, os.cpu_count() or 1))
 
     @classmethod
