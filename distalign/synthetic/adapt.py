@@ -5,7 +5,7 @@
   nats over its last ``window`` evaluations. One that has not is retrained with a larger step
   budget, a bounded number of times; if it still has not, it is reported and kept out of the
   claims' evidence.
-- **β grids that contain their optimum** (``extension``): when a selected grid point is the
+- **β grids that contain their optimum** (``extension``): when the leak-aware choice is the
   smallest or largest value of the searched hyper-parameter, the grid gets one more point past
   that edge, log-spaced (× or ÷ ``factor``), a bounded number of times per side. 0 is a
   natural lower edge (β = 0 is the unregularised estimator itself) and is not extended.
@@ -96,7 +96,7 @@ def adapt_plan(cfg: SyntheticConfig, plan: dict, records: list[dict]) -> list[di
             continue
         name = SEARCHED[m]
         values = [p[name] for p, _ in group["points"]]
-        for rule in ("val", "leak_aware"):
+        for rule in ("leak_aware",):  # the claims' rule; val's edge choices are only flagged
             best = max(now[key], key=lambda r: selection_keys(r["metrics"])[rule])
             ext = extension(values, best["params"][name], cfg.extend_factor,
                                   group["ext"], cfg.max_extensions)

@@ -14,9 +14,10 @@ Grids (γ is the world's tilt, 1 by default; all grids are multiples of it):
   with the true reward); REBEL's η = 1 (the paper's Table 5) is a step size that does not
   move its fixed point.
 
-A grid whose selected point lies on an edge is extended past that edge by ``extend_factor``
-(log-spaced), at most ``max_extensions`` times per side (``adapt.py``); β = 0 is a natural edge
-(the unregularised estimator) and is never extended below.
+A grid whose leak-aware choice (the rule the claims use) lies on an edge is extended past that
+edge by ``extend_factor`` (log-spaced), at most ``max_extensions`` times per side
+(``adapt.py``); β = 0 is a natural edge (the unregularised estimator) and is never extended
+below.
 
 Variants (``reward_classes``): ``standard`` trains the reward model as the same transformer as
 the policy; ``light`` trains the linear Markov-feature scorer of ``light.py`` (Assumption 5's
