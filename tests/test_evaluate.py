@@ -80,6 +80,24 @@ def _batch(rows: list[dict], key: str, pad: int):
     return ids, attn, resp
 
 
+def test_judge_prompts_judges_the_same_prompt_subset_and_keeps_every_row_elsewhere(
+        tiny, gens, tmp_path):
+    full = evaluate(gens, tmp_path / "full", judge=f"reward:{tiny.reward}",
+                    reward_model=str(tiny.reward), batch_size=5, progress=False)
+    part = evaluate(gens, tmp_path / "part", judge=f"reward:{tiny.reward}",
+                    reward_model=str(tiny.reward), batch_size=5, progress=False,
+                    judge_prompts=2)
+    rows, _ = read_generations(gens)
+    keep = sorted({str(r["prompt_id"]) for r in rows})[:2]
+    ann = json.loads((tmp_path / "full" / "annotations.json").read_text())
+    prefs = [a["preference"] - 1 for a in ann if str(a["prompt_id"]) in keep]
+    assert part["judge_prompts"] == 2 and part["judged"] == len(prefs) < len(rows)
+    assert part["metrics"]["eval/win_rate"] == pytest.approx(100 * sum(prefs) / len(prefs))
+    # the RM score and the row count are over every row, as without the subset
+    for key in ("eval/n", "eval/rm_score"):
+        assert part["metrics"][key] == full["metrics"][key]
+
+
 def test_rm_score_kl_and_reward_judge_equal_hand_computation(tiny, gens, tmp_path):
     out = tmp_path / "ev"
     result = evaluate(gens, out, judge=f"reward:{tiny.reward}", reward_model=str(tiny.reward),

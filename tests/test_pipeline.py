@@ -281,6 +281,10 @@ BAD = [
     ({"reward": None}, "stage 'rlhf-s0' depends on stage 'reward', which is missing"),
     ({"methods": {"dpo": {"config": {"algo": {"gama": 1}}}}}, "stage 'dpo-s0'"),
     ({"launcher": {"kind": "slurm"}}, "p.yaml: launcher.kind='slurm'"),
+    ({"eval": {"judges": {"rm": "reward:{reward}"}, "judge_prompts": {"gpt": 4}}},
+     "eval.judge_prompts names 'gpt', which is not a judge"),
+    ({"eval": {"judges": {"rm": "reward:{reward}"}, "judge_prompts": {"rm": 0}}},
+     "eval.judge_prompts.rm must be an integer >= 1"),
     ({"methods": {"dpo": {"recipe": "nowhere.yaml"}}}, "recipe not found: nowhere.yaml"),
 ]
 

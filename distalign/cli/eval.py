@@ -102,6 +102,11 @@ def eval_cmd(
         Path | None, typer.Option("--annotations", help="aggregate this AlpacaEval annotations "
                                   "file (.json or .json.gz) instead")
     ] = None,
+    judge_prompts: Annotated[
+        int | None, typer.Option("--judge-prompts", min=1, help="judge only the samples of the "
+                                 "first N prompt ids (a cheaper judge column; RM score and KL "
+                                 "use every row)")
+    ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 16,
     cache_dir: Annotated[
         Path | None, typer.Option("--cache-dir", help="judge cache folder (default: --out)")
@@ -130,7 +135,7 @@ def eval_cmd(
             cache_dir=cache_dir, progress=progress, judge_url=judge_url, prompt_set=prompt_set,
             judge_options={"concurrency": concurrency, "timeout": timeout,
                            "max_retries": max_retries} if (judge or "").startswith("openai:")
-            else None,
+            else None, judge_prompts=judge_prompts,
         )
     for line in summary_lines(result):
         typer.echo(line)

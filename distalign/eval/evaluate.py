@@ -272,6 +272,15 @@ def judge_winrate(rows: list[dict[str, Any]], path: Path, out_dir: Path, judge_s
     }
 
 
+def judge_subset(rows: list[dict[str, Any]], prompts: int) -> list[dict[str, Any]]:
+    """The rows of the ``prompts`` smallest prompt ids (as strings): the same subset for
+    every generations file of one prompt set, whatever its row order."""
+    if prompts < 1:
+        raise ConfigError(f"judge_prompts must be >= 1, got {prompts}")
+    keep = set(sorted({str(r["prompt_id"]) for r in rows})[:prompts])
+    return [r for r in rows if str(r["prompt_id"]) in keep]
+
+
 def _by_prompt_ci(rows: list[dict[str, Any]], prefs: list[float | None]) -> list[float] | None:
     """With several samples per prompt: the 95 % CI resampling prompts, not rows."""
     kept = [(str(r["prompt_id"]), 100 * (p - 1)) for r, p in zip(rows, prefs, strict=True)
@@ -302,6 +311,7 @@ def evaluate(
     judge_url: str | None = None,
     prompt_set: str | Path | None = None,
     judge_options: dict[str, Any] | None = None,
+    judge_prompts: int | None = None,
 ) -> dict[str, Any]:
     """Evaluate a generations file; writes ``out_dir/eval.json`` and returns its content.
 
@@ -310,7 +320,9 @@ def evaluate(
     is written as soon as it is done, so an error in a later part keeps the earlier ones (and
     judge answers stay cached).
     ``judge_options``: extra settings of the judge (openai: concurrency, timeout,
-    max_retries)."""
+    max_retries). ``judge_prompts``: the judge sees only the samples of the first N prompt
+    ids (sorted, so every model of a comparison is judged on the same prompts); RM score and
+    KL still use every row."""
     path, out = Path(generations), Path(out_dir)
     if not (judge or reward_model or ref_model):
         raise ConfigError("nothing to evaluate: give a judge, a reward model or a ref model")
@@ -356,7 +368,10 @@ def evaluate(
             gen.get("top_p", 1.0)) >= 1.0 and int(gen.get("min_new_tokens", 0) or 0) == 0
         save(part)
     if judge:
-        save(judge_winrate(rows, path, out, judge, meta, policy_tok, judge_url=judge_url,
+        judged = rows if judge_prompts is None else judge_subset(rows, judge_prompts)
+        if judge_prompts is not None:
+            result["judge_prompts"] = len({r["prompt_id"] for r in judged})
+        save(judge_winrate(judged, path, out, judge, meta, policy_tok, judge_url=judge_url,
                            template=template, batch_size=batch_size, cache_dir=cache_dir,
                            progress=progress, **(judge_options or {})))
     return result

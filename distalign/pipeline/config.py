@@ -92,6 +92,8 @@ class EvalSection:
     reward_model: str | None = "{reward}"  # RM score; null to skip
     kl: bool = True  # KL(π‖π₀) against the base model
     batch_size: int = 16
+    # label -> N: that judge sees only the first N prompt ids (a slow judge on a subset)
+    judge_prompts: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -177,6 +179,13 @@ def load_pipeline(path: str | Path, overrides: list[str] | tuple[str, ...] = ())
     for label in (cfg.eval.judges if cfg.eval else {}):
         if not label.replace("-", "").replace("_", "").isalnum():
             raise ConfigError(f"{path}: eval.judges label {label!r} must be a plain word")
+    for label, n in (cfg.eval.judge_prompts.items() if cfg.eval else ()):
+        if label not in cfg.eval.judges:
+            raise ConfigError(f"{path}: eval.judge_prompts names {label!r}, which is not a judge "
+                              f"(judges: {', '.join(cfg.eval.judges) or 'none'})")
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ConfigError(f"{path}: eval.judge_prompts.{label} must be an integer >= 1, "
+                              f"got {n!r}")
     return cfg
 
 

@@ -267,6 +267,8 @@ class _Planner:
                     "judge_url": e.judge_url,
                     "reward_model": fill(e.reward_model, "eval.reward_model") if i == 0 else None,
                     "ref_model": base if (e.kl and i == 0) else None}
+            if label in e.judge_prompts:
+                spec["judge_prompts"] = e.judge_prompts[label]
             out.append(self.add(f"{sub}/{name}", "eval", "eval_run", spec,
                                 self.out / name / sub, [dep, rm_dep], clear=(".",)))
         return out
