@@ -368,6 +368,9 @@ def _quiet_libraries() -> None:
     # for our users and would open every log
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
                             category=FutureWarning)
+    # tied embeddings (SmolLM2, Llama-style heads) are saved once, as they should be; accelerate
+    # warns about it at every checkpoint
+    logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
 
 
 def train(cfg: TrainConfig, callbacks: list[Callback] | tuple = ()) -> Path:
