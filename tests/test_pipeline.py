@@ -67,6 +67,17 @@ def test_runner_skips_done_stages_and_reruns_changed_ones_downstream(tmp_path):
     assert _calls(tmp_path / "a") == ["1", "5"]
 
 
+def test_a_stage_writing_into_another_stages_directory_is_partial_only_by_its_own_file(
+        tmp_path):
+    # generation writes into a finished run dir: the run's files do not make it "resuming"
+    gen = Stage("generate/x", "generate", "test_pipeline:count_call", {}, tmp_path,
+                started="generations.jsonl")
+    (tmp_path / "summary.json").write_text("{}")
+    assert status(gen) == "todo"
+    (tmp_path / "generations.jsonl").write_text("")
+    assert status(gen) == "partial"
+
+
 def test_runner_in_worker_processes_respects_dependencies(tmp_path):
     target = "test_pipeline:count_call"
     stages = [Stage(f"s{i}", "train", target, {"out": str(tmp_path / f"s{i}"), "value": i},

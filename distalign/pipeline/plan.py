@@ -234,7 +234,8 @@ class _Planner:
             gdeps = [*deps] if name == "base" else [name]
             gen_stage = self.add(f"generate/{name}", "generate", "generate_run", spec, run_dir,
                                  gdeps, clear=("generations.jsonl", "generations.meta.json",
-                                               "model_outputs.json"))
+                                               "model_outputs.json"),
+                                 started="generations.jsonl")
             last.append(gen_stage)
             if pc.eval is not None:
                 last[-1:] = self.eval_stages(name, gens, base, gen_stage)

@@ -47,6 +47,9 @@ class Stage:
     launchable: bool = False  # may run under the launcher (training); others run in-process
     clear: tuple[str, ...] = ()  # outputs (relative to out) to delete before a redo
     resumable: bool = True  # continues its own partial outputs (training, generation, judging)
+    # what a started stage leaves behind (relative to out); default: anything in out. A
+    # stage writing into another stage's directory (generation into a run dir) names its file
+    started: str | None = None
     fingerprint: str = ""
 
     @property
@@ -125,8 +128,11 @@ def status(stage: Stage) -> str:
     mark = read_marker(stage)
     if mark is not None:
         return "done" if mark.get("fingerprint") == stage.fingerprint else "changed"
-    started = stage.resumable and stage.out.exists() and any(stage.out.iterdir())
-    return "partial" if started else "todo"
+    if stage.started is not None:
+        begun = (stage.out / stage.started).exists()
+    else:
+        begun = stage.out.exists() and any(stage.out.iterdir())
+    return "partial" if stage.resumable and begun else "todo"
 
 
 def _clock() -> tuple[float, float, float]:
