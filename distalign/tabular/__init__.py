@@ -6,50 +6,41 @@ metrics.
 >>> res = run_toy(ToyConfig.from_preset("strong", seeds=2, ns=(64, 256), methods=("rlhf", "rkl")))
 >>> sorted({r["method"] for r in res.records})
 ['rkl', 'rlhf']
+
+Names are imported on first use (PEP 562): ``ToyConfig`` and ``run_toy`` need numpy only, so
+``distalign toy`` on the CPU never imports torch; the torch solvers load when first named.
 """
 
-from distalign.tabular.experiment import PRESETS, ToyConfig, ToyResults, default_betas, run_toy
-from distalign.tabular.newton import newton_solve
-from distalign.tabular.pairwise import ClosedForm, PairwiseObjective, exact_kl
-from distalign.tabular.solvers import (
-    METHODS,
-    SOLVERS,
-    TUNED,
-    FitInput,
-    distill_policy,
-    dpo_policy,
-    fit_reward,
-    pmle_policy,
-    rebel_policy,
-    rkl_policy,
-    rlhf_policy,
-)
-from distalign.tabular.world import Pairs, World, make_world, pair_counts, sample_pairs
+from __future__ import annotations
 
-__all__ = [
-    "METHODS",
-    "PRESETS",
-    "SOLVERS",
-    "TUNED",
-    "ClosedForm",
-    "FitInput",
-    "PairwiseObjective",
-    "Pairs",
-    "ToyConfig",
-    "ToyResults",
-    "World",
-    "default_betas",
-    "distill_policy",
-    "dpo_policy",
-    "exact_kl",
-    "fit_reward",
-    "make_world",
-    "newton_solve",
-    "pair_counts",
-    "pmle_policy",
-    "rebel_policy",
-    "rkl_policy",
-    "rlhf_policy",
-    "run_toy",
-    "sample_pairs",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "config": ("PRESETS", "ToyConfig", "ToyResults", "default_betas", "METHODS"),
+    "runner": ("run_toy",),
+    "newton": ("newton_solve",),
+    "pairwise": ("ClosedForm", "PairwiseObjective", "exact_kl"),
+    "solvers": ("SOLVERS", "TUNED", "FitInput", "distill_policy", "dpo_policy", "fit_reward",
+                "pmle_policy", "rebel_policy", "rkl_policy", "rlhf_policy"),
+    "world": ("Pairs", "World", "make_world", "pair_counts", "sample_pairs"),
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        value = getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+    else:  # a submodule, e.g. ``from distalign.tabular import solvers``
+        try:
+            value = importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError:
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -9,183 +9,33 @@ The honest β is then used on the full-data fit, like a refit after validation.
 
 from __future__ import annotations
 
-import math
-import os
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
 
-from distalign.errors import ConfigError
 from distalign.objectives import preference_logprob
+from distalign.tabular.config import (
+    PRESETS,
+    STRONG_LOGIT_SCALE,
+    Clock,
+    ToyConfig,
+    ToyResults,
+    default_betas,
+    fit_slopes,
+    summarise,
+)
 from distalign.tabular.pairwise import exact_kl
-from distalign.tabular.solvers import METHODS, SOLVERS, FitInput, fit_reward
-from distalign.tabular.stats import loglog_slope, mean_ci
+from distalign.tabular.runner import grid_metrics, run_toy
+from distalign.tabular.solvers import SOLVERS, FitInput, fit_reward
 from distalign.tabular.world import World, make_world, pair_counts, sample_pairs
 
-#: logit scale of the `strong` preset; see docs/toy.md for the reasoning
-STRONG_LOGIT_SCALE = 1.0
-PRESETS: dict[str, dict[str, float | int]] = {
-    # the paper's App. D.1: |X| = K = 10, γ = 0.5, logits iid N(0, 0.1²), μ = π₀, n = 2^5 … 2^16
-    "paper": {"contexts": 10, "responses": 10, "gamma": 0.5, "logit_scale": 0.1},
-    # same world, 10× larger logits: the RLHF floor is ~100× higher, the 1/n regime is reached
-    # well inside n ≤ 2^16
-    "strong": {"contexts": 10, "responses": 10, "gamma": 0.5, "logit_scale": STRONG_LOGIT_SCALE},
-}
-
-
-def default_betas() -> tuple[float, ...]:
-    """{0} ∪ 40 log-spaced values in [1e-3, 1e3] (41 values, 0.15 decade apart)."""
-    return (0.0, *(10 ** (-3 + 6 * k / 39) for k in range(40)))
-
-
-@dataclass(frozen=True)
-class ToyConfig:
-    """One run of the toy. ``ns`` are total pair counts; ``betas`` the tuned-parameter grid."""
-
-    preset: str = "paper"
-    contexts: int = 10
-    responses: int = 10
-    gamma: float = 0.5
-    logit_scale: float = 0.1
-    ns: tuple[int, ...] = tuple(2**k for k in range(5, 17))
-    seeds: int = 8
-    methods: tuple[str, ...] = METHODS
-    betas: tuple[float, ...] = field(default_factory=default_betas)
-    val_fraction: float = 0.2
-    ridge: float = 1e-6
-    mu: str = "ref"
-    seed: int = 0
-    device: str = "cpu"
-    #: solver threads, each with one torch intra-op thread (torch's own threads mostly
-    #: synchronise on these small batched ops); methods and sizes n are spread over them
-    threads: int = field(default_factory=lambda: min(2, os.cpu_count() or 1))
-
-    @classmethod
-    def from_preset(cls, preset: str = "paper", **overrides: object) -> ToyConfig:
-        """The preset's world settings, then ``overrides`` (keys of this dataclass)."""
-        if preset not in PRESETS:
-            raise ConfigError(f"unknown preset {preset!r} (expected one of {', '.join(PRESETS)})")
-        unknown = set(overrides) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ConfigError(f"unknown toy setting(s): {', '.join(sorted(unknown))}")
-        cfg = replace(cls(preset=preset, **PRESETS[preset]), **overrides)  # type: ignore[arg-type]
-        cfg.validate()
-        return cfg
-
-    def validate(self) -> None:
-        """Raise :class:`ConfigError` with a one-line message for any invalid setting."""
-        if self.contexts < 1:
-            raise ConfigError(f"--contexts must be ≥ 1, got {self.contexts}")
-        if self.responses < 2:
-            raise ConfigError(f"--responses (K) must be ≥ 2, got {self.responses}")
-        if not (self.gamma > 0 and math.isfinite(self.gamma)):
-            raise ConfigError(f"--gamma must be a positive number, got {self.gamma}")
-        if not (self.logit_scale >= 0 and math.isfinite(self.logit_scale)):
-            raise ConfigError(f"--logit-scale must be ≥ 0, got {self.logit_scale}")
-        if self.seeds < 1:
-            raise ConfigError(f"--seeds must be ≥ 1, got {self.seeds}")
-        if not self.ns:
-            raise ConfigError("no sample sizes given")
-        bad = [n for n in self.ns if n < 2]
-        if bad:
-            raise ConfigError(f"every n must be ≥ 2 (one pair is held out), got {bad[0]}")
-        twice = [n for i, n in enumerate(self.ns) if n in self.ns[:i]]
-        if twice:
-            raise ConfigError(f"--ns lists n = {twice[0]} twice; give each sample size once")
-        unknown = [m for m in self.methods if m not in SOLVERS]
-        if unknown or not self.methods:
-            what = unknown[0] if unknown else "(none)"
-            raise ConfigError(f"unknown method {what!r} (expected some of {', '.join(METHODS)})")
-        twice = [m for i, m in enumerate(self.methods) if m in self.methods[:i]]
-        if twice:
-            raise ConfigError(f"--methods lists {twice[0]!r} twice; give each method once")
-        if not self.betas or any(not (b >= 0 and math.isfinite(b)) for b in self.betas):
-            raise ConfigError("the β grid must be non-empty and ≥ 0")
-        if not 0 < self.val_fraction < 1:
-            raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
-        if self.mu not in ("ref", "uniform"):
-            raise ConfigError(f"mu must be 'ref' or 'uniform', got {self.mu!r}")
-        if self.device != "cpu" and not self.device.startswith("cuda"):
-            raise ConfigError(f"--device must be 'cpu' or 'cuda[:i]', got {self.device!r}")
-        if self.threads < 1:
-            raise ConfigError(f"--threads must be ≥ 1, got {self.threads}")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ConfigError(f"--device {self.device}: CUDA is not available here")
-
-
-@dataclass
-class ToyResults:
-    """Per-(method, n, seed) records, their seed summaries, slopes and the world's KL(π*‖π₀)."""
-
-    config: ToyConfig
-    records: list[dict]
-    kl_star_ref: list[float]
-    seconds: float
-    summary: list[dict] = field(default_factory=list)
-    slopes: dict[str, dict[str, float]] = field(default_factory=dict)
-    #: wall seconds per phase of the run (newton, closed_forms, selection); I/O adds its own
-    timings: dict[str, float] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if not self.summary:
-            self.summary = summarise(self.records, self.config)
-        if not self.slopes:
-            self.slopes = fit_slopes(self.records, self.config)
-
-    def to_dict(self) -> dict:
-        kl_ref = mean_ci(self.kl_star_ref)
-        return {
-            "config": asdict(self.config),
-            "kl_star_ref": {"mean": kl_ref[0], "lo": kl_ref[1], "hi": kl_ref[2],
-                            "per_seed": self.kl_star_ref},
-            "slopes": self.slopes,
-            "summary": self.summary,
-            "records": self.records,
-            "seconds": self.seconds,
-            "timings": self.timings,
-        }
-
-
-def summarise(records: list[dict], config: ToyConfig) -> list[dict]:
-    """Mean and 95% t-interval over seeds of each metric, per (method, n, β choice)."""
-    out = []
-    for m in config.methods:
-        for n in config.ns:
-            rows = [r for r in records if r["method"] == m and r["n"] == n]
-            for choice in ("oracle", "honest"):
-                entry: dict = {"method": m, "n": n, "choice": choice}
-                for key in ("fkl", "rkl", "kl_ref", "beta"):
-                    mean, lo, hi = mean_ci([r[f"{key}_{choice}"] for r in rows])
-                    entry.update({key: mean, f"{key}_lo": lo, f"{key}_hi": hi})
-                out.append(entry)
-    return out
-
-
-def fit_slopes(records: list[dict], config: ToyConfig) -> dict[str, dict[str, float]]:
-    """Log-log slope of the seed-mean forward KL over the top decade of n (n ≥ n_max/10).
-
-    Also the mean and 95% interval of the per-seed slopes.
-    """
-    top = [n for n in config.ns if n >= max(config.ns) / 10]
-    out: dict[str, dict[str, float]] = {}
-    for m in config.methods:
-        for choice in ("oracle", "honest"):
-            key = f"fkl_{choice}"
-            by_n = {n: [r[key] for r in records if r["method"] == m and r["n"] == n] for n in top}
-            mean_curve = [sum(v) / len(v) for v in by_n.values()]
-            per_seed = [
-                loglog_slope(top, [by_n[n][s] for n in top]) for s in range(config.seeds)
-            ]
-            _, lo, hi = mean_ci([s for s in per_seed if math.isfinite(s)] or [float("nan")])
-            out.setdefault(m, {})[choice] = loglog_slope(top, mean_curve)
-            out[m][f"{choice}_seed_lo"] = lo
-            out[m][f"{choice}_seed_hi"] = hi
-    out["_range"] = {"n_min": float(min(top)), "n_max": float(max(top))}
-    return out
+# the settings and results moved to the torch-free config module; re-exported for old imports
+__all__ = ["PRESETS", "STRONG_LOGIT_SCALE", "ToyConfig", "ToyResults", "default_betas",
+           "fit_slopes", "grid_metrics", "run_toy", "summarise"]
 
 
 def _val_loglik(
@@ -199,10 +49,10 @@ def _val_loglik(
     return (counts[..., None, :, :, :] * lp).sum((-1, -2, -3)) / n_val[..., None]
 
 
-def run_toy(
+def run_torch(
     config: ToyConfig, progress: Callable[[str, int], None] | None = None
 ) -> ToyResults:
-    """Run the experiment; ``progress(method, n)`` is called for every (method, n) solved."""
+    """:func:`~distalign.tabular.runner.run_toy` with the torch engine (any device)."""
     config.validate()
     old_threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -216,19 +66,6 @@ def run_toy(
 CLOSED_FORM = ("rlhf", "rkl")
 #: methods whose whole grid costs well under a second (closed forms and certified shortcuts)
 CHEAP = (*CLOSED_FORM, "dpo", "rebel")
-
-
-class _Clock:
-    """Accumulates wall seconds per phase: ``lap(name)`` books the time since the last lap."""
-
-    def __init__(self) -> None:
-        self.totals: dict[str, float] = {}
-        self._last = time.perf_counter()
-
-    def lap(self, name: str) -> None:
-        now = time.perf_counter()
-        self.totals[name] = self.totals.get(name, 0.0) + now - self._last
-        self._last = now
 
 
 @dataclass
@@ -271,7 +108,7 @@ def _prepare(config: ToyConfig) -> _Grid:
 
 
 def _method_grid(
-    grid: _Grid, method: str, gamma: float, clock: _Clock | None = None,
+    grid: _Grid, method: str, gamma: float, clock: Clock | None = None,
     part: slice = slice(None),
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Full-data fits ``[N, S, B, X, K]``, their forward KL and the held-out log-likelihood of
@@ -288,7 +125,7 @@ def _method_grid(
     return full, fkl, val
 
 
-def grid_metrics(
+def grid_metrics_torch(
     config: ToyConfig, methods: tuple[str, ...] | None = None
 ) -> dict[str, dict[int, tuple[Tensor, Tensor]]]:
     """Forward KL (full fit) and held-out log-likelihood (train fit) at every β, ``[S, B]``
@@ -303,7 +140,7 @@ def grid_metrics(
 
 
 def _solve_methods(
-    grid: _Grid, config: ToyConfig, clock: _Clock
+    grid: _Grid, config: ToyConfig, clock: Clock
 ) -> Iterator[tuple[str, tuple[Tensor, Tensor, Tensor]]]:
     """(method, :func:`_method_grid` result) for every method, as they finish.
 
@@ -344,7 +181,7 @@ def _run(config: ToyConfig, progress: Callable[[str, int], None] | None) -> ToyR
     Batch layout: ``[N, 2, S]`` (sizes n, {full, train} fit, seeds), then ``[B, X, K]``.
     """
     t0 = time.perf_counter()
-    clock = _Clock()
+    clock = Clock()
     grid = _prepare(config)
     clock.lap("newton")
     world, ns, betas = grid.world, grid.ns, grid.betas

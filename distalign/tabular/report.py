@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from distalign.tabular.experiment import ToyResults
+from distalign.tabular.config import ToyResults
 
 LABELS = {
     "rlhf": "RLHF (1)",
@@ -142,7 +142,7 @@ def write_outputs(
 
 def load_results(path: Path) -> ToyResults:
     """Read a results.json written by :func:`write_json` back (e.g. to re-plot it)."""
-    from distalign.tabular.experiment import ToyConfig
+    from distalign.tabular.config import ToyConfig
 
     data = json.loads(Path(path).read_text())
     cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in data["config"].items()}

@@ -28,6 +28,7 @@ from distalign.objectives import (
     preference_logprob,
     rebel_loss,
 )
+from distalign.tabular.config import METHODS  # noqa: F401 - re-exported (old imports)
 from distalign.tabular.newton import QUADRATIC, newton_decrement, newton_solve, objective_value
 from distalign.tabular.pairwise import ClosedForm, PairwiseObjective, gather_pairs, pair_index
 
@@ -61,8 +62,6 @@ def _softplus_neg(scale: float | None = None) -> ClosedForm:
     return ClosedForm(value, derivs)
 
 
-#: the methods in the order of the paper's Table 1 / Figure legend
-METHODS = ("rlhf", "rkl", "pmle", "distill", "dpo", "rebel")
 #: what the tuned grid parameter means for each method
 TUNED = {
     "rlhf": "β (KL-to-π₀ weight, eq. 1)",

@@ -1,0 +1,274 @@
+"""The toy's numpy engine: ``run_toy`` on the CPU without importing torch.
+
+The same experiment as :mod:`distalign.tabular.experiment` and the same solutions as
+:mod:`distalign.tabular.solvers` (``tests/test_tabular_reference.py`` holds both to 1e-6 of
+the frozen reference), in numpy arrays of layout ``[N, 2, S, ..., X, K]`` (sizes n,
+{full, train} fit, seeds, then the β grid where there is one). Per method:
+
+- the reward R̂ of (9), PMLE (5) and distillation (12): :func:`fastnewton.solve`, PMLE and
+  distillation from two starts (the RKL closed form and π₀), the lower objective kept where
+  the starts ended apart (see :func:`distalign.tabular.solvers._solve`);
+- RLHF and RKL: their closed forms (App. B);
+- DPO: RLHF's closed form at β = τ plus one Newton step of (9), where a certificate shows that
+  step is the solve (:func:`distalign.tabular.solvers.dpo_policy`); elsewhere (9) is solved to
+  the end first. In r = τ(θ − ln π₀) DPO's objective is (9), so its optimum is ln π₀ + r̂/τ;
+- REBEL: its optimum δ = η(2L + ρP)⁺2LR̂ is linear in η: one K×K solve per context.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from distalign.tabular import fastnewton
+from distalign.tabular.config import Clock, ToyConfig, ToyResults
+from distalign.tabular.fastworld import (
+    TorchRandom,
+    log_sigmoid,
+    log_softmax,
+    make_world,
+    pair_counts,
+    sample_pairs,
+)
+
+SAME_POINT = 1e-9  # starts whose centred logits end closer than this found the same optimum
+BETA_FLOOR = 1e-12  # RLHF at β = 0 is the greedy policy, evaluated as its β → 0⁺ limit
+CLOSED_FORM = ("rlhf", "rkl")
+
+
+def exact_kl(log_p: np.ndarray, log_q: np.ndarray) -> np.ndarray:
+    """KL(p‖q) over the last axis (0 · ln 0 = 0)."""
+    p = np.exp(log_p)
+    return np.where(p > 0, p * (log_p - log_q), 0.0).sum(-1)
+
+
+class Grid:
+    """The world, the data tables of every (n, fit, seed) and the BT reward R̂ of each."""
+
+    def __init__(self, config: ToyConfig) -> None:
+        X, K, S = config.contexts, config.responses, config.seeds
+        rng = TorchRandom(config.seed)
+        self.config = config
+        self.world = make_world(S, X, K, config.gamma, config.logit_scale, config.mu, rng)
+        self.ns = sorted(config.ns)
+        pairs = sample_pairs(self.world, self.ns[-1], rng)
+        n_val = [max(1, round(config.val_fraction * n)) for n in self.ns]
+        n_tr = [n - v for n, v in zip(self.ns, n_val, strict=True)]
+        self.counts = np.stack([
+            np.stack([pair_counts(pairs, 0, n, X, K), pair_counts(pairs, 0, t, X, K)])
+            for n, t in zip(self.ns, n_tr, strict=True)
+        ])  # [N, 2, S, X, K, K]
+        self.val_counts = np.stack(
+            [pair_counts(pairs, t, n, X, K) for n, t in zip(self.ns, n_tr, strict=True)])
+        self.n_fit = np.broadcast_to(np.array([self.ns, n_tr], dtype=np.float64).T[..., None],
+                                     (len(self.ns), 2, S))
+        self.n_val = np.array(n_val, dtype=np.float64)
+        self.betas = np.array(config.betas, dtype=np.float64)
+        self.log_ref = self.world.log_ref  # [S, X, K]
+        i, j = fastnewton.unordered_pairs(K)
+        won, lost = self.counts[..., i, j], self.counts[..., j, i]  # [N, 2, S, X, M]
+        total = won + lost
+        #: pair weights (C_ij + C_ji)/n and the share q won by j, as columns [M, D]
+        self.weight = _columns(total / self.n_fit[..., None, None])
+        self.share = _columns(np.where(total > 0, lost / np.maximum(total, 1), 0.0))
+        self.ref_cols = _columns(np.broadcast_to(self.log_ref, self.counts.shape[:-1]))
+        self.bt = fastnewton.Objective(1.0, self.weight, self.share,
+                                       np.arange(self.weight.shape[1]),
+                                       ridge=config.ridge / X)
+        r, _ = fastnewton.solve(self.bt, np.zeros((K, self.weight.shape[1])))
+        r = r - r.mean(0)
+        self.reward = r.T.reshape(self.counts.shape[:-1])  # [N, 2, S, X, K], centred
+
+    def beta_problems(self) -> tuple[np.ndarray, np.ndarray]:
+        """Problem layout ``[N, 2, S, B, X]`` flattened: data column and β of each."""
+        N, _, S, X = self.counts.shape[:4]
+        B = self.betas.size
+        cols = np.arange(N * 2 * S * X).reshape(N, 2, S, 1, X)
+        cols = np.broadcast_to(cols, (N, 2, S, B, X)).ravel()
+        beta = np.broadcast_to(self.betas[:, None], (N, 2, S, B, X)).ravel()
+        return cols, beta
+
+
+def _columns(a: np.ndarray) -> np.ndarray:
+    """``[..., M]`` → ``[M, D]`` (data columns in C order of the leading axes)."""
+    return np.ascontiguousarray(a.reshape(-1, a.shape[-1]).T)
+
+
+def _expand(a: np.ndarray) -> np.ndarray:
+    """``[N, 2, S, X, K]`` → ``[N, 2, S, 1, X, K]`` against the β grid."""
+    return a[..., None, :, :]
+
+
+def rlhf(grid: Grid, betas: np.ndarray) -> np.ndarray:
+    b = np.maximum(betas, BETA_FLOOR)[:, None, None]
+    return log_softmax(grid.log_ref[:, None] + _expand(grid.reward) / b)
+
+
+def rkl(grid: Grid, betas: np.ndarray) -> np.ndarray:
+    b = betas[:, None, None]
+    return log_softmax((b * grid.log_ref[:, None] + _expand(grid.reward)) / (b + grid.config.gamma))
+
+
+def _two_starts(grid: Grid, ridge: float, **pair_data: np.ndarray) -> np.ndarray:
+    """Newton from the RKL closed form and from π₀ (one queue); the lower objective is kept
+    where the two ended apart (PMLE and distillation with β > 0 are not convex)."""
+    cfg = grid.config
+    cols, beta = grid.beta_problems()
+    P = cols.size
+    obj = fastnewton.Objective(cfg.gamma, data=np.concatenate([cols, cols]), ridge=ridge,
+                               kl_coef=np.concatenate([beta, beta]) / cfg.contexts,
+                               log_ref=grid.ref_cols, **pair_data)
+    start = rkl(grid, grid.betas)  # [N, 2, S, B, X, K]
+    ref = np.broadcast_to(grid.log_ref[:, None], start.shape)
+    theta0 = np.concatenate([start.reshape(P, -1).T, ref.reshape(P, -1).T], 1)
+    theta, _ = fastnewton.solve(obj, theta0)
+    a, b = theta[:, :P], theta[:, P:]
+    differ = np.flatnonzero(np.abs((a - a.mean(0)) - (b - b.mean(0))).max(0) > SAME_POINT)
+    if differ.size:
+        lower = differ[obj.at(differ + P).value(b[:, differ]) < obj.at(differ).value(a[:, differ])]
+        a[:, lower] = b[:, lower]
+    return log_softmax(a.T.reshape(start.shape))
+
+
+def pmle(grid: Grid, betas: np.ndarray) -> np.ndarray:
+    """PMLE (5); ridge λγ² on the centred logits (see solvers.pmle_policy)."""
+    cfg = grid.config
+    return _two_starts(grid, cfg.ridge * cfg.gamma**2 / cfg.contexts,
+                       weight=grid.weight, share=grid.share)
+
+
+def distill(grid: Grid, betas: np.ndarray) -> np.ndarray:
+    """Distillation (12), its expectation over μ exact: 2 Σ_{i<j} μ_i μ_j KL(Bern(σ(R̂_i − R̂_j))
+    ‖ Bern(σ(γ d))) per context, the target clamped as ``distill_loss`` does."""
+    cfg = grid.config
+    i, j = fastnewton.unordered_pairs(cfg.responses)
+    mu = np.exp(grid.world.log_mu)  # [S, X, K]
+    weight = np.broadcast_to(2 * mu[..., i] * mu[..., j] / cfg.contexts, grid.reward.shape[:-1]
+                             + (i.size,))
+    r = grid.reward[..., i] - grid.reward[..., j]
+    p = np.clip(np.exp(log_sigmoid(r)), 1e-7, 1 - 1e-7)
+    return _two_starts(grid, 0.0, weight=_columns(weight), share=_columns(1 - p),
+                       offset=_columns(p * np.log(p) + (1 - p) * np.log(1 - p)))
+
+
+def dpo(grid: Grid, temps: np.ndarray) -> np.ndarray:
+    """DPO (6) at each temperature τ: ln π₀ + r̂/τ with r̂ the optimum of (9) (π₀ at τ = 0)."""
+    K = grid.config.responses
+    r = grid.reward.reshape(-1, K).T
+    step = fastnewton.newton_step(*grid.bt.at(np.arange(r.shape[1])).grad_hess(r))
+    g, _ = grid.bt.at(np.arange(r.shape[1])).grad_hess(r)
+    if (-(g * step).sum(0) < fastnewton.QUADRATIC).all():
+        r_hat = r + step  # the one step the solve would take (certified quadratic regime)
+    else:
+        r_hat, _ = fastnewton.solve(grid.bt, r)
+    inv_tau = np.where(temps > 0, 1.0 / np.where(temps > 0, temps, 1.0), 0.0)[:, None, None]
+    r_hat = (r_hat - r_hat.mean(0)).T.reshape(grid.reward.shape)
+    return log_softmax(grid.log_ref[:, None] + _expand(r_hat) * inv_tau)
+
+
+def rebel(grid: Grid, etas: np.ndarray) -> np.ndarray:
+    """REBEL (10) relative to π₀: δ = η(2L + ρP)⁺2LR̂, L the Laplacian of the pair weights
+    C/n (ordered pairs, i ≠ j), ρ = λ/X; solved once (η = 1) per context."""
+    cfg = grid.config
+    K = cfg.responses
+    C = grid.counts / grid.n_fit[..., None, None, None]
+    W = C + np.swapaxes(C, -1, -2)
+    W = W * (1 - np.eye(K))  # a pair of a response with itself carries no information
+    lap = np.eye(K) * W.sum(-1)[..., None] - W
+    ridge = cfg.ridge / cfg.contexts
+    H = 2 * lap + ridge * (np.eye(K) - 1.0 / K)
+    scale = np.abs(np.diagonal(H, 0, -2, -1)).mean(-1)[..., None, None]
+    rhs = 2 * lap @ grid.reward[..., None]
+    delta = np.linalg.solve(H + scale / K, rhs)[..., 0]
+    delta = delta - delta.mean(-1, keepdims=True)
+    return log_softmax(grid.log_ref[:, None] + etas[:, None, None] * _expand(delta))
+
+
+SOLVERS: dict[str, Callable[[Grid, np.ndarray], np.ndarray]] = {
+    "rlhf": rlhf, "rkl": rkl, "pmle": pmle, "distill": distill, "dpo": dpo, "rebel": rebel,
+}
+
+
+def val_loglik(log_pi: np.ndarray, counts: np.ndarray, n_val: np.ndarray,
+               gamma: float) -> np.ndarray:
+    """Mean held-out ln σ(γ Δ ln π̂): ``[N, S, B, X, K]`` → ``[N, S, B]``."""
+    lp = log_sigmoid(gamma * (log_pi[..., :, None] - log_pi[..., None, :]))
+    return np.einsum("nsxij,nsbxij->nsb", counts, lp) / n_val[:, None, None]
+
+
+def method_grid(grid: Grid, method: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Full-data fits ``[N, S, B, X, K]``, their forward KL and the held-out log-likelihood of
+    the train fits (both ``[N, S, B]``)."""
+    log_pi = SOLVERS[method](grid, grid.betas)  # [N, 2, S, B, X, K]
+    full = log_pi[:, 0]
+    fkl = exact_kl(grid.world.log_star[:, None], full).mean(-1)
+    val = val_loglik(log_pi[:, 1], grid.val_counts, grid.n_val, grid.config.gamma)
+    return full, fkl, val
+
+
+def grid_metrics(config: ToyConfig, methods: tuple[str, ...] | None = None
+                 ) -> dict[str, dict[int, tuple[np.ndarray, np.ndarray]]]:
+    """Forward KL and held-out log-likelihood at every β, ``[S, B]`` each, by method and n."""
+    grid = Grid(config)
+    out = {}
+    for m in methods or config.methods:
+        _, fkl, val = method_grid(grid, m)
+        out[m] = {n: (fkl[a], val[a]) for a, n in enumerate(grid.ns)}
+    return out
+
+
+def run(config: ToyConfig, progress: Callable[[str, int], None] | None = None) -> ToyResults:
+    """The whole experiment (see :func:`distalign.tabular.experiment.run_toy`)."""
+    t0 = time.perf_counter()
+    clock = Clock()
+    grid = Grid(config)
+    clock.lap("newton")
+    X, K, S = config.contexts, config.responses, config.seeds
+    star, ref = grid.world.log_star[:, None], grid.log_ref[:, None]
+    kl_star_ref = exact_kl(grid.world.log_star, grid.log_ref).mean(-1).tolist()
+    records: list[dict] = []
+    for m, (full, fkl, val) in _solve_methods(grid, clock):
+        pick = {"oracle": fkl.argmin(-1)[..., None], "honest": val.argmax(-1)[..., None]}
+        cols: dict[str, list] = {}
+        for choice, idx in pick.items():
+            chosen = np.take_along_axis(full, idx[..., None, None], 2)  # [N, S, 1, X, K]
+            cols[f"beta_{choice}"] = grid.betas[idx[..., 0]].tolist()
+            cols[f"fkl_{choice}"] = np.take_along_axis(fkl, idx, -1)[..., 0].tolist()
+            cols[f"rkl_{choice}"] = exact_kl(chosen, star).mean(-1)[..., 0].tolist()
+            cols[f"kl_ref_{choice}"] = exact_kl(chosen, ref).mean(-1)[..., 0].tolist()
+        cols["val_loglik_honest"] = np.take_along_axis(val, pick["honest"], -1)[..., 0].tolist()
+        for a, n in enumerate(grid.ns):
+            for s in range(S):
+                rec: dict = {"method": m, "n": n, "seed": s}
+                rec.update({key: v[a][s] for key, v in cols.items()})
+                records.append(rec)
+        clock.lap("selection")
+        if progress is not None:
+            for n in grid.ns:
+                progress(m, n)
+    del X, K
+    records.sort(key=lambda r: (r["n"], config.methods.index(r["method"])))
+    res = ToyResults(config, records, kl_star_ref, time.perf_counter() - t0)
+    clock.lap("selection")
+    res.timings = clock.totals
+    return res
+
+
+def _solve_methods(grid: Grid, clock: Clock):
+    """(method, :func:`method_grid`) for every method; the iterative ones in threads."""
+    cfg = grid.config
+    if cfg.threads == 1:
+        for m in cfg.methods:
+            out = method_grid(grid, m)
+            clock.lap("closed_forms" if m in CLOSED_FORM else "newton")
+            yield m, out
+        return
+    with ThreadPoolExecutor(cfg.threads, thread_name_prefix="toy") as pool:
+        futures = {m: pool.submit(method_grid, grid, m) for m in cfg.methods}
+        for m in cfg.methods:
+            out = futures[m].result()
+            clock.lap("newton")
+            yield m, out
