@@ -18,8 +18,7 @@ the frozen reference), in numpy arrays of layout ``[N, 2, S, ..., X, K]`` (sizes
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -66,6 +65,8 @@ class Grid:
         self.n_fit = np.broadcast_to(np.array([self.ns, n_tr], dtype=np.float64).T[..., None],
                                      (len(self.ns), 2, S))
         self.n_val = np.array(n_val, dtype=np.float64)
+        #: (n, s, x, i, j) of the validation cells that hold pairs
+        self.val_cells = np.nonzero(self.val_counts)
         self.betas = np.array(config.betas, dtype=np.float64)
         self.log_ref = self.world.log_ref  # [S, X, K]
         i, j = fastnewton.unordered_pairs(K)
@@ -124,7 +125,7 @@ def _two_starts(grid: Grid, ridge: float, **pair_data: np.ndarray) -> np.ndarray
     start = rkl(grid, grid.betas)  # [N, 2, S, B, X, K]
     ref = np.broadcast_to(grid.log_ref[:, None], start.shape)
     theta0 = np.concatenate([start.reshape(P, -1).T, ref.reshape(P, -1).T], 1)
-    theta, _ = fastnewton.solve(obj, theta0)
+    theta, _ = fastnewton.solve(obj, theta0, threads=cfg.threads)
     a, b = theta[:, :P], theta[:, P:]
     differ = np.flatnonzero(np.abs((a - a.mean(0)) - (b - b.mean(0))).max(0) > SAME_POINT)
     if differ.size:
@@ -192,11 +193,17 @@ SOLVERS: dict[str, Callable[[Grid, np.ndarray], np.ndarray]] = {
 }
 
 
-def val_loglik(log_pi: np.ndarray, counts: np.ndarray, n_val: np.ndarray,
-               gamma: float) -> np.ndarray:
-    """Mean held-out ln σ(γ Δ ln π̂): ``[N, S, B, X, K]`` → ``[N, S, B]``."""
-    lp = log_sigmoid(gamma * (log_pi[..., :, None] - log_pi[..., None, :]))
-    return np.einsum("nsxij,nsbxij->nsb", counts, lp) / n_val[:, None, None]
+def val_loglik(log_pi: np.ndarray, grid: Grid) -> np.ndarray:
+    """Mean held-out ln σ(γ Δ ln π̂) of the train fits ``[N, S, B, X, K]`` → ``[N, S, B]``,
+    over the validation cells that hold pairs only (few at small n; half of all the work of
+    the dense K×K table was spent on empty cells)."""
+    n, s, x, i, j = grid.val_cells
+    lp = log_sigmoid(grid.config.gamma * (log_pi[n, s, :, x, i] - log_pi[n, s, :, x, j]))
+    lp *= grid.val_counts[n, s, x, i, j][:, None]
+    # cells come in C order, i.e. grouped by (n, s), and every (n, s) holds ≥ 1 pair
+    sums = np.add.reduceat(lp, np.flatnonzero(np.diff(n * s.size + s, prepend=-1)), 0)
+    N, S = grid.val_counts.shape[:2]
+    return sums.reshape(N, S, -1) / grid.n_val[:, None, None]
 
 
 def method_grid(grid: Grid, method: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -205,7 +212,7 @@ def method_grid(grid: Grid, method: str) -> tuple[np.ndarray, np.ndarray, np.nda
     log_pi = SOLVERS[method](grid, grid.betas)  # [N, 2, S, B, X, K]
     full = log_pi[:, 0]
     fkl = exact_kl(grid.world.log_star[:, None], full).mean(-1)
-    val = val_loglik(log_pi[:, 1], grid.val_counts, grid.n_val, grid.config.gamma)
+    val = val_loglik(log_pi[:, 1], grid)
     return full, fkl, val
 
 
@@ -257,18 +264,11 @@ def run(config: ToyConfig, progress: Callable[[str, int], None] | None = None) -
     return res
 
 
-def _solve_methods(grid: Grid, clock: Clock):
-    """(method, :func:`method_grid`) for every method; the iterative ones in threads."""
-    cfg = grid.config
-    if cfg.threads == 1:
-        for m in cfg.methods:
-            out = method_grid(grid, m)
-            clock.lap("closed_forms" if m in CLOSED_FORM else "newton")
-            yield m, out
-        return
-    with ThreadPoolExecutor(cfg.threads, thread_name_prefix="toy") as pool:
-        futures = {m: pool.submit(method_grid, grid, m) for m in cfg.methods}
-        for m in cfg.methods:
-            out = futures[m].result()
-            clock.lap("newton")
-            yield m, out
+def _solve_methods(grid: Grid, clock: Clock
+                   ) -> Iterator[tuple[str, tuple[np.ndarray, np.ndarray, np.ndarray]]]:
+    """(method, :func:`method_grid`) for every method in turn; the Newton solves of PMLE and
+    distillation spread their problems over ``config.threads`` threads themselves."""
+    for m in grid.config.methods:
+        out = method_grid(grid, m)
+        clock.lap("closed_forms" if m in CLOSED_FORM else "newton")
+        yield m, out

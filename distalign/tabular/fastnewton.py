@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -210,28 +213,55 @@ def newton_step(g: np.ndarray, H: np.ndarray) -> np.ndarray:
     return step - step.mean(0)
 
 
-def solve(obj: Objective, theta0: np.ndarray, max_iter: int = 100,
-          slab: int = SLAB) -> tuple[np.ndarray, dict[str, float]]:
+def solve(obj: Objective, theta0: np.ndarray, max_iter: int = 100, slab: int = SLAB,
+          threads: int = 1) -> tuple[np.ndarray, dict[str, float]]:
     """Minimise F from ``theta0`` (``[K, P]``) for every problem; see the module docstring.
 
     A problem retires when its Newton decrement is below QUADRATIC (after one last full step),
     when it has stalled at rounding level, or after ``max_iter`` iterations; far from the
-    optimum (decrement > NEAR) Armijo backtracking guards the capped step.
+    optimum (decrement > NEAR) Armijo backtracking guards the capped step. With ``threads``
+    > 1 each thread iterates its own working set, refilled from one shared queue (numpy
+    releases the GIL inside its kernels); problems are independent, so the result does not
+    depend on which thread solved what.
     """
-    K, P = theta0.shape
+    P = theta0.shape[1]
     theta0 = np.ascontiguousarray(theta0)  # rows of P values: every pass is contiguous
     theta = theta0.copy()
+    starts = iter(range(0, P, max(slab // 2, 1)))
+    lock = threading.Lock()
+
+    def next_block() -> np.ndarray | None:
+        with lock:
+            start = next(starts, None)
+        return None if start is None else np.arange(start, min(P, start + max(slab // 2, 1)))
+
+    def work(_: int) -> dict[str, float]:
+        return _solve_queue(obj, theta0, theta, next_block, max_iter, slab)
+
+    if threads == 1 or slab >= P:
+        parts = [work(0)]
+    else:
+        with ThreadPoolExecutor(threads, thread_name_prefix="newton") as pool:
+            parts = list(pool.map(work, range(threads)))
+    stats = {key: sum(part[key] for part in parts) for key in parts[0]}
+    stats["iterations"] = max(part["iterations"] for part in parts)
+    return theta, stats
+
+
+def _solve_queue(obj: Objective, theta0: np.ndarray, theta: np.ndarray,
+                 next_block: Callable[[], np.ndarray | None], max_iter: int,
+                 slab: int) -> dict[str, float]:
+    """One working set: iterate, retire into ``theta``, refill from ``next_block``."""
+    K = theta0.shape[0]
     ids = np.empty(0, dtype=np.int64)
     th = np.empty((K, 0))
     F = np.empty(0)
     dec_prev = np.empty(0)
     its = np.empty(0, dtype=np.int64)
-    queued = 0
     stats = {"iterations": 0.0, "unconverged": 0.0, "stalled": 0.0, "work": 0.0}
     while True:
-        if ids.size < slab // 2 and queued < P:  # refill the working set from the queue
-            new = np.arange(queued, min(P, queued + slab - ids.size))
-            queued = int(new[-1]) + 1
+        new = next_block() if ids.size <= slab // 2 else None
+        if new is not None:  # refill the working set from the queue
             ids = np.concatenate([ids, new])
             th = np.concatenate([th, _take(theta0, new)], 1)
             F = np.concatenate([F, np.full(new.size, np.nan)])
@@ -278,7 +308,7 @@ def solve(obj: Objective, theta0: np.ndarray, max_iter: int = 100,
             ids, th, F, dec_prev = ids[keep], _take(th, keep), F[keep], dec_prev[keep]
             its = its[keep]
         stats["iterations"] = max(stats["iterations"], float(its.max(initial=0)))
-    return theta, stats
+    return stats
 
 
 def _line_search(obj: Objective, ids: np.ndarray, th: np.ndarray, step: np.ndarray,

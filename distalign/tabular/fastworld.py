@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-_MASK53 = np.uint64((1 << 53) - 1)
+_LOW21 = np.uint32((1 << 21) - 1)  # the bits of the high word that a 53-bit mask keeps
 
 
 class TorchRandom:
@@ -26,8 +26,9 @@ class TorchRandom:
 
     def uniform(self, size: int) -> np.ndarray:
         """``torch.rand(size, dtype=float64)``: 53 bits of two words, the first one high."""
-        w = self._words.randint(0, 2**32, size=2 * size, dtype=np.uint64)
-        return (((w[0::2] << np.uint64(32)) | w[1::2]) & _MASK53).astype(np.float64) * 2.0**-53
+        w = self._words.randint(0, 2**32, size=2 * size, dtype=np.uint32)
+        # (hi·2³² + lo) mod 2⁵³ is an integer below 2⁵³: exact in float64, as is the scaling
+        return ((w[0::2] & _LOW21) * 2.0**32 + w[1::2]) * 2.0**-53
 
     def normal(self, size: int) -> np.ndarray:
         """``torch.randn(size, dtype=float64)`` (a contiguous tensor)."""
