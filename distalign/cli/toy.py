@@ -98,6 +98,9 @@ def toy(
         "figure1.png",
     device: Annotated[str, typer.Option(
         help="cpu (numpy solvers) or cuda[:i] (the torch solvers)")] = "cpu",
+    engine: Annotated[str, typer.Option(
+        help="solvers: numpy (CPU, no torch import), torch, or auto (numpy on the CPU)")] =
+        "auto",
     threads: Annotated[int | None, typer.Option(
         help="solver threads; the methods are spread over them (default: 2, or 1 on a "
         "1-core machine)")] = None,
@@ -120,7 +123,7 @@ def toy(
             raise ConfigError(f"--n-min-exp must be ≥ 1 (n ≥ 2), got {n_min_exp}")
         n_values = tuple(2**k for k in range(n_min_exp, n_max_exp + 1))
     overrides: dict[str, object] = {
-        "seeds": seeds, "ns": n_values, "seed": seed, "device": device,
+        "seeds": seeds, "ns": n_values, "seed": seed, "device": device, "engine": engine,
         "methods": tuple(m.strip() for m in methods.split(",") if m.strip()),
     }
     for key, val in (("contexts", contexts), ("responses", responses), ("gamma", gamma),

@@ -118,7 +118,7 @@ class ToyConfig:
         if self.threads < 1:
             raise ConfigError(f"--threads must be ≥ 1, got {self.threads}")
         if self.engine not in ENGINES:
-            raise ConfigError(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+            raise ConfigError(f"--engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
         if self.engine == "numpy" and self.device != "cpu":
             raise ConfigError(f"--device {self.device}: the numpy engine runs on the CPU only")
         if self.device.startswith("cuda") and not _cuda_available():

@@ -159,8 +159,8 @@ def dpo(grid: Grid, temps: np.ndarray) -> np.ndarray:
     """DPO (6) at each temperature τ: ln π₀ + r̂/τ with r̂ the optimum of (9) (π₀ at τ = 0)."""
     K = grid.config.responses
     r = grid.reward.reshape(-1, K).T
-    step = fastnewton.newton_step(*grid.bt.at(np.arange(r.shape[1])).grad_hess(r))
-    g, _ = grid.bt.at(np.arange(r.shape[1])).grad_hess(r)
+    g, H = grid.bt.at(np.arange(r.shape[1])).grad_hess(r)
+    step = fastnewton.newton_step(g, H)
     if (-(g * step).sum(0) < fastnewton.QUADRATIC).all():
         r_hat = r + step  # the one step the solve would take (certified quadratic regime)
     else:
@@ -233,7 +233,7 @@ def run(config: ToyConfig, progress: Callable[[str, int], None] | None = None) -
     clock = Clock()
     grid = Grid(config)
     clock.lap("newton")
-    X, K, S = config.contexts, config.responses, config.seeds
+    S = config.seeds
     star, ref = grid.world.log_star[:, None], grid.log_ref[:, None]
     kl_star_ref = exact_kl(grid.world.log_star, grid.log_ref).mean(-1).tolist()
     records: list[dict] = []
@@ -256,7 +256,6 @@ def run(config: ToyConfig, progress: Callable[[str, int], None] | None = None) -
         if progress is not None:
             for n in grid.ns:
                 progress(m, n)
-    del X, K
     records.sort(key=lambda r: (r["n"], config.methods.index(r["method"])))
     res = ToyResults(config, records, kl_star_ref, time.perf_counter() - t0)
     clock.lap("selection")
