@@ -5,11 +5,11 @@ imports included) writing its JSON, CSV and figure into a temporary folder. Targ
 ≤ 3 s wall on an idle 2-core machine for six methods, 8 seeds, n = 2⁵…2¹⁶ and 41 β values.
 
 The split comes from the ``timings`` the run records in results.json: Newton solves (PMLE,
-distillation, DPO, REBEL and the BT reward), closed forms (RLHF, RKL), β selection (exact KL
-metrics, oracle and honest choices, records), I/O and plot; start-up is the wall time left over
-(interpreter, imports of torch, typer, rich and the CLI, and printing the tables). With more
-than one thread (the default) the solves run in worker threads: "Newton solves" is then the
-main thread's wait for them (closed forms included), and β selection overlaps that wait.
+distillation, DPO, REBEL and the BT reward, with the world and data), closed forms (RLHF, RKL),
+β selection (exact KL metrics, oracle and honest choices, records), I/O and plot; start-up is
+the wall time left over (interpreter, imports of numpy, typer, rich and the CLI, and printing
+the tables; on the CPU the toy does not import torch). With more than one thread (the
+default) the Newton solves of PMLE and distillation share their problems among the threads.
 Run: ``python benchmarks/toy_speed.py [--repeat 3] [--threads 1]``. CPU time is the child's
 user + sys; on a shared machine compare it rather than wall time, and note the load average.
 """
