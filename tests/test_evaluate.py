@@ -19,7 +19,7 @@ from conftest import PROMPTS, row_scores, row_token_logps
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from distalign.errors import ConfigError, DataError
-from distalign.eval.evaluate import evaluate, read_generations, sidecar_path
+from distalign.eval.evaluate import _pairs, evaluate, read_generations, sidecar_path
 from distalign.eval.prompts import prompt_set_digest
 from distalign.lm.generation import GenerationConfig, make_sampler
 from distalign.testing import left_pad, save_tiny_checkpoint
@@ -159,9 +159,12 @@ def test_bad_input_one_line_errors(tiny, gens, tmp_path):
     with pytest.raises(DataError, match=r"noref.jsonl row 3: field 'reference' is missing"):
         evaluate(no_ref, tmp_path / "a", judge=f"reward:{tiny.reward}", progress=False)
     empty = variant("empty", lambda rs: rs[2].update(output=" "))
-    with pytest.raises(DataError, match=r"empty.jsonl row 2: field 'output' is empty"):
-        evaluate(empty, tmp_path / "b", judge="openai:m", judge_url="http://127.0.0.1:9/v1",
-                 progress=False)
+    # an empty output is an answer (a policy that stops at once): judged and counted, no error
+    pairs = _pairs([json.loads(x) | {"_line": 1} for x in empty.read_text().splitlines()],
+                   empty, text_judge=True)
+    assert [p.output for p in pairs].count(" ") == 1 and len(pairs) == len(rows)
+    res = evaluate(empty, tmp_path / "b", judge=f"reward:{tiny.reward}", progress=False)
+    assert res["empty_outputs"] == 1
     no_ids = variant("noids", lambda rs: rs[5].pop("output_token_ids"))
     with pytest.raises(DataError, match=r"noids.jsonl row 5: missing field 'output_token_ids'"):
         read_generations(no_ids)

@@ -194,15 +194,14 @@ def kl_estimates(rows: list[dict[str, Any]], policy: str, gguf: str | None, ref_
 
 
 def _pairs(rows: list[dict[str, Any]], path: Path, text_judge: bool) -> list[Pair]:
+    """One judge pair per row. An empty output (a policy that ends at once) is a real answer
+    and is judged as one; ``empty_outputs`` in eval.json counts them."""
     pairs = []
     for r in rows:
         ref = r.get("reference")
         if not isinstance(ref, str) or (text_judge and not ref.strip()):
             raise DataError(f"{path} row {r['_line']}: field 'reference' is missing or empty; "
                             "a judge compares each output with its reference")
-        if text_judge and not r["output"].strip():
-            raise DataError(f"{path} row {r['_line']}: field 'output' is empty; a judge cannot "
-                            "compare it (regenerate with gen.min_new_tokens >= 1)")
         pairs.append(Pair(r["prompt"], r["output"], ref, r["prompt_token_ids"],
                           r["output_token_ids"]))
     return pairs
@@ -230,8 +229,8 @@ def judge_winrate(rows: list[dict[str, Any]], path: Path, out_dir: Path, judge_s
     from distalign.eval.judges.cache import JudgeCache
     from distalign.eval.judges.factory import make_judge
 
-    # LLM judges read text, so an empty output is an error for them; the reward and oracle
-    # judges score it like any other response (the synthetic world's invalid empty string)
+    # an LLM judge needs a reference text to compare with; an empty OUTPUT is judged like any
+    # other (an RL policy that learned to stop at once must lose for it, not crash the eval)
     pairs = _pairs(rows, path, judge_spec.split(":")[0] in ("hf", "openai"))
     cache = JudgeCache(Path(kw.pop("cache_dir") or out_dir) / "judge_cache.sqlite")
     progress = kw.pop("progress")
@@ -340,6 +339,7 @@ def evaluate(
         "generations": str(path), "prompt_set": meta.get("prompt_set"),
         "num_prompts": len({r["prompt_id"] for r in rows}),
         "no_eos": sum(not r["ended"] for r in rows), "model": meta.get("model"),
+        "empty_outputs": sum(not r["output"].strip() for r in rows),
     }
     policy_tok = None
     if reward_model or ref_model or (judge or "").startswith("reward:"):
