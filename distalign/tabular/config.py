@@ -196,6 +196,17 @@ def fit_slopes(records: list[dict], config: ToyConfig) -> dict[str, dict[str, fl
     return out
 
 
+def add_records(records: list[dict], method: str, ns: list[int] | tuple[int, ...],
+                seeds: int, cols: dict[str, list]) -> None:
+    """One record per (n, seed) of ``method`` from columns laid out ``[n][seed]`` (both
+    engines build the same records, so the tables and tests read either)."""
+    for a, n in enumerate(ns):
+        for s in range(seeds):
+            rec: dict = {"method": method, "n": n, "seed": s}
+            rec.update({key: v[a][s] for key, v in cols.items()})
+            records.append(rec)
+
+
 class Clock:
     """Accumulates wall seconds per phase: ``lap(name)`` books the time since the last lap."""
 

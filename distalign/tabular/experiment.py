@@ -24,6 +24,7 @@ from distalign.tabular.config import (
     Clock,
     ToyConfig,
     ToyResults,
+    add_records,
     default_betas,
     fit_slopes,
     summarise,
@@ -200,11 +201,7 @@ def _run(config: ToyConfig, progress: Callable[[str, int], None] | None) -> ToyR
             cols[f"rkl_{choice}"] = exact_kl(chosen, star).mean(-1)[..., 0].tolist()
             cols[f"kl_ref_{choice}"] = exact_kl(chosen, ref).mean(-1)[..., 0].tolist()
         cols["val_loglik_honest"] = val.gather(-1, pick["honest"])[..., 0].tolist()
-        for a, n in enumerate(ns):
-            for s in range(S):
-                rec: dict = {"method": m, "n": n, "seed": s}
-                rec.update({key: v[a][s] for key, v in cols.items()})
-                records.append(rec)
+        add_records(records, m, ns, S, cols)
         clock.lap("selection")
         if progress is not None:
             for n in ns:

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 
 from distalign.tabular import fastnewton
-from distalign.tabular.config import Clock, ToyConfig, ToyResults
+from distalign.tabular.config import Clock, ToyConfig, ToyResults, add_records
 from distalign.tabular.fastworld import (
     TorchRandom,
     log_sigmoid,
@@ -247,11 +247,7 @@ def run(config: ToyConfig, progress: Callable[[str, int], None] | None = None) -
             cols[f"rkl_{choice}"] = exact_kl(chosen, star).mean(-1)[..., 0].tolist()
             cols[f"kl_ref_{choice}"] = exact_kl(chosen, ref).mean(-1)[..., 0].tolist()
         cols["val_loglik_honest"] = np.take_along_axis(val, pick["honest"], -1)[..., 0].tolist()
-        for a, n in enumerate(grid.ns):
-            for s in range(S):
-                rec: dict = {"method": m, "n": n, "seed": s}
-                rec.update({key: v[a][s] for key, v in cols.items()})
-                records.append(rec)
+        add_records(records, m, grid.ns, S, cols)
         clock.lap("selection")
         if progress is not None:
             for n in grid.ns:
