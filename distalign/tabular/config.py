@@ -197,7 +197,7 @@ def fit_slopes(records: list[dict], config: ToyConfig) -> dict[str, dict[str, fl
 
 
 def add_records(records: list[dict], method: str, ns: list[int] | tuple[int, ...],
-                seeds: int, cols: dict[str, list]) -> None:
+                seeds: int, cols: dict[str, list], clock: Clock, progress=None) -> None:
     """One record per (n, seed) of ``method`` from columns laid out ``[n][seed]`` (both
     engines build the same records, so the tables and tests read either)."""
     for a, n in enumerate(ns):
@@ -205,6 +205,20 @@ def add_records(records: list[dict], method: str, ns: list[int] | tuple[int, ...
             rec: dict = {"method": method, "n": n, "seed": s}
             rec.update({key: v[a][s] for key, v in cols.items()})
             records.append(rec)
+    clock.lap("selection")
+    if progress is not None:
+        for n in ns:
+            progress(method, n)
+
+
+def finish_results(config: ToyConfig, records: list[dict], kl_star_ref: float, t0: float,
+                   clock: Clock) -> ToyResults:
+    """Records by n, then method, then seed (a stable sort keeps the seeds in order)."""
+    records.sort(key=lambda r: (r["n"], config.methods.index(r["method"])))
+    res = ToyResults(config, records, kl_star_ref, time.perf_counter() - t0)
+    clock.lap("selection")
+    res.timings = clock.totals
+    return res
 
 
 class Clock:

@@ -26,6 +26,7 @@ from distalign.tabular.config import (
     ToyResults,
     add_records,
     default_betas,
+    finish_results,
     fit_slopes,
     summarise,
 )
@@ -201,14 +202,5 @@ def _run(config: ToyConfig, progress: Callable[[str, int], None] | None) -> ToyR
             cols[f"rkl_{choice}"] = exact_kl(chosen, star).mean(-1)[..., 0].tolist()
             cols[f"kl_ref_{choice}"] = exact_kl(chosen, ref).mean(-1)[..., 0].tolist()
         cols["val_loglik_honest"] = val.gather(-1, pick["honest"])[..., 0].tolist()
-        add_records(records, m, ns, S, cols)
-        clock.lap("selection")
-        if progress is not None:
-            for n in ns:
-                progress(m, n)
-    # records by n, then method, then seed (a stable sort keeps the seeds in order)
-    records.sort(key=lambda r: (r["n"], config.methods.index(r["method"])))
-    res = ToyResults(config, records, kl_star_ref, time.perf_counter() - t0)
-    clock.lap("selection")
-    res.timings = clock.totals
-    return res
+        add_records(records, m, ns, S, cols, clock, progress)
+    return finish_results(config, records, kl_star_ref, t0, clock)

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 
 from distalign.tabular import fastnewton
-from distalign.tabular.config import Clock, ToyConfig, ToyResults, add_records
+from distalign.tabular.config import Clock, ToyConfig, ToyResults, add_records, finish_results
 from distalign.tabular.fastworld import (
     TorchRandom,
     log_sigmoid,
@@ -247,16 +247,8 @@ def run(config: ToyConfig, progress: Callable[[str, int], None] | None = None) -
             cols[f"rkl_{choice}"] = exact_kl(chosen, star).mean(-1)[..., 0].tolist()
             cols[f"kl_ref_{choice}"] = exact_kl(chosen, ref).mean(-1)[..., 0].tolist()
         cols["val_loglik_honest"] = np.take_along_axis(val, pick["honest"], -1)[..., 0].tolist()
-        add_records(records, m, grid.ns, S, cols)
-        clock.lap("selection")
-        if progress is not None:
-            for n in grid.ns:
-                progress(m, n)
-    records.sort(key=lambda r: (r["n"], config.methods.index(r["method"])))
-    res = ToyResults(config, records, kl_star_ref, time.perf_counter() - t0)
-    clock.lap("selection")
-    res.timings = clock.totals
-    return res
+        add_records(records, m, grid.ns, S, cols, clock, progress)
+    return finish_results(config, records, kl_star_ref, t0, clock)
 
 
 def _solve_methods(grid: Grid, clock: Clock
