@@ -368,8 +368,9 @@ def evaluate(
             gen.get("top_p", 1.0)) >= 1.0 and int(gen.get("min_new_tokens", 0) or 0) == 0
         save(part)
     if judge:
-        judged = rows if judge_prompts is None else judge_subset(rows, judge_prompts)
+        judged = rows
         if judge_prompts is not None:
+            judged = judge_subset(rows, judge_prompts)
             result["judge_prompts"] = len({r["prompt_id"] for r in judged})
         save(judge_winrate(judged, path, out, judge, meta, policy_tok, judge_url=judge_url,
                            template=template, batch_size=batch_size, cache_dir=cache_dir,
