@@ -144,6 +144,49 @@ def test_rm_score_kl_and_reward_judge_equal_hand_computation(tiny, gens, tmp_pat
     assert {k for k in ann[0]} >= {"instruction", "generator_1", "generator_2", "annotator"}
 
 
+def test_rm_scores_are_cached_across_models_and_the_self_kl_is_skipped(tiny, gens, tmp_path):
+    """A shared cache scores each reference once for every model, and the RM judge reuses the
+    RM-score column's output scores; the numbers equal an uncached evaluation's."""
+    import shutil
+
+    rows, _ = read_generations(gens)
+    plain = evaluate(gens, tmp_path / "plain", judge=f"reward:{tiny.reward}",
+                     reward_model=str(tiny.reward), batch_size=5, progress=False)
+    other = write_generations(tmp_path / "other.jsonl", tiny.policy, PROMPTS[:6], REFS, seed=1)
+    kw = {"judge": f"reward:{tiny.reward}", "reward_model": str(tiny.reward), "batch_size": 5,
+          "progress": False, "cache_dir": tmp_path / "cache"}
+    first = evaluate(gens, tmp_path / "a", **kw)
+    assert first["judge_calls"] == len(rows)  # the references only: outputs were just scored
+    for key in ("eval/rm_score", "eval/win_rate"):
+        assert first["metrics"][key] == pytest.approx(plain["metrics"][key], abs=1e-5)
+    second = evaluate(other, tmp_path / "b", **kw)
+    others, _ = read_generations(other)
+    assert second["judge_calls"] == 0  # its outputs were scored by its own RM-score column
+    fresh = evaluate(other, tmp_path / "c", judge=f"reward:{tiny.reward}", batch_size=5,
+                     progress=False)
+    assert second["metrics"]["eval/win_rate"] == pytest.approx(
+        fresh["metrics"]["eval/win_rate"], abs=1e-5)
+    assert fresh["judge_calls"] == 2 * len(others)
+    # a reward model retrained in place is scored afresh
+    moved = tmp_path / "rm"
+    shutil.copytree(tiny.reward, moved)
+    kw["judge"], kw["reward_model"] = f"reward:{moved}", str(moved)
+    assert evaluate(gens, tmp_path / "d", **kw)["judge_calls"] == len(rows)
+    weights = next(moved.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes())  # same weights, new mtime: a new fingerprint
+    assert evaluate(gens, tmp_path / "e", **kw)["judge_calls"] == len(rows)
+    # π evaluated against itself: KL is exactly 0 from one forward, entropy as with a copy
+    same = evaluate(gens, tmp_path / "f", ref_model=str(tiny.policy), batch_size=5,
+                    progress=False)
+    copy = tmp_path / "policy-copy"
+    shutil.copytree(tiny.policy, copy)
+    two = evaluate(gens, tmp_path / "g", ref_model=str(copy), batch_size=5, progress=False)
+    assert same["metrics"]["eval/kl_ref"] == 0.0 == same["metrics"]["eval/kl_ref_k3"]
+    assert two["metrics"]["eval/kl_ref"] == pytest.approx(0.0, abs=1e-5)
+    assert same["metrics"]["eval/entropy"] == pytest.approx(two["metrics"]["eval/entropy"],
+                                                            abs=1e-5)
+
+
 def test_bad_input_one_line_errors(tiny, gens, tmp_path):
     rows = [json.loads(x) for x in gens.read_text().splitlines()]
 

@@ -26,14 +26,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from distalign.errors import ConfigError, DataError
 from distalign.eval.annotations import write_annotations
 from distalign.eval.genfile import numbered_rows, sidecar_path
 from distalign.eval.judges.base import Pair
-from distalign.eval.judges.reward import length_batches, resolve_model_dir, split_gguf
-from distalign.eval.stats import bootstrap_ci, cluster_bootstrap_ci, mean_se, winrate
+from distalign.eval.judges.cache import JudgeCache
+from distalign.eval.judges.reward import resolve_model_dir
+from distalign.eval.measures import kl_estimates, rm_scores
+from distalign.eval.stats import bootstrap_ci, cluster_bootstrap_ci, winrate
 
 REQUIRED = {"prompt_id": str, "prompt": str, "output": str, "prompt_token_ids": list,
             "output_token_ids": list, "ended": bool}
@@ -113,14 +113,6 @@ def _is_generations(path: Path) -> bool:
     return isinstance(first, dict) and "output_token_ids" in first
 
 
-def _load_lm(spec: str, gguf: str | None = None) -> tuple[Any, Any]:
-    from distalign.lm.models import ModelConfig, load_policy, load_tokenizer
-
-    path, own = split_gguf(spec)  # DIR@FILE.gguf
-    cfg = ModelConfig(name_or_path=resolve_model_dir(path), gguf_file=own or gguf)
-    return load_policy(cfg).eval().requires_grad_(False), load_tokenizer(cfg)
-
-
 def _policy_tokenizer(meta: dict[str, Any], policy_model: str | None) -> Any:
     from distalign.lm.models import ModelConfig, load_tokenizer
 
@@ -129,68 +121,6 @@ def _policy_tokenizer(meta: dict[str, Any], policy_model: str | None) -> Any:
         raise ConfigError("the generations have no sidecar naming the policy; pass policy_model")
     gguf = meta.get("gguf_file") if not policy_model else None
     return load_tokenizer(ModelConfig(name_or_path=resolve_model_dir(path), gguf_file=gguf))
-
-
-def _progress(name: str, total: int, enabled: bool) -> Any:
-    from distalign.progress import StepProgress
-
-    return StepProgress(name, total, enabled=enabled, every=max(total // 10, 1))
-
-
-def rm_scores(rows: list[dict[str, Any]], reward_model: str, policy_tok: Any, batch_size: int,
-              progress: bool) -> dict[str, Any]:
-    from distalign.eval.judges.reward import load_scorer_dir, score_sequences
-    from distalign.lm.tokenizers import check_same_tokenizer
-
-    model, tok = load_scorer_dir(reward_model)
-    check_same_tokenizer(policy_tok, tok, "the policy", f"reward model {reward_model}")
-    seqs = [(r["prompt_token_ids"], r["output_token_ids"]) for r in rows]
-    done = 0
-    with _progress("rm score", len(rows), progress) as bar:
-        def step(n: int) -> None:
-            nonlocal done
-            done += n
-            bar.update(done)
-        scores = score_sequences(model, seqs, tok.pad_token_id, batch_size, step)
-    mean, se = mean_se(scores)
-    ended = [s for s, r in zip(scores, rows, strict=True) if r["ended"]]
-    cut = [s for s, r in zip(scores, rows, strict=True) if not r["ended"]]
-    return {"scores": scores, "metrics": {"eval/rm_score": mean, "eval/rm_score_se": se},
-            "rm_score_ended": mean_se(ended)[0], "rm_score_no_eos": mean_se(cut)[0],
-            "no_eos": len(cut), "reward_model": reward_model}
-
-
-@torch.no_grad()
-def kl_estimates(rows: list[dict[str, Any]], policy: str, gguf: str | None, ref_model: str,
-                 temperature: float, batch_size: int, progress: bool) -> dict[str, Any]:
-    from distalign.lm.logprobs import sequence_logprobs
-    from distalign.lm.tokenizers import check_same_tokenizer
-
-    pi, pi_tok = _load_lm(policy, gguf)
-    pi0, pi0_tok = _load_lm(ref_model)
-    check_same_tokenizer(pi_tok, pi0_tok, f"the policy {policy}", f"reference model {ref_model}")
-    seqs = [(r["prompt_token_ids"], r["output_token_ids"]) for r in rows]
-    lp = [math.nan] * len(rows)
-    lr = [math.nan] * len(rows)
-    with _progress("kl", len(rows), progress) as bar:
-        done = 0
-        for idx, ids, attn, resp in length_batches(seqs, pi_tok.pad_token_id, batch_size):
-            a = sequence_logprobs(pi, ids, attn, resp, temperature).tolist()
-            b = sequence_logprobs(pi0, ids, attn, resp, temperature).tolist()
-            for i, x, y in zip(idx, a, b, strict=True):
-                lp[i], lr[i] = x, y
-            done += len(idx)
-            bar.update(done)
-    k1 = [x - y for x, y in zip(lp, lr, strict=True)]
-    k3 = [math.expm1(-d) + d for d in k1]  # r − 1 − ln r with ln r = −d
-    (m1, s1), (m3, s3) = mean_se(k1), mean_se(k3)
-    # −ln π_T(y|x) over y ~ π_T is an unbiased estimate of π_T's entropy per response: the
-    # column that tells a distribution learner (RKL) from a mode seeker (RLHF) at equal KL
-    mh, sh = mean_se([-x for x in lp])
-    return {"k1": k1, "metrics": {"eval/kl_ref": m1, "eval/kl_ref_se": s1,
-                                  "eval/kl_ref_k3": m3, "eval/kl_ref_k3_se": s3,
-                                  "eval/entropy": mh, "eval/entropy_se": sh},
-            "policy_model": policy, "ref_model": ref_model}
 
 
 def _pairs(rows: list[dict[str, Any]], path: Path, text_judge: bool) -> list[Pair]:
@@ -225,24 +155,19 @@ def _write_json(path: Path, obj: dict[str, Any]) -> None:
 
 
 def judge_winrate(rows: list[dict[str, Any]], path: Path, out_dir: Path, judge_spec: str,
-                  meta: dict[str, Any], policy_tok: Any, **kw: Any) -> dict[str, Any]:
-    from distalign.eval.judges.cache import JudgeCache
+                  meta: dict[str, Any], policy_tok: Any, cache: Any, **kw: Any) -> dict[str, Any]:
     from distalign.eval.judges.factory import make_judge
 
     # an LLM judge needs a reference text to compare with; an empty OUTPUT is judged like any
     # other (an RL policy that learned to stop at once must lose for it, not crash the eval)
     pairs = _pairs(rows, path, judge_spec.split(":")[0] in ("hf", "openai"))
-    cache = JudgeCache(Path(kw.pop("cache_dir") or out_dir) / "judge_cache.sqlite")
     progress = kw.pop("progress")
-    try:
-        judge = make_judge(judge_spec, cache=cache, policy_tokenizer=policy_tok, **kw)
-        if hasattr(judge, "chat"):
-            judge.chat = bool(meta.get("chat_template"))
-        t0 = time.perf_counter()
-        verdicts = judge.judge(pairs, progress=progress)
-        seconds = time.perf_counter() - t0
-    finally:
-        cache.close()
+    judge = make_judge(judge_spec, cache=cache, policy_tokenizer=policy_tok, **kw)
+    if hasattr(judge, "chat"):
+        judge.chat = bool(meta.get("chat_template"))
+    t0 = time.perf_counter()
+    verdicts = judge.judge(pairs, progress=progress)
+    seconds = time.perf_counter() - t0
     prefs = [None if v.p is None else 1.0 + v.p for v in verdicts]
     st = winrate(prefs)
     flips = [v.flipped for v in verdicts if v.flipped is not None]
@@ -350,8 +275,28 @@ def evaluate(
         result.update(part)
         _write_json(out / "eval.json", result)
 
+    # one cache for the evaluation: judge answers, and RM scores shared by the RM-score column,
+    # the RM judge and (with a shared cache_dir) every model's references
+    cache = JudgeCache(Path(cache_dir or out) / "judge_cache.sqlite")
+    try:
+        _evaluate_parts(rows, path, out, meta, cache, save, policy_tok, judge=judge,
+                        reward_model=reward_model, ref_model=ref_model,
+                        policy_model=policy_model, batch_size=batch_size, progress=progress,
+                        judge_prompts=judge_prompts, judge_kw={
+                            "judge_url": judge_url, "template": template,
+                            "batch_size": batch_size, **(judge_options or {})})
+    finally:
+        cache.close()
+    return result
+
+
+def _evaluate_parts(rows: list[dict[str, Any]], path: Path, out: Path, meta: dict[str, Any],
+                    cache: Any, save: Any, policy_tok: Any, *, judge: str | None,
+                    reward_model: str | None, ref_model: str | None, policy_model: str | None,
+                    batch_size: int, progress: bool, judge_prompts: int | None,
+                    judge_kw: dict[str, Any]) -> None:
     if reward_model:
-        part = rm_scores(rows, reward_model, policy_tok, batch_size, progress)
+        part = rm_scores(rows, reward_model, policy_tok, batch_size, progress, cache)
         part.pop("scores")
         save(part)
     if ref_model:
@@ -369,13 +314,13 @@ def evaluate(
         save(part)
     if judge:
         judged = rows
+        extra: dict[str, Any] = {}
         if judge_prompts is not None:
             judged = judge_subset(rows, judge_prompts)
-            result["judge_prompts"] = len({r["prompt_id"] for r in judged})
-        save(judge_winrate(judged, path, out, judge, meta, policy_tok, judge_url=judge_url,
-                           template=template, batch_size=batch_size, cache_dir=cache_dir,
-                           progress=progress, **(judge_options or {})))
-    return result
+            extra["judge_prompts"] = len({r["prompt_id"] for r in judged})
+        part = judge_winrate(judged, path, out, judge, meta, policy_tok, cache,
+                             progress=progress, **judge_kw)
+        save({**part, **extra})
 
 
 def evaluate_annotations(annotations: str | Path, out_dir: str | Path) -> dict[str, Any]:

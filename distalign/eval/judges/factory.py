@@ -33,7 +33,8 @@ def make_judge(
     if kind == "reward":
         from distalign.eval.judges.reward import RewardJudge
 
-        return RewardJudge(arg, batch_size=batch_size, policy_tokenizer=policy_tokenizer)
+        return RewardJudge(arg, batch_size=batch_size, policy_tokenizer=policy_tokenizer,
+                           cache=cache)
     if kind == "hf":
         from distalign.eval.judges.hf import HFJudge
 

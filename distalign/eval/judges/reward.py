@@ -10,6 +10,8 @@ adds after the generation prompt, cut after its end-of-turn EOS.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -108,6 +110,50 @@ def score_sequences(
     return out
 
 
+def model_fingerprint(spec: str) -> str:
+    """A short id of a model directory's current files (names, sizes, mtimes): cached scores of
+    a reward model that is retrained in place are not reused."""
+    path, gguf = split_gguf(spec)
+    root = Path(resolve_model_dir(path))
+    files = sorted(f for f in root.rglob("*") if f.is_file()) if root.is_dir() else []
+    if gguf:
+        files.append(root / gguf)
+    stats = [(str(f.relative_to(root)) if f.is_relative_to(root) else str(f),
+              f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.exists()]
+    return hashlib.sha256(json.dumps([str(root.resolve()), stats]).encode()).hexdigest()[:16]
+
+
+def cached_scores(
+    model: Any,
+    seqs: Sequence[tuple[Sequence[int], Sequence[int]]],
+    pad_id: int,
+    batch_size: int,
+    cache: Any,
+    fingerprint: str,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[list[float], int]:
+    """(scores, how many were computed) of :func:`score_sequences` through a judge cache: a
+    pipeline scores the same references for every model, and the RM-score column's outputs
+    again in the RM judge. A cached score was computed in another batch, so it may differ
+    from a fresh one in the last float bits (padding changes the kernels' sums)."""
+    if cache is None:
+        return score_sequences(model, seqs, pad_id, batch_size, progress), len(seqs)
+    name = f"score:{fingerprint}"
+    keys = [(json.dumps(list(p)), json.dumps(list(r))) for p, r in seqs]
+    out: list[float | None] = []
+    for a, b in keys:
+        hit = cache.get(name, None, "", a, b)
+        out.append(None if hit is None or hit[0] is None else float(hit[0]))
+    todo = [i for i, v in enumerate(out) if v is None]
+    if progress is not None and len(todo) < len(seqs):
+        progress(len(seqs) - len(todo))
+    fresh = score_sequences(model, [seqs[i] for i in todo], pad_id, batch_size, progress)
+    cache.put_many(name, None, [("", *keys[i], v, "") for i, v in zip(todo, fresh, strict=True)])
+    for i, v in zip(todo, fresh, strict=True):
+        out[i] = v
+    return [float(v) for v in out], len(todo)  # type: ignore[arg-type]
+
+
 def sigmoid(x: float) -> float:
     """σ(x) without overflow for large |x|."""
     return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
@@ -122,7 +168,7 @@ class RewardJudge:
     template_id = None
 
     def __init__(self, path: str, batch_size: int = 16, policy_tokenizer: Any = None,
-                 chat: bool = False) -> None:
+                 chat: bool = False, cache: Any = None) -> None:
         from distalign.lm.tokenizers import check_same_tokenizer
 
         self.id = f"reward:{path}"
@@ -130,14 +176,16 @@ class RewardJudge:
         if policy_tokenizer is not None:
             check_same_tokenizer(policy_tokenizer, self.tok, "the policy", f"reward judge {path}")
         self.batch_size, self.chat, self.calls = batch_size, chat, 0
+        self.cache, self.fingerprint = cache, model_fingerprint(path)
         self.scores: tuple[list[float], list[float]] | None = None  # (outputs, references)
 
     def judge(self, pairs: Sequence[Pair], progress: bool = True) -> list[Verdict]:
         refs = [(p.prompt_ids, reference_ids(self.tok, p.prompt, p.reference, self.chat))
                 for p in pairs]
         outs = [(p.prompt_ids, p.output_ids) for p in pairs]
-        r = score_sequences(self.model, outs + refs, self.tok.pad_token_id, self.batch_size)
-        self.calls += len(r)
+        r, fresh = cached_scores(self.model, outs + refs, self.tok.pad_token_id,
+                                 self.batch_size, self.cache, self.fingerprint)
+        self.calls += fresh
         ra, rb = r[: len(pairs)], r[len(pairs) :]
         self.scores = (ra, rb)
         return [Verdict(sigmoid(a - b)) for a, b in zip(ra, rb, strict=True)]
