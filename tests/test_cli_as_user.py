@@ -69,3 +69,17 @@ def test_train_under_a_pty_draws_the_bar_and_finishes(tiny, tmp_path):
     assert "Traceback" not in text and "KeyError" not in text
     assert "3/3" in text  # the rich bar reached the end
     assert (tmp_path / "tty" / "final" / "config.json").exists()
+
+
+def test_third_party_tqdm_bars_are_off_when_output_goes_to_a_file(tmp_path):
+    # transformers' GGUF loader draws a tqdm bar past its own progress-bar switch
+    code = ("from distalign import cli\ntry:\n    cli.main(['toy', '--help'])\n"
+            "except SystemExit:\n    pass\nfrom tqdm import tqdm\n"
+            "import sys\nprint('tqdm disabled:', tqdm(range(2), file=sys.stderr).disable)")
+    log = tmp_path / "log.txt"
+    with log.open("w") as f:
+        out = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=f,
+                             env={k: v for k, v in ENV.items() if k != "TQDM_DISABLE"},
+                             text=True, timeout=120)
+    assert out.returncode == 0, log.read_text()
+    assert out.stdout.strip().endswith("tqdm disabled: True"), out.stdout

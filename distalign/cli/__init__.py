@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 import typer
@@ -23,6 +24,10 @@ def _register(argv: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors print one line and exit with status 2."""
+    if not sys.stderr.isatty():
+        # third-party tqdm bars (transformers' GGUF de-quantisation calls tqdm directly, past
+        # its own switch) are carriage-return noise in a log file; tqdm reads this at import
+        os.environ.setdefault("TQDM_DISABLE", "1")
     _register(sys.argv[1:] if argv is None else argv)
     try:
         app(args=argv, standalone_mode=False)
