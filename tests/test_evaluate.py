@@ -324,3 +324,39 @@ def test_contract_with_distalign_generate(tiny, tmp_path):
     m = result["metrics"]
     assert m["eval/n"] == 6 and result["kl_temperature"] == T and result["prompt_set"]
     assert 0 <= m["eval/win_rate"] <= 100 and math.isfinite(m["eval/kl_ref"])
+
+
+def test_logprobs_recorded_while_sampling_equal_a_fresh_forward_and_give_the_same_kl(
+        tiny, tmp_path):
+    """`distalign generate` (HF) stores ln π_T(y|x) from generate's own logits; eval's KL then
+    skips π's forward. Both equal an independent unpadded forward of each row."""
+    from distalign.eval.generate import generate
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p, "reference": r}) + "\n"
+                               for p, r in zip(PROMPTS[:4], REFS[:4], strict=True)))
+    gen = GenerationConfig(max_new_tokens=6, temperature=T)
+    out = generate(str(tiny.policy), str(prompts), tmp_path / "gens.jsonl", gen=gen,
+                   num_samples=2, batch_size=3, progress=False)
+    rows, _ = read_generations(out)
+    model = AutoModelForCausalLM.from_pretrained(tiny.policy).eval()
+    for r in rows:
+        ids = torch.tensor([r["prompt_token_ids"] + r["output_token_ids"]])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ids).logits[0].double() / T, -1)
+        p = len(r["prompt_token_ids"])
+        want = sum(float(logp[t - 1, ids[0, t]]) for t in range(p, ids.shape[1]))
+        assert r["output_logprob"] == pytest.approx(want, abs=1e-4)
+    recorded = evaluate(out, tmp_path / "a", ref_model=str(tiny.ref), progress=False)
+    forward = evaluate(out, tmp_path / "b", ref_model=str(tiny.ref), progress=False,
+                       policy_model=str(tiny.policy))
+    assert recorded["kl_policy_logprobs"] == "recorded while sampling"
+    assert forward["kl_policy_logprobs"] == "forward"
+    for key in ("eval/kl_ref", "eval/kl_ref_k3", "eval/entropy"):
+        assert recorded["metrics"][key] == pytest.approx(forward["metrics"][key], abs=1e-4)
+    assert abs(recorded["metrics"]["eval/kl_ref"]) > 1e-3  # π and π₀ differ: not a 0 = 0 check
+    # π against itself from the recorded log-probs: no forward at all, KL exactly 0
+    same = evaluate(out, tmp_path / "c", ref_model=str(tiny.policy), progress=False)
+    assert same["metrics"]["eval/kl_ref"] == 0.0
+    assert same["metrics"]["eval/entropy"] == pytest.approx(forward["metrics"]["eval/entropy"],
+                                                            abs=1e-4)

@@ -25,7 +25,7 @@ from distalign.lm.generation import GenerationConfig
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 ROW_KEYS = {"prompt_id", "prompt", "output", "reference", "generator", "sample", "num_tokens",
-            "ended", "prompt_token_ids", "output_token_ids"}
+            "ended", "prompt_token_ids", "output_token_ids", "output_logprob"}
 META_KEYS = {"model", "model_path", "gguf_file", "tokenizer_path", "generator", "prompts",
              "format", "prompt_set", "num_prompts", "num_samples", "seed", "chat_template",
              "max_prompt_length", "gen", "distalign_version"}

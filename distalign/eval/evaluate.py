@@ -305,9 +305,14 @@ def _evaluate_parts(rows: list[dict[str, Any]], path: Path, out: Path, meta: dic
             raise ConfigError(f"{sidecar_path(path)}: no model_path; pass --policy-model for KL")
         gen = meta.get("gen") or {}
         t = float(gen.get("temperature", 1.0) or 1.0)
+        # ln π_T recorded while sampling is π's own (an explicit --policy-model may differ)
+        recorded = None
+        if policy_model is None and all("output_logprob" in r for r in rows):
+            recorded = [float(r["output_logprob"]) for r in rows]
         part = kl_estimates(rows, policy, None if policy_model else meta.get("gguf_file"),
-                            ref_model, t, batch_size, progress)
+                            ref_model, t, batch_size, progress, recorded)
         part.pop("k1")
+        part["kl_policy_logprobs"] = "recorded while sampling" if recorded else "forward"
         part["kl_temperature"] = t
         part["kl_exact"] = int(gen.get("top_k", 0) or 0) == 0 and float(
             gen.get("top_p", 1.0)) >= 1.0 and int(gen.get("min_new_tokens", 0) or 0) == 0

@@ -28,7 +28,7 @@ from distalign.errors import ConfigError
 from distalign.eval.genfile import read_generations, sidecar_path
 from distalign.eval.prompts import Prompt, PromptSet, load_prompt_set
 from distalign.lm.collators import pad_sequences
-from distalign.lm.generation import GenerationConfig, make_sampler
+from distalign.lm.generation import GenerationConfig, HFSampler, make_sampler
 from distalign.lm.models import ModelConfig, load_policy, load_tokenizer
 from distalign.progress import StepProgress
 
@@ -137,9 +137,11 @@ def _version() -> str:
 
 
 def _rows(batch: list[Prompt], roll: Any, tok: Any, generator: str,
-          done: set[tuple[str, int]]) -> list[dict[str, Any]]:
+          done: set[tuple[str, int]], recorded: bool = False) -> list[dict[str, Any]]:
     """The missing rows of one batch (the Rollout is sample-major: row r = sample r // B)."""
     responses = roll.responses.cpu()
+    # only the HF sampler's are ln π at the sampling temperature (vLLM reports its own kind)
+    logprobs = roll.logprobs.double().cpu() if recorded and roll.logprobs is not None else None
     lengths, ended = roll.response_lengths.cpu().tolist(), roll.ended.cpu().tolist()
     rows = []
     for r in range(responses.shape[0]):
@@ -155,6 +157,8 @@ def _rows(batch: list[Prompt], roll: Any, tok: Any, generator: str,
             "num_tokens": len(out_ids), "ended": bool(ended[r]),
             "prompt_token_ids": p.token_ids, "output_token_ids": out_ids,
         })
+        if logprobs is not None:  # ln π_T(y|x), summed over the response (EOS included)
+            rows[-1]["output_logprob"] = float(logprobs[r, : lengths[r]].sum())
     return rows
 
 
@@ -187,6 +191,8 @@ def generate(model: str, prompts: str, out: str | Path, *, fmt: str = "auto",
     mcfg = ModelConfig(name_or_path=model_path, gguf_file=gguf_file, dtype=dtype)
     tok = load_tokenizer(mcfg)
     sampler = make_sampler(gen, tok)  # validates the gen settings before the model loads
+    if isinstance(sampler, HFSampler):
+        sampler.record_logprobs = True  # eval's KL(π‖π₀) reuses them (one forward saved)
     pset = load_prompt_set(prompts, tok, fmt=fmt, limit=limit,
                            max_prompt_length=max_prompt_length, chat_template=chat_template)
     generator = generator or default_name
@@ -252,7 +258,8 @@ def _run(todo: list[list[Prompt]], batches: list[list[Prompt]], mcfg: ModelConfi
                 torch.manual_seed(batch_seed(meta["seed"], [p.prompt_id for p in batch]))
                 roll = sampler.generate(policy, ids.to(device), attn.to(device),
                                         meta["num_samples"])
-            rows = _rows(batch, roll, tok, meta["generator"], done)
+            rows = _rows(batch, roll, tok, meta["generator"], done,
+                         getattr(sampler, "record_logprobs", False))
             f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
             f.flush()
             os.fsync(f.fileno())

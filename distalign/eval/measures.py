@@ -58,29 +58,46 @@ def rm_scores(rows: list[dict[str, Any]], reward_model: str, policy_tok: Any, ba
             "no_eos": len(cut), "reward_model": reward_model}
 
 
+def _load_tok(spec: str, gguf: str | None = None) -> Any:
+    from distalign.lm.models import ModelConfig, load_tokenizer
+
+    path, own = split_gguf(spec)
+    return load_tokenizer(ModelConfig(name_or_path=resolve_model_dir(path), gguf_file=own or gguf))
+
+
 @torch.no_grad()
 def kl_estimates(rows: list[dict[str, Any]], policy: str, gguf: str | None, ref_model: str,
-                 temperature: float, batch_size: int, progress: bool) -> dict[str, Any]:
+                 temperature: float, batch_size: int, progress: bool,
+                 recorded: list[float] | None = None) -> dict[str, Any]:
+    """k1, k3 and entropy from ln π_T and ln π₀_T of each row's response. ``recorded`` is ln π_T
+    as the sampler computed it while generating (``output_logprob``): then π is not run again,
+    and π₀'s own row (the base model against itself) needs no forward at all."""
     from distalign.lm.logprobs import sequence_logprobs
     from distalign.lm.tokenizers import check_same_tokenizer
 
-    pi, pi_tok = _load_lm(policy, gguf)
-    # π₀'s own row (the base model evaluated against itself): KL is 0, one forward is enough
     same = _same_model(policy, gguf, ref_model)
-    pi0, pi0_tok = (pi, pi_tok) if same else _load_lm(ref_model)
+    need_pi = recorded is None
+    pi, pi_tok = _load_lm(policy, gguf) if need_pi else (None, _load_tok(policy, gguf))
+    need_pi0 = not same
+    pi0, pi0_tok = _load_lm(ref_model) if need_pi0 else (pi, pi_tok)
     check_same_tokenizer(pi_tok, pi0_tok, f"the policy {policy}", f"reference model {ref_model}")
     seqs = [(r["prompt_token_ids"], r["output_token_ids"]) for r in rows]
-    lp = [math.nan] * len(rows)
-    lr = [math.nan] * len(rows)
+    lp = list(recorded) if recorded is not None else [math.nan] * len(rows)
+    lr = list(lp) if same else [math.nan] * len(rows)
     with _progress("kl", len(rows), progress) as bar:
         done = 0
-        for idx, ids, attn, resp in length_batches(seqs, pi_tok.pad_token_id, batch_size):
-            a = sequence_logprobs(pi, ids, attn, resp, temperature).tolist()
-            b = a if same else sequence_logprobs(pi0, ids, attn, resp, temperature).tolist()
-            for i, x, y in zip(idx, a, b, strict=True):
-                lp[i], lr[i] = x, y
+        batches = (length_batches(seqs, pi_tok.pad_token_id, batch_size)
+                   if need_pi or need_pi0 else [])
+        for idx, ids, attn, resp in batches:
+            a = sequence_logprobs(pi, ids, attn, resp, temperature).tolist() if need_pi else None
+            b = sequence_logprobs(pi0, ids, attn, resp, temperature).tolist() if need_pi0 else a
+            for k, i in enumerate(idx):
+                if a is not None:
+                    lp[i] = a[k]
+                lr[i] = b[k] if b is not None else lp[i]
             done += len(idx)
             bar.update(done)
+        bar.update(len(rows))
     k1 = [x - y for x, y in zip(lp, lr, strict=True)]
     k3 = [math.expm1(-d) + d for d in k1]  # r − 1 − ln r with ln r = −d
     (m1, s1), (m3, s3) = mean_se(k1), mean_se(k3)

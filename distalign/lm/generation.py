@@ -50,9 +50,14 @@ class HFSampler:
     set aside for the call, since any of it would make ln μ ≠ ``token_logprobs`` at T.
     """
 
-    def __init__(self, tokenizer_or_ids: Any, cfg: GenerationConfig | None = None) -> None:
+    def __init__(self, tokenizer_or_ids: Any, cfg: GenerationConfig | None = None,
+                 record_logprobs: bool = False) -> None:
         self.cfg = cfg or GenerationConfig()
         self.pad_id, self.eos_ids = _token_ids(tokenizer_or_ids)
+        # ln π_T of each sampled token from generate's own logits (``Rollout.logprobs``): the
+        # evaluation's KL(π‖π₀) then needs no second forward of π. It holds the raw logits of
+        # every step until the batch ends (N × steps × vocab floats), so it is opt-in.
+        self.record_logprobs = record_logprobs
         check_generation_config(self.cfg)
 
     def _eos_ids(self, model_gen_cfg: Any) -> list[int]:
@@ -74,6 +79,8 @@ class HFSampler:
         )
         if sample:
             kwargs.update(temperature=c.temperature, top_k=c.top_k, top_p=c.top_p)
+        if self.record_logprobs:
+            kwargs.update(output_logits=True, return_dict_in_generate=True)
         # keep structural (not distributional) settings of the checkpoint
         for name in ("bos_token_id", "decoder_start_token_id", "cache_implementation"):
             value = getattr(model_gen_cfg, name, None)
@@ -113,9 +120,14 @@ class HFSampler:
         finally:
             hf.generation_config = own_cfg
             model.train(was_training)
+        seqs = out.sequences if self.record_logprobs else out
         responses, response_mask, ended = truncate_after_eos(
-            out[:, prompt_len:], eos_ids, self.pad_id
+            seqs[:, prompt_len:], eos_ids, self.pad_id
         )
+        logprobs = None
+        if self.record_logprobs:
+            logprobs = sampled_logprobs(out.logits, seqs[:, prompt_len:], self.cfg.temperature)
+            logprobs = logprobs * response_mask.to(logprobs.dtype)
         return Rollout(
             input_ids=torch.cat([ids, responses], dim=1),
             attention_mask=torch.cat([attn.long(), response_mask], dim=1),
@@ -124,7 +136,21 @@ class HFSampler:
             ended=ended,
             response_lengths=response_mask.sum(-1),
             num_samples=num_samples,
+            logprobs=logprobs,
         )
+
+
+def sampled_logprobs(step_logits: tuple[Tensor, ...], tokens: Tensor,
+                     temperature: float) -> Tensor:
+    """ln softmax(logits/T)[token] per generation step, ``[N, steps]``: the density that
+    ``token_logprobs(..., temperature=T)`` gives (raw logits, so top-k/top-p truncation is not
+    in it, as it is not there); greedy decoding (T = 0) is scored at T = 1, as eval does."""
+    t = temperature if temperature > 0 else 1.0
+    out = []
+    for k, logits in enumerate(step_logits):
+        z = logits.float() / t
+        out.append(z.gather(-1, tokens[:, k : k + 1]).squeeze(-1) - torch.logsumexp(z, -1))
+    return torch.stack(out, 1)
 
 
 SamplerFactory = Callable[[GenerationConfig, Any], Sampler]
