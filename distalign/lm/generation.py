@@ -145,12 +145,10 @@ def sampled_logprobs(step_logits: tuple[Tensor, ...], tokens: Tensor,
     """ln softmax(logits/T)[token] per generation step, ``[N, steps]``: the density that
     ``token_logprobs(..., temperature=T)`` gives (raw logits, so top-k/top-p truncation is not
     in it, as it is not there); greedy decoding (T = 0) is scored at T = 1, as eval does."""
+    from distalign.lm.logprobs import _logprobs
+
     t = temperature if temperature > 0 else 1.0
-    out = []
-    for k, logits in enumerate(step_logits):
-        z = logits.float() / t
-        out.append(z.gather(-1, tokens[:, k : k + 1]).squeeze(-1) - torch.logsumexp(z, -1))
-    return torch.stack(out, 1)
+    return _logprobs(torch.stack(step_logits, 1), tokens, t)
 
 
 SamplerFactory = Callable[[GenerationConfig, Any], Sampler]
