@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from distalign.errors import ConfigError, DataError
-from distalign.eval.report import aggregate, find_runs, load_run, markdown, report
+from distalign.eval.report import aggregate, find_runs, load_run, markdown, metric_label, report
 
 RUNS = Path(__file__).parent / "fixtures" / "runs"
 
@@ -173,3 +173,9 @@ def test_an_evaluation_only_folder_is_the_base_row_and_comes_first(tmp_path):
     rows = aggregate(runs, ["synthetic/kl_fwd"])
     assert [r.label for r in rows] == ["π₀ (base)", "DPO"]
     assert rows[0].stats["synthetic/kl_fwd"][0] == 0.9
+
+
+def test_a_judged_column_is_titled_by_its_metric_and_judge() -> None:
+    assert metric_label("eval/win_rate") == "win-rate % ↑"
+    assert metric_label("eval/win_rate@hf") == "win-rate % ↑ [hf]"
+    assert metric_label("custom/thing@x") == "custom/thing@x"  # unknown: the key as written

@@ -294,8 +294,10 @@ def _label(key: tuple[str, ...], group_by: list[str]) -> str:
 
 
 def metric_label(metric: str) -> str:
-    name, arrow = KNOWN.get(metric, (metric, ""))
-    return f"{name} {arrow}".strip()
+    """A column's title: ``eval/win_rate@hf`` → ``win-rate % ↑ [hf]`` (a judge after ``@``)."""
+    key, _, judge = metric.partition("@")
+    name, arrow = KNOWN.get(key, (key, "")) if key in KNOWN else (metric, "")
+    return f"{name} {arrow}".strip() + (f" [{judge}]" if judge and key in KNOWN else "")
 
 
 def _cell(mu: float, sd: float, n: int, digits: int) -> str:
@@ -320,7 +322,8 @@ def markdown(rows: list[Row], metrics: list[str], digits: int = 3) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[Row], metrics: list[str], path: str | Path) -> Path:
+def plot(rows: list[Row], metrics: list[str], path: str | Path,
+         titles: list[str] | None = None) -> Path:
     """One bar chart per metric: mean with ± std error bars, one bar per row."""
     import matplotlib
 
@@ -330,12 +333,13 @@ def plot(rows: list[Row], metrics: list[str], path: str | Path) -> Path:
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics) + 0.8, 3.6))
     axes = [axes] if len(metrics) == 1 else list(axes)
     labels = [r.label for r in rows]
-    for ax, m in zip(axes, metrics, strict=True):
+    titles = titles or [metric_label(m) for m in metrics]
+    for ax, m, title in zip(axes, metrics, titles, strict=True):
         mu = [r.stats.get(m, (math.nan, 0.0, 0))[0] for r in rows]
         sd = [r.stats.get(m, (math.nan, 0.0, 0))[1] for r in rows]
         ax.bar(range(len(rows)), mu, yerr=sd, capsize=3, color=[f"C{i}" for i in range(len(rows))])
         ax.set_xticks(range(len(rows)), labels, rotation=35, ha="right", fontsize=8)
-        ax.set_title(metric_label(m), fontsize=9)
+        ax.set_title(title, fontsize=9)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -92,10 +92,11 @@ def write_report(out: str, rows: list[dict[str, Any]], judges: list[str],
     for row in table_rows:
         if row.label == "base":
             row.label = "π₀ (base)"
+    titles = [_label(c, judges) for c in cols]
     lines = markdown(table_rows, cols).splitlines()
-    lines[0] = "| Algorithm | " + " | ".join(_label(c, judges) for c in cols) + " | runs |"
+    lines[0] = "| Algorithm | " + " | ".join(titles) + " | runs |"
     table = "\n".join(lines) + "\n"
-    bar_plot(table_rows, cols, root / "report.png")
+    bar_plot(table_rows, cols, root / "report.png", titles)
     notes = []
     rm_acc = None
     if reward and Path(reward).parent.joinpath("summary.json").is_file():
