@@ -168,3 +168,16 @@ def test_eval_does_not_perturb_training_randomness(make_config, tmp_path, tiny):
     assert "eval/env/score" in evald[1]
     _same_rows(plain, evald, range(1, 4), ("loss", "env/score", "env/reward"))
     torch.testing.assert_close(torch.tensor(evald[1]["loss"]), torch.tensor(plain[1]["loss"]))
+
+
+def test_no_step0_eval_skips_only_the_baseline_row(make_config, tmp_path, tiny):
+    """``run.eval_at_start=false``: no step-0 evaluation, the same training trajectory and
+    the same final evaluation as a run that evaluated π at step 0."""
+    base = ("run.max_steps=2", "algo.update_epochs=1", f"data.eval_path={tiny.pairs}")
+    with_start = rows_by_step(train(make_config("rebel", tmp_path / "a", *base)))
+    without = rows_by_step(train(make_config("rebel", tmp_path / "b", *base,
+                                             "run.eval_at_start=false")))
+    assert "eval/env/score" in with_start[0]
+    assert not any(k.startswith("eval/") for k in without[0])
+    _same_rows(with_start, without, range(1, 3), ("loss", "env/score"))
+    _same_rows(with_start, without, range(2, 3), ("eval/env/score",))  # the final evaluation

@@ -289,7 +289,7 @@ class Trainer:
     def fit(self) -> Path:
         r, st = self.cfg.run, self.state
         if st.step == 0:
-            self.log.write(0, self.evaluate(0))
+            self.log.write(0, self.evaluate(0) if r.eval_at_start else {})
         progress = StepProgress(
             self.cfg.method, self.total_steps, st.step,
             enabled=r.progress and self.acc.is_main_process, every=r.log_every,

@@ -25,9 +25,9 @@ log = logging.getLogger("distalign")
 # Settings that may change between a run and its continuation: how long it runs and what it
 # logs, never what it computes.
 HORIZON_KEYS = frozenset({
-    "run.max_steps", "run.epochs", "run.log_every", "run.eval_every", "run.save_every",
-    "run.keep_checkpoints", "run.progress", "run.resume", "run.overwrite", "run.report_to",
-    "run.num_samples_logged", "data.num_proc",
+    "run.max_steps", "run.epochs", "run.log_every", "run.eval_every", "run.eval_at_start",
+    "run.save_every", "run.keep_checkpoints", "run.progress", "run.resume", "run.overwrite",
+    "run.report_to", "run.num_samples_logged", "data.num_proc",
 })
 # What one run writes into its directory (and --overwrite removes).
 ARTIFACTS = ("checkpoints", "final", "metrics.jsonl", "samples.jsonl", "summary.json",
