@@ -296,8 +296,10 @@ def _label(key: tuple[str, ...], group_by: list[str]) -> str:
 def metric_label(metric: str) -> str:
     """A column's title: ``eval/win_rate@hf`` → ``win-rate % ↑ [hf]`` (a judge after ``@``)."""
     key, _, judge = metric.partition("@")
-    name, arrow = KNOWN.get(key, (key, "")) if key in KNOWN else (metric, "")
-    return f"{name} {arrow}".strip() + (f" [{judge}]" if judge and key in KNOWN else "")
+    if key not in KNOWN:
+        return metric
+    name, arrow = KNOWN[key]
+    return f"{name} {arrow}".strip() + (f" [{judge}]" if judge else "")
 
 
 def _cell(mu: float, sd: float, n: int, digits: int) -> str:

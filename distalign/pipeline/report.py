@@ -37,10 +37,9 @@ def _row_metrics(run_dir: Path, judges: list[str]) -> dict[str, float]:
 
 
 def _label(metric: str, judges: list[str]) -> str:
-    base, _, judge = metric.partition("@")
-    if base == "eval/win_rate" and len(judges) > 1:
-        judge = judge or judges[0]
-    return metric_label(base) + (f" [{judge}]" if judge else "")
+    if metric == "eval/win_rate" and len(judges) > 1:  # the first judge's column is unsuffixed
+        metric = f"{metric}@{judges[0]}"
+    return metric_label(metric)
 
 
 def _columns(runs: list[Run], judges: list[str]) -> list[str]:
