@@ -11,7 +11,9 @@ the wall time left over (interpreter, imports of numpy, typer, rich and the CLI,
 the tables; on the CPU the toy does not import torch). With more than one thread (the
 default) the Newton solves of PMLE and distillation share their problems among the threads.
 Run: ``python benchmarks/toy_speed.py [--repeat 3] [--threads 1]``. CPU time is the child's
-user + sys; on a shared machine compare it rather than wall time, and note the load average.
+user + sys; on a shared machine compare it rather than wall time, and note the load average
+and the host's speed (``distalign.hostspeed``): the same code took 6.3 s on one day and
+9.7 s on another on the project's 2-core machine.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from distalign.hostspeed import describe, host_speed
 
 PHASES = ("newton", "closed_forms", "selection", "io_plot")
 
@@ -63,13 +67,14 @@ def main() -> None:
     parser.add_argument("extra", nargs="*", help="more `distalign toy` flags (after --)")
     args = parser.parse_args()
     load0 = os.getloadavg()[0]
+    speed = host_speed()  # before the runs, so that it does not run beside one
     runs = [run_once(args.preset, args.threads, args.extra) for _ in range(args.repeat)]
     best = min(runs, key=lambda r: r["wall"])
     walls = ", ".join(f"{r['wall']:.2f}" for r in runs)
     threads = "default" if args.threads is None else args.threads
     print(f"distalign toy --preset {args.preset}, threads {threads}: 6 methods, 8 seeds, "
           f"n = 2^5..2^16, 41 β values; {os.cpu_count()} CPUs; 1-min load average "
-          f"{load0:.2f} before, {os.getloadavg()[0]:.2f} after")
+          f"{load0:.2f} before, {os.getloadavg()[0]:.2f} after; host {describe(speed)}")
     print(f"wall from the shell: best {best['wall']:.2f} s of {len(runs)} "
           f"({walls}); CPU (user+sys) of that run "
           f"{best['cpu']:.2f} s; target 3 s")

@@ -54,6 +54,10 @@ def test_runner_skips_done_stages_and_reruns_changed_ones_downstream(tmp_path):
     mark = json.loads((tmp_path / "a" / ".done.train.json").read_text())
     assert mark["seconds"] >= 0 and mark["cpu_seconds"] >= 0 and len(mark["load"]) == 2
     assert mark["resumed"] is False and again["a"].timing["seconds"] == mark["seconds"]
+    # and the host's speed, measured once per invocation before its first stage ran
+    marks = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("*/.done.*.json"))]
+    assert marks[0]["host"] == marks[1]["host"] and marks[0]["host"]["gflops"] > 0
+    assert again["a"].timing["host"] == mark["host"]
     assert _calls(tmp_path / "a") == ["1"] and _calls(tmp_path / "b") == ["2"]
     # a changes: a runs again, and b (whose input changed) too
     changed = _stages(tmp_path, a_value=5)

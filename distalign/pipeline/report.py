@@ -15,6 +15,7 @@ from typing import Any
 from distalign.errors import ConfigError
 from distalign.eval.report import Run, aggregate, default_metrics, load_run, markdown, metric_label
 from distalign.eval.report import plot as bar_plot
+from distalign.hostspeed import describe
 
 SECONDARY = ("eval/win_rate", "eval/win_rate_se", "eval/win_rate_discrete")
 EVAL_COLUMNS = ("eval/win_rate", "eval/rm_score", "eval/kl_ref", "eval/entropy", "eval/length")
@@ -124,16 +125,19 @@ def write_report(out: str, rows: list[dict[str, Any]], judges: list[str],
 
 
 def stage_times(marks: dict[str, dict[str, Any]]) -> str:
-    """Each stage's wall and CPU seconds with the 1-min load average at its start and end,
-    so a time measured beside other work (load > cores) or a resumed stage (this attempt
-    only) is visible as such."""
-    lines = ["| stage | wall time (s) | CPU time (s) | load (start → end) |", "|---|---|---|---|"]
+    """Each stage's wall and CPU seconds with the 1-min load average at its start and end and
+    the host's speed when it ran (:mod:`distalign.hostspeed`), so a time measured beside other
+    work (load > cores), on a slower host or in a resumed stage (this attempt only) is visible
+    as such."""
+    lines = ["| stage | wall time (s) | CPU time (s) | load (start → end) | host speed |",
+             "|---|---|---|---|---|"]
     for name, m in marks.items():
         cpu = f"{m['cpu_seconds']:.1f}" if "cpu_seconds" in m else "–"
         load = " → ".join(f"{v:.1f}" for v in m["load"]) if m.get("load") else "–"
         note = " (resumed: this attempt)" if m.get("resumed") else ""
-        lines.append(f"| {name}{note} | {float(m.get('seconds', 0.0)):.1f} | {cpu} | {load} |")
+        lines.append(f"| {name}{note} | {float(m.get('seconds', 0.0)):.1f} | {cpu} | {load} "
+                     f"| {describe(m.get('host'))} |")
     wall = sum(float(m.get("seconds", 0.0)) for m in marks.values())
     lines.append(f"| **total** | {wall:.1f} | "
-                 f"{sum(float(m.get('cpu_seconds', 0.0)) for m in marks.values()):.1f} | |")
+                 f"{sum(float(m.get('cpu_seconds', 0.0)) for m in marks.values()):.1f} | | |")
     return "\n".join(lines) + "\n"

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from distalign.errors import ConfigError, DistalignError
+from distalign.hostspeed import host_speed
 
 Log = Callable[[str], None]
 LAUNCHERS = ("inprocess", "subprocess", "accelerate")
@@ -232,6 +233,13 @@ def run_stages(
     outcomes: dict[str, Outcome] = {}
     resuming: set[str] = set()
     pending = list(stages)
+    host: dict[str, float] = {}
+
+    def host_now() -> dict[str, float]:
+        # measured once, before the first stage that runs, so it is never measured beside one
+        if not host:
+            host.update(host_speed())
+        return host
     if only is not None:
         for s in stages:
             if s.name not in only:
@@ -244,6 +252,7 @@ def run_stages(
     def finish(stage: Stage, result: dict[str, Any], timing: dict[str, Any], reused: bool,
                ) -> None:
         if not reused:
+            timing = {**timing, "host": host_now()}
             _write_marker(stage, result, timing)
         outcomes[stage.name] = Outcome(stage, result, timing.get("seconds", 0.0), reused,
                                        timing)
@@ -279,6 +288,7 @@ def run_stages(
             if reuse(stage):
                 continue
             log(f"▶ {stage.name} → {stage.out}")
+            host_now()
             start = _clock()
             if stage.launchable and launcher.kind != "inprocess":
                 result = _launch(stage, launcher)
@@ -294,6 +304,7 @@ def run_stages(
             while ready:  # reused stages may release others at once
                 for stage in ready:
                     if not reuse(stage):
+                        host_now()
                         log(f"▶ {stage.name} → {stage.out}")
                         running[pool.submit(_call_timed, stage.target, stage.spec,
                                             stage.name in resuming)] = stage
@@ -311,7 +322,8 @@ def run_stages(
 
 
 def _marker_timing(mark: dict[str, Any]) -> dict[str, Any]:
-    return {k: mark[k] for k in ("seconds", "cpu_seconds", "load", "resumed") if k in mark}
+    return {k: mark[k] for k in ("seconds", "cpu_seconds", "load", "resumed", "host")
+            if k in mark}
 
 
 def _stuck(pending: list[Stage]) -> list[Stage]:
