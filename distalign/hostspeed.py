@@ -2,7 +2,7 @@
 
 The project's machines are shared virtual hosts. The same code measured 6.3 s one day and
 9.7 s another on "the same" 2-core machine (``benchmarks/toy_speed.py``), so a wall time means
-little without the speed it ran at. Two short probes (≈ 0.3 s together) give that speed:
+little without the speed it ran at. Two short probes (well under a second together) give that speed:
 float32 matrix products on one core (compute: most of training, prefill and scoring) and a
 large array copy (memory bandwidth: decoding and the toy's numpy passes). Medians of several
 short repeats, so one preempted repeat does not set the figure. The products are a stack of
@@ -14,15 +14,16 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 
 import numpy as np
 
 
-def _median_seconds(fn: object, repeats: int) -> float:
+def _median_seconds(fn: Callable[[], object], repeats: int) -> float:
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        fn()  # type: ignore[operator]
+        fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
