@@ -12,6 +12,8 @@ import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 
+import numpy as np
+
 from distalign.errors import ConfigError
 from distalign.tabular.stats import loglog_slope, mean_ci
 
@@ -19,6 +21,16 @@ from distalign.tabular.stats import loglog_slope, mean_ci
 METHODS = ("rlhf", "rkl", "pmle", "distill", "dpo", "rebel")
 #: solver engines: numpy (CPU, no torch import) or the torch tensor programs
 ENGINES = ("auto", "numpy", "torch")
+
+#: two selection criteria closer than this are tied and go to the smaller β: a closer race is
+#: decided by rounding (R̂ is exact to ~1e-11, and a small β or a large η multiplies that)
+TIE = 1e-9
+#: rewards R̂ closer than this are one tier of the greedy (β = 0) RLHF policy (R̂'s own error
+#: is ~1e-11: responses that no pair tells apart tie exactly in exact arithmetic)
+REWARD_TIE = 1e-8
+#: the greedy policy puts each lower tier this many nats below the one above: no mass after
+#: exp, and ln π₀ ratios within a tier kept to ~1e-13 (β = 1e-12 lost them to rounding)
+GREEDY_GAP = 1000.0
 
 #: logit scale of the `strong` preset; see docs/toy.md for the reasoning
 STRONG_LOGIT_SCALE = 1.0
@@ -194,6 +206,28 @@ def fit_slopes(records: list[dict], config: ToyConfig) -> dict[str, dict[str, fl
             out[m][f"{choice}_seed_hi"] = hi
     out["_range"] = {"n_min": float(min(top)), "n_max": float(max(top))}
     return out
+
+
+def greedy_tiers(reward: np.ndarray) -> np.ndarray:
+    """Tier of each reward along the last axis: 0 for the best, one more per lower group of
+    rewards that chain within :data:`REWARD_TIE`. The greedy policy (RLHF's β → 0⁺ limit) is
+    π₀ on tier 0; its ln π is ln π₀ − GREEDY_GAP·tier, up to normalisation."""
+    order = np.argsort(-reward, -1, kind="stable")
+    s = np.take_along_axis(reward, order, -1)
+    drop = (s[..., :-1] - s[..., 1:]) >= REWARD_TIE
+    tier = np.concatenate([np.zeros_like(s[..., :1]), np.cumsum(drop, -1)], -1)
+    out = np.empty_like(tier)
+    np.put_along_axis(out, order, tier, -1)
+    return out
+
+
+def first_within(values: np.ndarray, best: str) -> np.ndarray:
+    """``[..., B]`` → ``[..., 1]``: the first grid index (smallest β) whose value is within
+    :data:`TIE` of the best (``best`` is "min" or "max"). A plain argmax let rounding pick
+    among tied β values (at n = 32 the held-out pairs often see only contexts where several
+    β give the same policy)."""
+    v = values if best == "max" else -values
+    return np.argmax(v >= v.max(-1, keepdims=True) - TIE, axis=-1)[..., None]
 
 
 def add_records(records: list[dict], method: str, ns: list[int] | tuple[int, ...],

@@ -27,6 +27,7 @@ from distalign.tabular.config import (
     add_records,
     default_betas,
     finish_results,
+    first_within,
     fit_slopes,
     summarise,
 )
@@ -193,7 +194,7 @@ def _run(config: ToyConfig, progress: Callable[[str, int], None] | None) -> ToyR
     kl_star_ref = exact_kl(world.log_star, world.log_ref).mean(-1).tolist()
     records: list[dict] = []
     for m, (full, fkl, val) in _solve_methods(grid, config, clock):
-        pick = {"oracle": fkl.argmin(-1, keepdim=True), "honest": val.argmax(-1, keepdim=True)}
+        pick = {"oracle": _first_within(fkl, "min"), "honest": _first_within(val, "max")}
         cols: dict[str, list] = {}
         for choice, idx in pick.items():
             chosen = full.gather(2, idx[..., None, None].expand(-1, -1, 1, X, K))  # [N,S,1,X,K]
@@ -204,3 +205,9 @@ def _run(config: ToyConfig, progress: Callable[[str, int], None] | None) -> ToyR
         cols["val_loglik_honest"] = val.gather(-1, pick["honest"])[..., 0].tolist()
         add_records(records, m, ns, S, cols, clock, progress)
     return finish_results(config, records, kl_star_ref, t0, clock)
+
+
+def _first_within(values: Tensor, best: str) -> Tensor:
+    """:func:`~distalign.tabular.config.first_within` on a tensor (same index, same device)."""
+    idx = first_within(values.detach().cpu().double().numpy(), best)
+    return torch.from_numpy(idx).to(values.device)

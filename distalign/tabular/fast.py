@@ -23,7 +23,16 @@ from collections.abc import Callable, Iterator
 import numpy as np
 
 from distalign.tabular import fastnewton
-from distalign.tabular.config import Clock, ToyConfig, ToyResults, add_records, finish_results
+from distalign.tabular.config import (
+    GREEDY_GAP,
+    Clock,
+    ToyConfig,
+    ToyResults,
+    add_records,
+    finish_results,
+    first_within,
+    greedy_tiers,
+)
 from distalign.tabular.fastworld import (
     TorchRandom,
     log_sigmoid,
@@ -34,7 +43,6 @@ from distalign.tabular.fastworld import (
 )
 
 SAME_POINT = 1e-9  # starts whose centred logits end closer than this found the same optimum
-BETA_FLOOR = 1e-12  # RLHF at β = 0 is the greedy policy, evaluated as its β → 0⁺ limit
 CLOSED_FORM = ("rlhf", "rkl")
 
 
@@ -104,8 +112,11 @@ def _expand(a: np.ndarray) -> np.ndarray:
 
 
 def rlhf(grid: Grid, betas: np.ndarray) -> np.ndarray:
-    b = np.maximum(betas, BETA_FLOOR)[:, None, None]
-    return log_softmax(grid.log_ref[:, None] + _expand(grid.reward) / b)
+    """RLHF (1): π ∝ π₀ exp(R̂/β); β = 0 is the greedy limit (config.greedy_tiers)."""
+    b = np.where(betas > 0, betas, 1.0)[:, None, None]
+    soft = grid.log_ref[:, None] + _expand(grid.reward) / b
+    greedy = grid.log_ref - GREEDY_GAP * greedy_tiers(grid.reward)
+    return log_softmax(np.where((betas > 0)[:, None, None], soft, _expand(greedy)))
 
 
 def rkl(grid: Grid, betas: np.ndarray) -> np.ndarray:
@@ -238,7 +249,7 @@ def run(config: ToyConfig, progress: Callable[[str, int], None] | None = None) -
     kl_star_ref = exact_kl(grid.world.log_star, grid.log_ref).mean(-1).tolist()
     records: list[dict] = []
     for m, (full, fkl, val) in _solve_methods(grid, clock):
-        pick = {"oracle": fkl.argmin(-1)[..., None], "honest": val.argmax(-1)[..., None]}
+        pick = {"oracle": first_within(fkl, "min"), "honest": first_within(val, "max")}
         cols: dict[str, list] = {}
         for choice, idx in pick.items():
             chosen = np.take_along_axis(full, idx[..., None, None], 2)  # [N, S, 1, X, K]

@@ -28,7 +28,11 @@ from distalign.objectives import (
     preference_logprob,
     rebel_loss,
 )
-from distalign.tabular.config import METHODS  # noqa: F401 - re-exported (old imports)
+from distalign.tabular.config import (
+    GREEDY_GAP,
+    METHODS,  # noqa: F401 - re-exported (old imports)
+    greedy_tiers,
+)
 from distalign.tabular.newton import QUADRATIC, newton_decrement, newton_solve, objective_value
 from distalign.tabular.pairwise import ClosedForm, PairwiseObjective, gather_pairs, pair_index
 
@@ -72,7 +76,6 @@ TUNED = {
     "rebel": "η (REBEL reward scale, eq. 10)",
 }
 SAME_POINT = 1e-9  # starts whose centred logits end closer than this found the same optimum
-BETA_FLOOR = 1e-12  # RLHF at β = 0 is the greedy policy; evaluated as its β → 0⁺ limit
 
 
 @dataclass(frozen=True)
@@ -137,9 +140,13 @@ def _bt_objective(counts: Tensor, n: Tensor, ridge: float) -> PairwiseObjective:
 
 # ---------------------------------------------------------------------- closed forms
 def rlhf_policy(inp: FitInput, betas: Tensor) -> Tensor:
-    """RLHF (1) with reward R̂: π ∝ π₀ exp(R̂/β) (App. B). β = 0 → greedy limit."""
-    b = _grid(betas).clamp_min(BETA_FLOOR)
-    return torch.log_softmax(inp.log_ref[..., None, :, :] + inp.reward[..., None, :, :] / b, -1)
+    """RLHF (1) with reward R̂: π ∝ π₀ exp(R̂/β) (App. B). β = 0 → the greedy limit: π₀ on the
+    best tier of rewards (config.greedy_tiers, as the numpy engine)."""
+    b = _grid(betas)
+    soft = inp.log_ref[..., None, :, :] + inp.reward[..., None, :, :] / torch.where(b > 0, b, 1.0)
+    tiers = torch.from_numpy(greedy_tiers(inp.reward.detach().cpu().double().numpy()))
+    greedy = inp.log_ref - GREEDY_GAP * tiers.to(inp.reward)
+    return torch.log_softmax(torch.where(b > 0, soft, greedy[..., None, :, :]), -1)
 
 
 def rkl_policy(inp: FitInput, betas: Tensor) -> Tensor:
