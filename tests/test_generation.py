@@ -190,3 +190,11 @@ def test_make_sampler_registry():
         HFSampler(TOK, GenerationConfig(max_new_tokens=2, min_new_tokens=3))
     with pytest.raises(ConfigError, match="top_p"):
         HFSampler(TOK, GenerationConfig(top_p=0.0))
+
+
+def test_record_logprobs_is_for_the_hf_backend_only() -> None:
+    from distalign.lm.rollout import check_generation_config
+
+    check_generation_config(GenerationConfig(record_logprobs=True))
+    with pytest.raises(ConfigError, match="record_logprobs is for the hf backend"):
+        check_generation_config(GenerationConfig(backend="vllm", record_logprobs=True))

@@ -222,3 +222,27 @@ def test_reward_lands_on_the_last_real_response_token(
         assert (rewards[i, last + 1 :] == 0).all()  # nothing after EOS (pads)
         if not ended:
             assert last == WIDTH - 1
+
+
+@pytest.mark.parametrize("method", ["rebel", "rlhf"])
+def test_sampler_logprobs_stand_in_for_the_policy_forward(make_config, tmp_path, tiny, method):
+    """``gen.record_logprobs``: collection takes ln π_t from the HF sampler's own logits and
+    runs no forward of π_t for it; the values equal an independent per-row forward at T."""
+    trainer, batch, models = _setup(make_config, tmp_path, tiny, method,
+                                    "gen.record_logprobs=true", stub=False)
+
+    def no_forward(*args, **kwargs):
+        raise AssertionError("collection ran a forward of π_t")
+
+    trainer.method.policy_token_logprobs = no_forward  # type: ignore[method-assign]
+    torch.manual_seed(0)
+    exp, _ = trainer.method.collect(batch)
+    if method == "rebel":
+        lp, _, _, _, _ = _pair_terms(exp, models, 0.0)
+        _close(_flat(exp, "old_logp"), lp)
+    else:
+        p = int(exp["prompt_length"][0])
+        mask = exp["response_mask"][:, p:]
+        want = row_token_logps(models["policy"], exp["input_ids"], exp["attention_mask"], TEMP)
+        _close(exp["old_logp"] * mask, want[:, p:] * mask)
+        assert mask.sum() > 0

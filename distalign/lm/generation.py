@@ -57,7 +57,7 @@ class HFSampler:
         # ln π_T of each sampled token from generate's own logits (``Rollout.logprobs``): the
         # evaluation's KL(π‖π₀) then needs no second forward of π. It holds the raw logits of
         # every step until the batch ends (N × steps × vocab floats), so it is opt-in.
-        self.record_logprobs = record_logprobs
+        self.record_logprobs = record_logprobs or self.cfg.record_logprobs
         check_generation_config(self.cfg)
 
     def _eos_ids(self, model_gen_cfg: Any) -> list[int]:

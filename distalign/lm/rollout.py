@@ -30,6 +30,10 @@ class GenerationConfig:
     vllm_memory: float = 0.3
     vllm_kv_cache_gb: float | None = None
     vllm_max_model_len: int | None = None  # default: the model's max_position_embeddings
+    # online training (hf only): ln π_t of the samples from generate's own logits instead of a
+    # second forward of π_t (one of collection's 3–4 forwards). It holds N × steps × vocab
+    # logits until a batch ends, so it is opt-in (cheap for small vocabularies and batches).
+    record_logprobs: bool = False
 
 
 @dataclass
@@ -50,8 +54,9 @@ class Rollout:
     ended: Tensor
     response_lengths: Tensor
     num_samples: int = 1
-    # ln μ of each response token as the sampler computed it, ``[N, R]`` (0 after the mask);
-    # vLLM reports it, HF does not. Diagnostics only: the losses recompute ln π themselves.
+    # ln μ of each response token as the sampler computed it at T, ``[N, R]`` (0 after the
+    # mask); vLLM reports it (diagnostics only), HF when asked (``record_logprobs``), and then
+    # collection uses it as ln π_t instead of a second forward.
     logprobs: Tensor | None = None
 
     @property
@@ -114,6 +119,9 @@ def check_generation_config(c: GenerationConfig) -> None:
             f"generation: need max_new_tokens >= 1 and 0 <= min_new_tokens <= max_new_tokens,"
             f" got {c.min_new_tokens} and {c.max_new_tokens}"
         )
+    if c.record_logprobs and c.backend != "hf":
+        raise ConfigError("generation: record_logprobs is for the hf backend only (vLLM's "
+                          "weights and kernels may differ from π_t's; the losses recompute)")
     if c.temperature < 0 or not 0 < c.top_p <= 1 or c.top_k < 0:
         raise ConfigError("generation: need temperature >= 0, 0 < top_p <= 1 and top_k >= 0")
 

@@ -113,6 +113,16 @@ class Method:
             batch.get("response_mask"),
         )
 
+    def sampled_token_logprobs(self, roll: Rollout) -> Tensor:
+        """ln π_t of each response token at the sampling temperature, ``[N, R]`` (0 after the
+        mask): the sampler's own when it recorded them (hf, ``gen.record_logprobs``), else a
+        forward of π_t. Both are raw logits / T, so top-k/top-p truncation is ignored alike."""
+        if self.gen.record_logprobs and roll.logprobs is not None:
+            return roll.logprobs
+        seq = {"input_ids": roll.input_ids, "attention_mask": roll.attention_mask,
+               "response_mask": roll.response_mask}
+        return self.policy_token_logprobs(seq, self.gen.temperature)[:, roll.prompt_length:]
+
     def sample(self, batch: Batch, num_samples: int) -> Rollout:
         """Draw ``num_samples`` on-policy responses per prompt (sample-major rows)."""
         assert self.ctx.sampler is not None

@@ -30,7 +30,7 @@ def collect_pairs(method: Method, batch: Batch, beta: float, penalty: float | No
            "response_mask": roll.response_mask}
     temp = method.gen.temperature
     mask = roll.response_mask
-    old = seq_sum(method.policy_token_logprobs(seq, temp), mask)
+    old = method.sampled_token_logprobs(roll).sum(-1)
     ref = seq_sum(method.ref_token_logprobs(seq, temp), mask)
     assert method.ctx.reward_model is not None
     score = sequence_scores(method.ctx.reward_model, roll.input_ids, roll.attention_mask, mask)

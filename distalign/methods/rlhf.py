@@ -78,7 +78,7 @@ class RLHF(Method):
         seq = {"input_ids": roll.input_ids, "attention_mask": roll.attention_mask}
         p = roll.prompt_length
         mask = roll.response_mask[:, p:].float()
-        logp = self.policy_token_logprobs(seq, temp)[:, p:]
+        logp = self.sampled_token_logprobs(roll)
         ref = self.ref_token_logprobs(seq, temp)[:, p:]
         assert self.ctx.reward_model is not None and self.ctx.value_model is not None
         score = sequence_scores(
