@@ -34,19 +34,25 @@ def _output_dir(out: Path) -> Path:
     return out
 
 
-def _prefetch_matplotlib() -> None:
-    """Import matplotlib's Figure in a background thread while the solves run.
-
-    numpy (and torch) release the GIL inside their kernels, so on two cores the import
-    (about 0.3 s on an idle machine) overlaps the work instead of following it.
-    """
+def _prefetch(numpy_engine: bool, figure_now: threading.Event) -> None:
+    """Load the compiled Newton solver, then, once ``figure_now`` is set, import matplotlib's
+    Figure, in a background thread. Imports hold the GIL: the solver loads beside the numpy
+    work of the closed forms, and the figure's import waits for the compiled solves, which
+    release the GIL, instead of slowing the numpy work."""
 
     def load() -> None:
+        if numpy_engine:
+            # a missing numba means numpy's solver (fast.newton decides, in the main thread)
+            with contextlib.suppress(ImportError):
+                from distalign.tabular import jitnewton
+
+                jitnewton.warm_up()
+        figure_now.wait()
         # a missing matplotlib is reported by the plot itself, in the main thread
         with contextlib.suppress(ImportError):
             import matplotlib.figure  # noqa: F401
 
-    threading.Thread(target=load, name="prefetch-matplotlib", daemon=True).start()
+    threading.Thread(target=load, name="prefetch", daemon=True).start()
 
 
 def _plot_path(out: Path, plot: str) -> Path:
@@ -110,7 +116,7 @@ def toy(
 
     # numpy only on the CPU: importing torch alone would take 1.3 s of the toy's 3 s budget
     from distalign.progress import StepProgress
-    from distalign.tabular.config import ToyConfig
+    from distalign.tabular.config import TWO_STARTS, ToyConfig
     from distalign.tabular.report import LABELS, write_outputs
     from distalign.tabular.runner import run_toy
 
@@ -137,7 +143,12 @@ def toy(
     if not plot_path.parent.is_dir():
         raise ConfigError(f"--plot {plot}: folder {plot_path.parent} does not exist")
 
-    _prefetch_matplotlib()
+    # the numpy engine solves the closed forms first, then the Newton methods (fast.py)
+    cheap = len(cfg.ns) * sum(m not in TWO_STARTS for m in cfg.methods)
+    figure_now = threading.Event()
+    if cheap == 0 or cfg.solver_engine != "numpy":
+        figure_now.set()
+    _prefetch(cfg.solver_engine == "numpy", figure_now)
     console = Console()
     total = len(cfg.ns) * len(cfg.methods)
     # one solve per method covers every n: off a terminal, one line per method
@@ -148,6 +159,8 @@ def toy(
             nonlocal done
             done += 1
             bar.update(done, info=f"{method} n={n}")
+            if done >= cheap:
+                figure_now.set()
 
         results = run_toy(cfg, progress=step)
     try:

@@ -19,6 +19,8 @@ from distalign.tabular.stats import loglog_slope, mean_ci
 
 #: the methods in the order of the paper's Table 1 / Figure legend
 METHODS = ("rlhf", "rkl", "pmle", "distill", "dpo", "rebel")
+#: the non-convex Newton solves (two starts); the numpy engine runs them after the others
+TWO_STARTS = ("pmle", "distill")
 #: solver engines: numpy (CPU, no torch import) or the torch tensor programs
 ENGINES = ("auto", "numpy", "torch")
 

@@ -17,14 +17,17 @@ the frozen reference), in numpy arrays of layout ``[N, 2, S, ..., X, K]`` (sizes
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator
+from types import ModuleType
 
 import numpy as np
 
-from distalign.tabular import fastnewton
+from distalign.tabular import certificate, fastnewton
 from distalign.tabular.config import (
     GREEDY_GAP,
+    TWO_STARTS,
     Clock,
     ToyConfig,
     ToyResults,
@@ -87,6 +90,8 @@ class Grid:
         self.bt = fastnewton.Objective(1.0, self.weight, self.share,
                                        np.arange(self.weight.shape[1]),
                                        ridge=config.ridge / X)
+        # numpy's solver: N·2·S·X convex problems take it ~0.05 s, and the compiled one may
+        # still be loading (the CLI prefetches it while the cheap methods run)
         r, _ = fastnewton.solve(self.bt, np.zeros((K, self.weight.shape[1])))
         r = r - r.mean(0)
         self.reward = r.T.reshape(self.counts.shape[:-1])  # [N, 2, S, X, K], centred
@@ -99,6 +104,37 @@ class Grid:
         cols = np.broadcast_to(cols, (N, 2, S, B, X)).ravel()
         beta = np.broadcast_to(self.betas[:, None], (N, 2, S, B, X)).ravel()
         return cols, beta
+
+
+def _compiled() -> ModuleType | None:
+    """:mod:`.jitnewton` where numba is installed (and may be used), else None."""
+    if os.environ.get("DISTALIGN_TOY_NUMBA", "1") == "0":
+        return None
+    try:
+        from distalign.tabular import jitnewton
+    except ImportError:  # numba missing or broken: numpy's solver, the same steps
+        return None
+    return jitnewton
+
+
+def newton(obj: fastnewton.Objective, theta0: np.ndarray, threads: int = 1
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """The optima from ``theta0`` and how each solve ended (fastnewton.CONVERGED, …): the
+    compiled solver (:mod:`.jitnewton`) where numba is installed, else numpy's."""
+    jit = _compiled()
+    if jit is not None:
+        return jit.solve(obj, theta0, threads=threads)
+    status = np.empty(theta0.shape[1], dtype=np.int8)
+    theta, _ = fastnewton.solve(obj, theta0, threads=threads, status=status)
+    return theta, status
+
+
+def values(obj: fastnewton.Objective, theta: np.ndarray) -> np.ndarray:
+    """F of every problem of ``obj`` at ``theta`` (``[K, P]``)."""
+    jit = _compiled()
+    if jit is not None:
+        return jit.values(obj, theta)
+    return obj.at(np.arange(theta.shape[1])).value(theta)
 
 
 def _columns(a: np.ndarray) -> np.ndarray:
@@ -124,9 +160,11 @@ def rkl(grid: Grid, betas: np.ndarray) -> np.ndarray:
     return log_softmax((b * grid.log_ref[:, None] + _expand(grid.reward)) / (b + grid.config.gamma))
 
 
-def _two_starts(grid: Grid, ridge: float, **pair_data: np.ndarray) -> np.ndarray:
-    """Newton from the RKL closed form and from π₀ (one queue); the lower objective is kept
-    where the two ended apart (PMLE and distillation with β > 0 are not convex)."""
+def _two_starts(grid: Grid, ridge: float, certify: bool = True,
+                **pair_data: np.ndarray) -> np.ndarray:
+    """Newton from the RKL closed form and from π₀; the lower objective is kept where the two
+    ended apart (PMLE and distillation with β > 0 are not convex). The second start is
+    skipped where :mod:`.certificate` proves the first one's optimum global (``certify``)."""
     cfg = grid.config
     cols, beta = grid.beta_problems()
     P = cols.size
@@ -136,12 +174,31 @@ def _two_starts(grid: Grid, ridge: float, **pair_data: np.ndarray) -> np.ndarray
     start = rkl(grid, grid.betas)  # [N, 2, S, B, X, K]
     ref = np.broadcast_to(grid.log_ref[:, None], start.shape)
     theta0 = np.concatenate([start.reshape(P, -1).T, ref.reshape(P, -1).T], 1)
-    theta, _ = fastnewton.solve(obj, theta0, threads=cfg.threads)
+    theta, status = np.empty_like(theta0), np.empty(2 * P, dtype=np.int8)
+    F = np.full(2 * P, np.nan)
+
+    def solve(ids: np.ndarray) -> None:
+        sub = obj.subset(ids)
+        theta[:, ids], status[ids] = newton(sub, theta0[:, ids], threads=cfg.threads)
+        F[ids] = values(sub, theta[:, ids])
+
+    if not certify:
+        solve(np.arange(2 * P))
+    else:  # the first start everywhere, the second where β = 0 (min G) or uncertified
+        flat = np.flatnonzero(beta == 0)
+        solve(np.concatenate([np.arange(P), P + flat]))
+        ok = (status[:P] == fastnewton.CONVERGED)
+        min_g = np.full(cols.max() + 1, np.nan)
+        both = flat[ok[flat] & (status[P + flat] == fastnewton.CONVERGED)]
+        min_g[cols[both]] = np.minimum(F[both], F[P + both]) - certificate.MIN_G_MARGIN
+        sure = ok & certificate.unique_optimum(F[:P], min_g[cols], obj.kl_coef[:P],
+                                               grid.ref_cols[:, cols])
+        solve(P + np.flatnonzero(~sure & (beta > 0)))
     a, b = theta[:, :P], theta[:, P:]
-    differ = np.flatnonzero(np.abs((a - a.mean(0)) - (b - b.mean(0))).max(0) > SAME_POINT)
-    if differ.size:
-        lower = differ[obj.at(differ + P).value(b[:, differ]) < obj.at(differ).value(a[:, differ])]
-        a[:, lower] = b[:, lower]
+    second = np.flatnonzero(~np.isnan(F[P:]))
+    apart = np.abs((a - a.mean(0)) - (b - b.mean(0)))[:, second].max(0) > SAME_POINT
+    lower = second[apart & (F[P + second] < F[second])]
+    a[:, lower] = b[:, lower]
     return log_softmax(a.T.reshape(start.shape))
 
 
@@ -264,9 +321,10 @@ def run(config: ToyConfig, progress: Callable[[str, int], None] | None = None) -
 
 def _solve_methods(grid: Grid, clock: Clock
                    ) -> Iterator[tuple[str, tuple[np.ndarray, np.ndarray, np.ndarray]]]:
-    """(method, :func:`method_grid`) for every method in turn; the Newton solves of PMLE and
-    distillation spread their problems over ``config.threads`` threads themselves."""
-    for m in grid.config.methods:
+    """(method, :func:`method_grid`) for every method; the cheap ones first, so that the
+    compiled solver loads (cli/toy.py prefetches it) while they run. The Newton solves of
+    PMLE and distillation spread their problems over ``config.threads`` threads themselves."""
+    for m in sorted(grid.config.methods, key=lambda m: m in TWO_STARTS):
         out = method_grid(grid, m)
         clock.lap("closed_forms" if m in CLOSED_FORM else "newton")
         yield m, out

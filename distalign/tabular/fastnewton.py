@@ -20,7 +20,7 @@ import math
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -29,6 +29,8 @@ NEAR = 1e-6
 QUADRATIC = 1e-12
 TOL = 1e-22
 SLAB = 8192  # working-set size: the [K, K, SLAB] Hessian (6.5 MB) stays in cache
+#: how each problem's solve ended (the ``status`` of :func:`solve`)
+CONVERGED, STALLED, UNCONVERGED = 0, 1, 2
 
 
 def unordered_pairs(K: int) -> tuple[np.ndarray, np.ndarray]:
@@ -89,6 +91,11 @@ class Objective:
     def at(self, ids: np.ndarray) -> _Batch:
         """The problems ``ids``."""
         return _Batch(self, self.data[ids], ids)
+
+    def subset(self, ids: np.ndarray) -> Objective:
+        """The same objective over the problems ``ids`` only (renumbered 0…)."""
+        kl = None if self.kl_coef is None else self.kl_coef[ids]
+        return replace(self, data=self.data[ids], kl_coef=kl)
 
 
 def _exp_shifted(theta: np.ndarray, a: float) -> np.ndarray:
@@ -227,7 +234,8 @@ def newton_step(g: np.ndarray, H: np.ndarray) -> np.ndarray:
 
 
 def solve(obj: Objective, theta0: np.ndarray, max_iter: int = 100, slab: int = SLAB,
-          threads: int = 1) -> tuple[np.ndarray, dict[str, float]]:
+          threads: int = 1, status: np.ndarray | None = None
+          ) -> tuple[np.ndarray, dict[str, float]]:
     """Minimise F from ``theta0`` (``[K, P]``) for every problem; see the module docstring.
 
     A problem retires when its Newton decrement is below QUADRATIC (after one last full step),
@@ -235,9 +243,11 @@ def solve(obj: Objective, theta0: np.ndarray, max_iter: int = 100, slab: int = S
     optimum (decrement > NEAR) Armijo backtracking guards the capped step. With ``threads``
     > 1 each thread iterates its own working set, refilled from one shared queue (numpy
     releases the GIL inside its kernels); problems are independent, so the result does not
-    depend on which thread solved what.
+    depend on which thread solved what. ``status`` (``[P]`` int8), if given, receives how each
+    problem ended: CONVERGED, STALLED or UNCONVERGED.
     """
     P = theta0.shape[1]
+    status = np.empty(P, dtype=np.int8) if status is None else status
     theta0 = np.ascontiguousarray(theta0)  # rows of P values: every pass is contiguous
     theta = theta0.copy()
     starts = iter(range(0, P, max(slab // 2, 1)))
@@ -249,7 +259,7 @@ def solve(obj: Objective, theta0: np.ndarray, max_iter: int = 100, slab: int = S
         return None if start is None else np.arange(start, min(P, start + max(slab // 2, 1)))
 
     def work(_: int) -> dict[str, float]:
-        return _solve_queue(obj, theta0, theta, next_block, max_iter, slab)
+        return _solve_queue(obj, theta0, theta, status, next_block, max_iter, slab)
 
     if threads == 1 or slab >= P:
         parts = [work(0)]
@@ -261,7 +271,7 @@ def solve(obj: Objective, theta0: np.ndarray, max_iter: int = 100, slab: int = S
     return theta, stats
 
 
-def _solve_queue(obj: Objective, theta0: np.ndarray, theta: np.ndarray,
+def _solve_queue(obj: Objective, theta0: np.ndarray, theta: np.ndarray, status: np.ndarray,
                  next_block: Callable[[], np.ndarray | None], max_iter: int,
                  slab: int) -> dict[str, float]:
     """One working set: iterate, retire into ``theta``, refill from ``next_block``."""
@@ -295,6 +305,8 @@ def _solve_queue(obj: Objective, theta0: np.ndarray, theta: np.ndarray,
         live = (dec >= TOL) & ~final & ~stalled
         done = ~live & ~final
         theta[:, ids[done]] = _take(th, done)
+        status[ids[final | done]] = CONVERGED
+        status[ids[stalled]] = STALLED
         if not live.all():
             ids, th, step, F, g, dec = (ids[live], _take(th, live), _take(step, live), F[live],
                                         _take(g, live), dec[live])
@@ -317,6 +329,7 @@ def _solve_queue(obj: Objective, theta0: np.ndarray, theta: np.ndarray,
         if out.any():  # out of iterations: keep the last point, count it as unconverged
             stats["unconverged"] += float(out.sum())
             theta[:, ids[out]] = _take(th, out)
+            status[ids[out]] = UNCONVERGED
             keep = ~out
             ids, th, F, dec_prev = ids[keep], _take(th, keep), F[keep], dec_prev[keep]
             its = its[keep]

@@ -1,0 +1,116 @@
+"""The compiled Newton solver (tabular/jitnewton.py) against numpy's (tabular/fastnewton.py).
+
+The two take the same steps, so they must reach the same optima on the toy's own problems,
+and the |eigenvalue| step for indefinite Hessians must equal LAPACK's eigendecomposition.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from distalign.tabular import fast, fastnewton
+from distalign.tabular.config import ToyConfig
+from distalign.tabular.runner import run_toy
+
+jitnewton = pytest.importorskip("distalign.tabular.jitnewton")
+
+
+def _lapack_abs_step(A: np.ndarray, g: np.ndarray) -> np.ndarray:
+    lam, V = np.linalg.eigh(A)
+    lam = np.abs(lam)
+    lam = np.maximum(lam, 1e-6 * lam.max())
+    return -V @ ((V.T @ g) / lam)
+
+
+@pytest.mark.parametrize("K", [2, 3, 10])
+def test_abs_step_equals_lapack_eigh(K: int) -> None:
+    """Random symmetric matrices: indefinite, sparse, diagonal, badly scaled, repeated
+    eigenvalues; the step −V|Λ|⁻¹Vᵀg agrees with numpy's eigh to 1e-10 (relative)."""
+    rng = np.random.default_rng(K)
+    abs_step = jitnewton._abs_step
+    worst = 0.0
+    for trial in range(300):
+        B = rng.normal(size=(K, K)) * rng.choice([1e-4, 1.0, 1e3])
+        B = B + B.T
+        if trial % 3 == 0:
+            B[rng.random((K, K)) < 0.5] = 0.0
+            B = np.triu(B) + np.triu(B, 1).T
+        if trial % 5 == 0:
+            B = np.diag(np.diag(B))
+        if trial % 7 == 0:  # a repeated eigenvalue
+            Q, _ = np.linalg.qr(rng.normal(size=(K, K)))
+            B = Q @ np.diag(np.r_[np.full(K - 1, -2.0), 3.0]) @ Q.T
+        if not np.abs(B).max() > 0:  # the solver's matrices carry the shift scale·11ᵀ/K
+            continue
+        g = rng.normal(size=K)
+        step = np.empty(K)
+        ok = abs_step(B.copy(), g, step, np.empty(K), np.empty(K), np.empty(K),
+                      np.empty(4096, np.int64), np.empty((4096, 2)))
+        want = _lapack_abs_step(B, g)
+        assert ok and np.isfinite(want).all()
+        worst = max(worst, np.abs(step - want).max() / np.abs(want).max())
+    assert worst <= 1e-10, worst
+
+
+@pytest.fixture(scope="module")
+def grid() -> fast.Grid:
+    return fast.Grid(ToyConfig.from_preset("paper", seeds=2, ns=(32, 256, 4096)))
+
+
+def _objective(grid: fast.Grid, method: str) -> tuple[fastnewton.Objective, np.ndarray]:
+    """PMLE's or distillation's problems at every β from both starts, as fast._two_starts."""
+    cfg = grid.config
+    cols, beta = grid.beta_problems()
+    P = cols.size
+    if method == "pmle":
+        pair = {"weight": grid.weight, "share": grid.share}
+        ridge = cfg.ridge * cfg.gamma**2 / cfg.contexts
+    else:
+        i, j = fastnewton.unordered_pairs(cfg.responses)
+        mu = np.exp(grid.world.log_mu)
+        w = np.broadcast_to(2 * mu[..., i] * mu[..., j] / cfg.contexts,
+                            grid.reward.shape[:-1] + (i.size,))
+        r = grid.reward[..., i] - grid.reward[..., j]
+        p = np.clip(1 / (1 + np.exp(-r)), 1e-7, 1 - 1e-7)
+        pair = {"weight": fast._columns(w), "share": fast._columns(1 - p),
+                "offset": fast._columns(p * np.log(p) + (1 - p) * np.log(1 - p))}
+        ridge = 0.0
+    obj = fastnewton.Objective(cfg.gamma, data=np.concatenate([cols, cols]), ridge=ridge,
+                               kl_coef=np.concatenate([beta, beta]) / cfg.contexts,
+                               log_ref=grid.ref_cols, **pair)
+    start = fast.rkl(grid, grid.betas)
+    ref = np.broadcast_to(grid.log_ref[:, None], start.shape)
+    return obj, np.concatenate([start.reshape(P, -1).T, ref.reshape(P, -1).T], 1)
+
+
+@pytest.mark.parametrize("method", ["pmle", "distill"])
+def test_compiled_solver_reaches_numpys_optima(grid: fast.Grid, method: str) -> None:
+    obj, theta0 = _objective(grid, method)
+    want_status = np.empty(theta0.shape[1], dtype=np.int8)
+    want, _ = fastnewton.solve(obj, theta0, status=want_status)
+    got, status = jitnewton.solve(obj, theta0, threads=2, chunk=257)
+    centred = np.abs((got - got.mean(0)) - (want - want.mean(0))).max(0)
+    # the same steps in a different summation order: equal to rounding, amplified only where
+    # the objective is flat (n = 32: logits running off along unpaired directions)
+    assert np.median(centred) <= 1e-12
+    assert centred.max() <= 1e-6, centred.max()
+    assert (status == want_status).mean() >= 0.999
+    values = jitnewton.values(obj, got)
+    assert np.allclose(values, obj.at(np.arange(got.shape[1])).value(got), rtol=0, atol=1e-12)
+
+
+def test_numpy_fallback_gives_the_same_records(monkeypatch) -> None:
+    """Without numba (DISTALIGN_TOY_NUMBA=0) the toy runs numpy's solver: same records."""
+    cfg = ToyConfig.from_preset("paper", seeds=2, ns=(32, 1024), threads=1)
+    compiled = run_toy(cfg).records
+    monkeypatch.setenv("DISTALIGN_TOY_NUMBA", "0")
+    assert fast._compiled() is None
+    plain = run_toy(cfg).records
+    for a, b in zip(compiled, plain, strict=True):
+        assert a.keys() == b.keys()
+        for key, value in b.items():
+            if isinstance(value, float):
+                assert abs(a[key] - value) <= 1e-6 * max(1.0, abs(value)), (b, key, a[key])
+            else:
+                assert a[key] == value
