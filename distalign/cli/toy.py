@@ -34,25 +34,20 @@ def _output_dir(out: Path) -> Path:
     return out
 
 
-def _prefetch(numpy_engine: bool, figure_now: threading.Event) -> None:
-    """Load the compiled Newton solver, then, once ``figure_now`` is set, import matplotlib's
-    Figure, in a background thread. Imports hold the GIL: the solver loads beside the numpy
-    work of the closed forms, and the figure's import waits for the compiled solves, which
-    release the GIL, instead of slowing the numpy work."""
+def _prefetch_matplotlib(start: threading.Event) -> None:
+    """Import matplotlib's Figure in a background thread once ``start`` is set.
+
+    An import holds the GIL: waiting for the compiled Newton solves, which release it, keeps
+    the import from slowing the numpy work of the closed forms before them.
+    """
 
     def load() -> None:
-        if numpy_engine:
-            # a missing numba means numpy's solver (fast.newton decides, in the main thread)
-            with contextlib.suppress(ImportError):
-                from distalign.tabular import jitnewton
-
-                jitnewton.warm_up()
-        figure_now.wait()
+        start.wait()
         # a missing matplotlib is reported by the plot itself, in the main thread
         with contextlib.suppress(ImportError):
             import matplotlib.figure  # noqa: F401
 
-    threading.Thread(target=load, name="prefetch", daemon=True).start()
+    threading.Thread(target=load, name="prefetch-matplotlib", daemon=True).start()
 
 
 def _plot_path(out: Path, plot: str) -> Path:
@@ -148,7 +143,7 @@ def toy(
     figure_now = threading.Event()
     if cheap == 0 or cfg.solver_engine != "numpy":
         figure_now.set()
-    _prefetch(cfg.solver_engine == "numpy", figure_now)
+    _prefetch_matplotlib(figure_now)
     console = Console()
     total = len(cfg.ns) * len(cfg.methods)
     # one solve per method covers every n: off a terminal, one line per method

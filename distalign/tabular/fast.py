@@ -107,20 +107,20 @@ class Grid:
 
 
 def _compiled() -> ModuleType | None:
-    """:mod:`.jitnewton` where numba is installed (and may be used), else None."""
-    if os.environ.get("DISTALIGN_TOY_NUMBA", "1") == "0":
+    """:mod:`.cnewton` where its extension was built (and may be used), else None."""
+    if os.environ.get("DISTALIGN_TOY_COMPILED", "1") == "0":
         return None
     try:
-        from distalign.tabular import jitnewton
-    except ImportError:  # numba missing or broken: numpy's solver, the same steps
+        from distalign.tabular import cnewton
+    except (ImportError, OSError):  # not built, or not loadable: numpy's solver, same steps
         return None
-    return jitnewton
+    return cnewton
 
 
 def newton(obj: fastnewton.Objective, theta0: np.ndarray, threads: int = 1
            ) -> tuple[np.ndarray, np.ndarray]:
     """The optima from ``theta0`` and how each solve ended (fastnewton.CONVERGED, …): the
-    compiled solver (:mod:`.jitnewton`) where numba is installed, else numpy's."""
+    compiled solver (:mod:`.cnewton`) where it was built, else numpy's."""
     jit = _compiled()
     if jit is not None:
         return jit.solve(obj, theta0, threads=threads)
@@ -322,8 +322,8 @@ def run(config: ToyConfig, progress: Callable[[str, int], None] | None = None) -
 def _solve_methods(grid: Grid, clock: Clock
                    ) -> Iterator[tuple[str, tuple[np.ndarray, np.ndarray, np.ndarray]]]:
     """(method, :func:`method_grid`) for every method; the cheap ones first, so that the
-    compiled solver loads (cli/toy.py prefetches it) while they run. The Newton solves of
-    PMLE and distillation spread their problems over ``config.threads`` threads themselves."""
+    CLI can import matplotlib beside the compiled solves, which release the GIL. The Newton
+    solves of PMLE and distillation spread their problems over ``config.threads`` threads."""
     for m in sorted(grid.config.methods, key=lambda m: m in TWO_STARTS):
         out = method_grid(grid, m)
         clock.lap("closed_forms" if m in CLOSED_FORM else "newton")
