@@ -112,3 +112,18 @@ def test_numpy_fallback_gives_the_same_records(monkeypatch) -> None:
                 assert abs(a[key] - value) <= 1e-6 * max(1.0, abs(value)), (b, key, a[key])
             else:
                 assert a[key] == value
+
+
+def test_the_toy_command_says_which_solver_ran(tmp_path, monkeypatch, capsys) -> None:
+    """results.json names the solver, and a run without the extension says so."""
+    from distalign.cli import main
+    from distalign.tabular.report import load_results
+
+    args = ["toy", "--seeds", "1", "--ns", "16,64", "--methods", "pmle"]
+    main([*args, "--out", str(tmp_path / "c")])
+    assert load_results(tmp_path / "c" / "results.json").solver == "compiled"
+    assert "not built" not in capsys.readouterr().out
+    monkeypatch.setenv("DISTALIGN_TOY_COMPILED", "0")
+    main([*args, "--out", str(tmp_path / "n")])
+    assert load_results(tmp_path / "n" / "results.json").solver == "numpy"
+    assert "not built" in " ".join(capsys.readouterr().out.split())

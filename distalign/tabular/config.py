@@ -151,6 +151,8 @@ class ToyResults:
     slopes: dict[str, dict[str, float]] = field(default_factory=dict)
     #: wall seconds per phase of the run (newton, closed_forms, selection); I/O adds its own
     timings: dict[str, float] = field(default_factory=dict)
+    #: which Newton solver ran: "compiled" (tabular/_newton.c), "numpy" or "torch"
+    solver: str = ""
 
     def __post_init__(self) -> None:
         if not self.summary:
@@ -169,6 +171,7 @@ class ToyResults:
             "records": self.records,
             "seconds": self.seconds,
             "timings": self.timings,
+            "solver": self.solver,
         }
 
 

@@ -204,7 +204,9 @@ def _run(config: ToyConfig, progress: Callable[[str, int], None] | None) -> ToyR
             cols[f"kl_ref_{choice}"] = exact_kl(chosen, ref).mean(-1)[..., 0].tolist()
         cols["val_loglik_honest"] = val.gather(-1, pick["honest"])[..., 0].tolist()
         add_records(records, m, ns, S, cols, clock, progress)
-    return finish_results(config, records, kl_star_ref, t0, clock)
+    res = finish_results(config, records, kl_star_ref, t0, clock)
+    res.solver = "torch"
+    return res
 
 
 def _first_within(values: Tensor, best: str) -> Tensor:

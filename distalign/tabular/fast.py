@@ -316,7 +316,9 @@ def run(config: ToyConfig, progress: Callable[[str, int], None] | None = None) -
             cols[f"kl_ref_{choice}"] = exact_kl(chosen, ref).mean(-1)[..., 0].tolist()
         cols["val_loglik_honest"] = np.take_along_axis(val, pick["honest"], -1)[..., 0].tolist()
         add_records(records, m, grid.ns, S, cols, clock, progress)
-    return finish_results(config, records, kl_star_ref, t0, clock)
+    res = finish_results(config, records, kl_star_ref, t0, clock)
+    res.solver = "numpy" if _compiled() is None else "compiled"
+    return res
 
 
 def _solve_methods(grid: Grid, clock: Clock

@@ -147,4 +147,5 @@ def load_results(path: Path) -> ToyResults:
     data = json.loads(Path(path).read_text())
     cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in data["config"].items()}
     return ToyResults(ToyConfig(**cfg), data["records"], data["kl_star_ref"]["per_seed"],
-                      data["seconds"], data["summary"], data["slopes"])
+                      data["seconds"], data["summary"], data["slopes"],
+                      solver=data.get("solver", ""))
