@@ -9,6 +9,7 @@ import sys
 from setuptools import Extension, setup
 
 setup(ext_modules=[Extension(
-    "distalign.tabular._newton", ["distalign/tabular/_newton.c"], optional=True,
+    "distalign.tabular._newton",
+    ["distalign/tabular/_newton.c", "distalign/tabular/_abs_step.c"], optional=True,
     extra_compile_args=[] if sys.platform == "win32" else ["-O3"],
 )])
