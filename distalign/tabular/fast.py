@@ -76,11 +76,18 @@ class Grid:
         self.n_fit = np.broadcast_to(np.array([self.ns, n_tr], dtype=np.float64).T[..., None],
                                      (len(self.ns), 2, S))
         self.n_val = np.array(n_val, dtype=np.float64)
-        #: (n, s, x, i, j) of the validation cells that hold pairs
-        self.val_cells = np.nonzero(self.val_counts)
         self.betas = np.array(config.betas, dtype=np.float64)
         self.log_ref = self.world.log_ref  # [S, X, K]
         i, j = fastnewton.unordered_pairs(K)
+        # the held-out pairs as val_loglik reads them: wins of i over any j ≠ i, ties (a pair
+        # of a response with itself), and the unordered pairs {i, j} that hold pairs
+        eye = np.eye(K, dtype=bool)
+        self.val_wins = (self.val_counts * ~eye).sum(-1)  # [N, S, X, K]
+        self.val_ties = (self.val_counts * eye).sum((-1, -2, -3))  # [N, S]
+        both = self.val_counts[..., i, j] + self.val_counts[..., j, i]  # [N, S, X, M]
+        #: (n, s, x, m) of the unordered validation pairs that hold pairs, and their counts
+        self.val_pairs = np.nonzero(both)
+        self.val_pair_counts = both[self.val_pairs]
         won, lost = self.counts[..., i, j], self.counts[..., j, i]  # [N, 2, S, X, M]
         total = won + lost
         #: pair weights (C_ij + C_ji)/n and the share q won by j, as columns [M, D]
@@ -262,16 +269,38 @@ SOLVERS: dict[str, Callable[[Grid, np.ndarray], np.ndarray]] = {
 
 
 def val_loglik(log_pi: np.ndarray, grid: Grid) -> np.ndarray:
-    """Mean held-out ln σ(γ Δ ln π̂) of the train fits ``[N, S, B, X, K]`` → ``[N, S, B]``,
-    over the validation cells that hold pairs only (few at small n; half of all the work of
-    the dense K×K table was spent on empty cells)."""
-    n, s, x, i, j = grid.val_cells
-    lp = log_sigmoid(grid.config.gamma * (log_pi[n, s, :, x, i] - log_pi[n, s, :, x, j]))
-    lp *= grid.val_counts[n, s, x, i, j][:, None]
-    # cells come in C order, i.e. grouped by (n, s), and every (n, s) holds ≥ 1 pair
-    sums = np.add.reduceat(lp, np.flatnonzero(np.diff(n * s.size + s, prepend=-1)), 0)
-    N, S = grid.val_counts.shape[:2]
-    return sums.reshape(N, S, -1) / grid.n_val[:, None, None]
+    """Mean held-out ln σ(γ Δ ln π̂) of the train fits ``[N, S, B, X, K]`` → ``[N, S, B]``.
+
+    Summed per unordered pair: C_ij ln σ(γ(ℓ_i − ℓ_j)) + C_ji ln σ(γ(ℓ_j − ℓ_i)) =
+    γ(C_ij ℓ_i + C_ji ℓ_j) − (C_ij + C_ji) ln(π_i^γ + π_j^γ), so one logarithm per pair
+    that holds pairs and K exponentials per context (a tie, i = j, adds ln ½ per pair).
+    """
+    g = grid.config.gamma
+    i, j = fastnewton.unordered_pairs(grid.config.responses)
+    top = log_pi.max(-1, keepdims=True)
+    E = np.exp(g * (log_pi - top))  # π^γ relative to the context's largest
+    n, s, x, m = grid.val_pairs
+    T = E[n, s, :, x, i[m]] + E[n, s, :, x, j[m]]  # [pairs, B]
+    with np.errstate(divide="ignore"):
+        log_t = np.log(T)
+    low = T < 1e-280  # near the subnormal range ln T loses digits: from the difference
+    if low.any():
+        r, b = np.nonzero(low)
+        li, lj = log_pi[n[r], s[r], b, x[r], i[m[r]]], log_pi[n[r], s[r], b, x[r], j[m[r]]]
+        log_t[r, b] = (g * (np.maximum(li, lj) - top[n[r], s[r], b, x[r], 0])
+                       + np.log1p(np.exp(-g * np.abs(li - lj))))
+    log_t += g * top[n, s, :, x, 0]
+    log_t *= grid.val_pair_counts[:, None]
+    # pairs come in C order, i.e. grouped by (n, s); an (n, s) may hold ties only
+    N, S = grid.val_ties.shape
+    group = n * S + s
+    starts = np.flatnonzero(np.diff(group, prepend=-1))
+    sums = np.zeros((N * S, log_t.shape[1]))
+    if starts.size:
+        sums[group[starts]] = np.add.reduceat(log_t, starts, 0)
+    wins = g * np.einsum("nsxk,nsbxk->nsb", grid.val_wins, log_pi)
+    total = wins - sums.reshape(N, S, -1) - np.log(2.0) * grid.val_ties[..., None]
+    return total / grid.n_val[:, None, None]
 
 
 def method_grid(grid: Grid, method: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
