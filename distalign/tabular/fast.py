@@ -5,9 +5,11 @@ The same experiment as :mod:`distalign.tabular.experiment` and the same solution
 the frozen reference), in numpy arrays of layout ``[N, 2, S, ..., X, K]`` (sizes n,
 {full, train} fit, seeds, then the β grid where there is one). Per method:
 
-- the reward R̂ of (9), PMLE (5) and distillation (12): :func:`fastnewton.solve`, PMLE and
-  distillation from two starts (the RKL closed form and π₀), the lower objective kept where
-  the starts ended apart (see :func:`distalign.tabular.solvers._solve`);
+- the reward R̂ of (9), PMLE (5) and distillation (12): damped Newton (:func:`newton`: the
+  compiled :mod:`.cnewton` where built, else :func:`fastnewton.solve`, the same steps), PMLE
+  and distillation from two starts (the RKL closed form and π₀), the lower objective kept
+  where the starts ended apart (see :func:`distalign.tabular.solvers._solve`), the second
+  start skipped where :mod:`.certificate` proves the first start's optimum global;
 - RLHF and RKL: their closed forms (App. B);
 - DPO: RLHF's closed form at β = τ plus one Newton step of (9), where a certificate shows that
   step is the solve (:func:`distalign.tabular.solvers.dpo_policy`); elsewhere (9) is solved to
@@ -97,9 +99,7 @@ class Grid:
         self.bt = fastnewton.Objective(1.0, self.weight, self.share,
                                        np.arange(self.weight.shape[1]),
                                        ridge=config.ridge / X)
-        # numpy's solver: N·2·S·X convex problems take it ~0.05 s, and the compiled one may
-        # still be loading (the CLI prefetches it while the cheap methods run)
-        r, _ = fastnewton.solve(self.bt, np.zeros((K, self.weight.shape[1])))
+        r, _ = newton(self.bt, np.zeros((K, self.weight.shape[1])))
         r = r - r.mean(0)
         self.reward = r.T.reshape(self.counts.shape[:-1])  # [N, 2, S, X, K], centred
 
@@ -128,9 +128,9 @@ def newton(obj: fastnewton.Objective, theta0: np.ndarray, threads: int = 1
            ) -> tuple[np.ndarray, np.ndarray]:
     """The optima from ``theta0`` and how each solve ended (fastnewton.CONVERGED, …): the
     compiled solver (:mod:`.cnewton`) where it was built, else numpy's."""
-    jit = _compiled()
-    if jit is not None:
-        return jit.solve(obj, theta0, threads=threads)
+    compiled = _compiled()
+    if compiled is not None:
+        return compiled.solve(obj, theta0, threads=threads)
     status = np.empty(theta0.shape[1], dtype=np.int8)
     theta, _ = fastnewton.solve(obj, theta0, threads=threads, status=status)
     return theta, status
@@ -138,9 +138,9 @@ def newton(obj: fastnewton.Objective, theta0: np.ndarray, threads: int = 1
 
 def values(obj: fastnewton.Objective, theta: np.ndarray) -> np.ndarray:
     """F of every problem of ``obj`` at ``theta`` (``[K, P]``)."""
-    jit = _compiled()
-    if jit is not None:
-        return jit.values(obj, theta)
+    compiled = _compiled()
+    if compiled is not None:
+        return compiled.values(obj, theta)
     return obj.at(np.arange(theta.shape[1])).value(theta)
 
 
@@ -201,11 +201,12 @@ def _two_starts(grid: Grid, ridge: float, certify: bool = True,
         sure = ok & certificate.unique_optimum(F[:P], min_g[cols], obj.kl_coef[:P],
                                                grid.ref_cols[:, cols])
         solve(P + np.flatnonzero(~sure & (beta > 0)))
-    a, b = theta[:, :P], theta[:, P:]
-    second = np.flatnonzero(~np.isnan(F[P:]))
-    apart = np.abs((a - a.mean(0)) - (b - b.mean(0)))[:, second].max(0) > SAME_POINT
+    a = theta[:, :P]
+    second = np.flatnonzero(~np.isnan(F[P:]))  # the problems whose second start ran
+    a2, b2 = a[:, second], theta[:, P + second]
+    apart = np.abs((a2 - a2.mean(0)) - (b2 - b2.mean(0))).max(0) > SAME_POINT
     lower = second[apart & (F[P + second] < F[second])]
-    a[:, lower] = b[:, lower]
+    a[:, lower] = theta[:, P + lower]
     return log_softmax(a.T.reshape(start.shape))
 
 
@@ -239,7 +240,7 @@ def dpo(grid: Grid, temps: np.ndarray) -> np.ndarray:
     if (-(g * step).sum(0) < fastnewton.QUADRATIC).all():
         r_hat = r + step  # the one step the solve would take (certified quadratic regime)
     else:
-        r_hat, _ = fastnewton.solve(grid.bt, r)
+        r_hat, _ = newton(grid.bt, r)
     inv_tau = np.where(temps > 0, 1.0 / np.where(temps > 0, temps, 1.0), 0.0)[:, None, None]
     r_hat = (r_hat - r_hat.mean(0)).T.reshape(grid.reward.shape)
     return log_softmax(grid.log_ref[:, None] + _expand(r_hat) * inv_tau)
