@@ -55,6 +55,7 @@ def run_once(preset: str, threads: int | None, extra: list[str]) -> dict[str, fl
     oracle = [r for r in data["summary"]
               if r["n"] == max(data["config"]["ns"]) and r["choice"] == "oracle"]
     out["fkl"] = {r["method"]: r["fkl"] for r in oracle}  # type: ignore[assignment]
+    out["solver"] = data.get("solver", "?")  # type: ignore[assignment]
     return out
 
 
@@ -83,6 +84,7 @@ def main() -> None:
              "io_plot": "I/O and plot"}
     for key in ("startup", "newton", "closed_forms", "selection", "io_plot"):
         print(f"  {names[key]:<34} {best[key]:6.2f} s")
+    print(f"Newton solver: {best['solver']} (tabular/_newton.c when built, else numpy)")
     print("forward KL at n = 2^16 (oracle β): "
           + ", ".join(f"{m} {v:.3g}" for m, v in best["fkl"].items()))  # type: ignore[union-attr]
 
