@@ -22,7 +22,8 @@ from distalign.tabular.fastnewton import MAX_STEP, NEAR, QUADRATIC, TOL, Objecti
 def _load() -> ctypes.CDLL:
     spec = importlib.util.find_spec("distalign.tabular._newton")
     if spec is None or spec.origin is None:
-        raise ImportError("distalign.tabular._newton is not built (see setup.py)")
+        raise ModuleNotFoundError("distalign.tabular._newton is not built (see setup.py)",
+                                  name="distalign.tabular._newton")
     lib = ctypes.CDLL(spec.origin)
     f64, i64, i8, i32 = (np.ctypeslib.ndpointer(t, flags="C_CONTIGUOUS")
                          for t in (np.float64, np.int64, np.int8, np.int32))
