@@ -4,7 +4,7 @@ PMLE's and distillation's problems of ``distalign toy --preset paper`` (every n,
 and context, from both starts: 157,440 ten-response problems each), solved by
 ``fastnewton.solve`` (numpy) and ``cnewton.solve`` (tabular/_newton.c), one thread and two,
 in one process; prints the seconds, the ratio and the largest difference of the optima
-(centred logits). Then the same with the one-start certificate (``fast._two_starts``).
+(centred logits). Then PMLE's two-start solve without and with the one-start certificate.
 Run: ``python benchmarks/toy_newton.py [--preset paper]``.
 """
 
@@ -19,32 +19,6 @@ import numpy as np
 from distalign.hostspeed import describe, host_speed
 from distalign.tabular import cnewton, fast, fastnewton
 from distalign.tabular.config import ToyConfig
-
-
-def problems(grid: fast.Grid, method: str) -> tuple[fastnewton.Objective, np.ndarray]:
-    """The objective and both starts of ``method`` over the grid (as fast._two_starts)."""
-    cfg = grid.config
-    cols, beta = grid.beta_problems()
-    P = cols.size
-    if method == "pmle":
-        pair = {"weight": grid.weight, "share": grid.share}
-        ridge = cfg.ridge * cfg.gamma**2 / cfg.contexts
-    else:
-        i, j = fastnewton.unordered_pairs(cfg.responses)
-        mu = np.exp(grid.world.log_mu)
-        w = np.broadcast_to(2 * mu[..., i] * mu[..., j] / cfg.contexts,
-                            grid.reward.shape[:-1] + (i.size,))
-        r = grid.reward[..., i] - grid.reward[..., j]
-        p = np.clip(1 / (1 + np.exp(-r)), 1e-7, 1 - 1e-7)
-        pair = {"weight": fast._columns(w), "share": fast._columns(1 - p),
-                "offset": fast._columns(p * np.log(p) + (1 - p) * np.log(1 - p))}
-        ridge = 0.0
-    obj = fastnewton.Objective(cfg.gamma, data=np.concatenate([cols, cols]), ridge=ridge,
-                               kl_coef=np.concatenate([beta, beta]) / cfg.contexts,
-                               log_ref=grid.ref_cols, **pair)
-    start = fast.rkl(grid, grid.betas)
-    ref = np.broadcast_to(grid.log_ref[:, None], start.shape)
-    return obj, np.concatenate([start.reshape(P, -1).T, ref.reshape(P, -1).T], 1)
 
 
 def timed(fn, *args, **kw) -> tuple[float, object]:
@@ -65,17 +39,15 @@ def main() -> None:
     print(f"{'solves':<28}{'threads':>8}{'numpy s':>10}{'compiled s':>12}{'ratio':>8}"
           f"{'max |Δθ|':>11}")
     for method in ("pmle", "distill"):
-        obj, theta0 = problems(grid, method)
+        obj, theta0 = fast.problems(grid, method)
         for threads in (1, 2):
             t_np, (want, _) = timed(fastnewton.solve, obj, theta0, threads=threads)
             t_c, (got, _) = timed(cnewton.solve, obj, theta0, threads=threads)
             diff = np.abs((got - got.mean(0)) - (want - want.mean(0))).max()
             print(f"{method + ', both starts':<28}{threads:>8}{t_np:>10.2f}{t_c:>12.2f}"
                   f"{t_np / t_c:>8.2f}{diff:>11.1e}")
-    ridge = grid.config.ridge * grid.config.gamma**2 / grid.config.contexts
     for certify in (False, True):
-        t, _ = timed(fast._two_starts, grid, ridge, certify=certify, weight=grid.weight,
-                     share=grid.share)
+        t, _ = timed(fast._two_starts, grid, "pmle", certify=certify)
         print(f"PMLE two_starts (compiled, 2 threads), certificate {certify}: {t:.2f} s")
 
 

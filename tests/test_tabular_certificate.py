@@ -89,7 +89,6 @@ def test_certified_problems_have_no_better_second_start(preset: str, monkeypatch
     second start skipped equal those with both to 1e-6."""
     cfg = ToyConfig.from_preset(preset, seeds=3, ns=(32, 128, 512, 2048, 8192))
     grid = fast.Grid(cfg)
-    ridge = cfg.ridge * cfg.gamma**2 / cfg.contexts
     seen = {}
     real = fast.values
 
@@ -98,12 +97,12 @@ def test_certified_problems_have_no_better_second_start(preset: str, monkeypatch
         seen.setdefault("F", []).append(out)
         return out
 
-    both = fast._two_starts(grid, ridge, certify=False, weight=grid.weight, share=grid.share)
-    skip = fast._two_starts(grid, ridge, certify=True, weight=grid.weight, share=grid.share)
+    both = fast._two_starts(grid, "pmle", certify=False)
+    skip = fast._two_starts(grid, "pmle", certify=True)
     assert np.abs(both - skip).max() <= 1e-6
 
     monkeypatch.setattr(fast, "values", record)
-    fast._two_starts(grid, ridge, certify=False, weight=grid.weight, share=grid.share)
+    fast._two_starts(grid, "pmle", certify=False)
     F = seen["F"][0]
     P = F.size // 2
     cols, beta = grid.beta_problems()

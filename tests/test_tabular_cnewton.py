@@ -55,35 +55,9 @@ def grid() -> fast.Grid:
     return fast.Grid(ToyConfig.from_preset("paper", seeds=2, ns=(32, 256, 4096)))
 
 
-def _objective(grid: fast.Grid, method: str) -> tuple[fastnewton.Objective, np.ndarray]:
-    """PMLE's or distillation's problems at every β from both starts, as fast._two_starts."""
-    cfg = grid.config
-    cols, beta = grid.beta_problems()
-    P = cols.size
-    if method == "pmle":
-        pair = {"weight": grid.weight, "share": grid.share}
-        ridge = cfg.ridge * cfg.gamma**2 / cfg.contexts
-    else:
-        i, j = fastnewton.unordered_pairs(cfg.responses)
-        mu = np.exp(grid.world.log_mu)
-        w = np.broadcast_to(2 * mu[..., i] * mu[..., j] / cfg.contexts,
-                            grid.reward.shape[:-1] + (i.size,))
-        r = grid.reward[..., i] - grid.reward[..., j]
-        p = np.clip(1 / (1 + np.exp(-r)), 1e-7, 1 - 1e-7)
-        pair = {"weight": fast._columns(w), "share": fast._columns(1 - p),
-                "offset": fast._columns(p * np.log(p) + (1 - p) * np.log(1 - p))}
-        ridge = 0.0
-    obj = fastnewton.Objective(cfg.gamma, data=np.concatenate([cols, cols]), ridge=ridge,
-                               kl_coef=np.concatenate([beta, beta]) / cfg.contexts,
-                               log_ref=grid.ref_cols, **pair)
-    start = fast.rkl(grid, grid.betas)
-    ref = np.broadcast_to(grid.log_ref[:, None], start.shape)
-    return obj, np.concatenate([start.reshape(P, -1).T, ref.reshape(P, -1).T], 1)
-
-
 @pytest.mark.parametrize("method", ["pmle", "distill"])
 def test_compiled_solver_reaches_numpys_optima(grid: fast.Grid, method: str) -> None:
-    obj, theta0 = _objective(grid, method)
+    obj, theta0 = fast.problems(grid, method)
     want_status = np.empty(theta0.shape[1], dtype=np.int8)
     want, _ = fastnewton.solve(obj, theta0, status=want_status)
     got, status = cnewton.solve(obj, theta0, threads=2, chunk=257)

@@ -167,26 +167,53 @@ def rkl(grid: Grid, betas: np.ndarray) -> np.ndarray:
     return log_softmax((b * grid.log_ref[:, None] + _expand(grid.reward)) / (b + grid.config.gamma))
 
 
-def _two_starts(grid: Grid, ridge: float, certify: bool = True,
-                **pair_data: np.ndarray) -> np.ndarray:
-    """Newton from the RKL closed form and from π₀; the lower objective is kept where the two
-    ended apart (PMLE and distillation with β > 0 are not convex). The second start is
-    skipped where :mod:`.certificate` proves the first one's optimum global (``certify``)."""
+def problems(grid: Grid, method: str) -> tuple[fastnewton.Objective, np.ndarray]:
+    """PMLE's (5) or distillation's (12) problems at every (n, fit, seed, β, context) from
+    both starts: the objective over 2P problems, the first P from the RKL closed form and the
+    next P from π₀, and their θ₀ (``[K, 2P]``).
+
+    PMLE carries the ridge λγ² on the centred logits (see solvers.pmle_policy).
+    Distillation's expectation over μ is exact: 2 Σ_{i<j} μ_i μ_j KL(Bern(σ(R̂_i − R̂_j)) ‖
+    Bern(σ(γ d))) per context, the target clamped as ``distill_loss`` does.
+    """
     cfg = grid.config
+    if method == "pmle":
+        ridge = cfg.ridge * cfg.gamma**2 / cfg.contexts
+        pair = {"weight": grid.weight, "share": grid.share}
+    elif method == "distill":
+        i, j = fastnewton.unordered_pairs(cfg.responses)
+        mu = np.exp(grid.world.log_mu)  # [S, X, K]
+        weight = np.broadcast_to(2 * mu[..., i] * mu[..., j] / cfg.contexts,
+                                 grid.reward.shape[:-1] + (i.size,))
+        r = grid.reward[..., i] - grid.reward[..., j]
+        p = np.clip(np.exp(log_sigmoid(r)), 1e-7, 1 - 1e-7)
+        ridge, pair = 0.0, {"weight": _columns(weight), "share": _columns(1 - p),
+                            "offset": _columns(p * np.log(p) + (1 - p) * np.log(1 - p))}
+    else:
+        raise ValueError(f"{method!r} has no two-start problems (pmle or distill)")
     cols, beta = grid.beta_problems()
     P = cols.size
     obj = fastnewton.Objective(cfg.gamma, data=np.concatenate([cols, cols]), ridge=ridge,
                                kl_coef=np.concatenate([beta, beta]) / cfg.contexts,
-                               log_ref=grid.ref_cols, **pair_data)
+                               log_ref=grid.ref_cols, **pair)
     start = rkl(grid, grid.betas)  # [N, 2, S, B, X, K]
     ref = np.broadcast_to(grid.log_ref[:, None], start.shape)
-    theta0 = np.concatenate([start.reshape(P, -1).T, ref.reshape(P, -1).T], 1)
+    return obj, np.concatenate([start.reshape(P, -1).T, ref.reshape(P, -1).T], 1)
+
+
+def _two_starts(grid: Grid, method: str, certify: bool = True) -> np.ndarray:
+    """Newton from the RKL closed form and from π₀; the lower objective is kept where the two
+    ended apart (PMLE and distillation with β > 0 are not convex). The second start is
+    skipped where :mod:`.certificate` proves the first one's optimum global (``certify``)."""
+    obj, theta0 = problems(grid, method)
+    cols, beta = grid.beta_problems()
+    P = cols.size
     theta, status = np.empty_like(theta0), np.empty(2 * P, dtype=np.int8)
     F = np.full(2 * P, np.nan)
 
     def solve(ids: np.ndarray) -> None:
         sub = obj.subset(ids)
-        theta[:, ids], status[ids] = newton(sub, theta0[:, ids], threads=cfg.threads)
+        theta[:, ids], status[ids] = newton(sub, theta0[:, ids], threads=grid.config.threads)
         F[ids] = values(sub, theta[:, ids])
 
     if not certify:
@@ -207,28 +234,18 @@ def _two_starts(grid: Grid, ridge: float, certify: bool = True,
     apart = np.abs((a2 - a2.mean(0)) - (b2 - b2.mean(0))).max(0) > SAME_POINT
     lower = second[apart & (F[P + second] < F[second])]
     a[:, lower] = theta[:, P + lower]
-    return log_softmax(a.T.reshape(start.shape))
+    N, _, S, X, K = grid.reward.shape
+    return log_softmax(a.T.reshape(N, 2, S, grid.betas.size, X, K))
 
 
 def pmle(grid: Grid, betas: np.ndarray) -> np.ndarray:
-    """PMLE (5); ridge λγ² on the centred logits (see solvers.pmle_policy)."""
-    cfg = grid.config
-    return _two_starts(grid, cfg.ridge * cfg.gamma**2 / cfg.contexts,
-                       weight=grid.weight, share=grid.share)
+    """PMLE (5) with β·KL, from two starts (see :func:`problems`)."""
+    return _two_starts(grid, "pmle")
 
 
 def distill(grid: Grid, betas: np.ndarray) -> np.ndarray:
-    """Distillation (12), its expectation over μ exact: 2 Σ_{i<j} μ_i μ_j KL(Bern(σ(R̂_i − R̂_j))
-    ‖ Bern(σ(γ d))) per context, the target clamped as ``distill_loss`` does."""
-    cfg = grid.config
-    i, j = fastnewton.unordered_pairs(cfg.responses)
-    mu = np.exp(grid.world.log_mu)  # [S, X, K]
-    weight = np.broadcast_to(2 * mu[..., i] * mu[..., j] / cfg.contexts, grid.reward.shape[:-1]
-                             + (i.size,))
-    r = grid.reward[..., i] - grid.reward[..., j]
-    p = np.clip(np.exp(log_sigmoid(r)), 1e-7, 1 - 1e-7)
-    return _two_starts(grid, 0.0, weight=_columns(weight), share=_columns(1 - p),
-                       offset=_columns(p * np.log(p) + (1 - p) * np.log(1 - p)))
+    """Distillation (12) with β·KL, from two starts (see :func:`problems`)."""
+    return _two_starts(grid, "distill")
 
 
 def dpo(grid: Grid, temps: np.ndarray) -> np.ndarray:
