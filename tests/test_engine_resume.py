@@ -181,3 +181,27 @@ def test_no_step0_eval_skips_only_the_baseline_row(make_config, tmp_path, tiny):
     assert not any(k.startswith("eval/") for k in without[0])
     _same_rows(with_start, without, range(1, 3), ("loss", "env/score"))
     _same_rows(with_start, without, range(2, 3), ("eval/env/score",))  # the final evaluation
+
+
+@pytest.mark.parametrize("method", ["dpo", "rlhf"])
+def test_lora_checkpoints_hold_trainable_weights_and_resume_exactly(
+    method, make_config, tmp_path, monkeypatch
+):
+    """A LoRA run's checkpoints leave the frozen base model out (the model files hold the
+    trainable weights only), and resuming from them is still exact."""
+    from safetensors import safe_open
+
+    from distalign.methods.dpo import DPO
+    from distalign.methods.rlhf import RLHF
+
+    lora = ("model.lora.enabled=true", "model.lora.r=4", "model.lora.alpha=8")
+    if method == "dpo":
+        cls, keys, k, total = DPO, ("loss", "lr", "rewards/chosen", "grad_norm"), 2, 4
+    else:
+        cls, keys, k, total = RLHF, ("loss", "lr", "env/score", "loss/value"), 2, 3
+    _interrupted_vs_uninterrupted(make_config, tmp_path, monkeypatch, method, cls, lora, k=k,
+                                  total=total, keys=keys)
+    ckpt = tmp_path / "run" / "checkpoints" / f"step-{k}"
+    with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
+        names = list(f.keys())
+    assert names and all("lora_" in n for n in names), names[:5]

@@ -27,7 +27,12 @@ from distalign.lm.wrappers import eval_mode
 from distalign.methods import get_method
 from distalign.methods.base import Batch, Context, Method
 from distalign.progress import StepProgress
-from distalign.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
+from distalign.train.checkpoint import (
+    TrainState,
+    keep_trainable_weights_only,
+    load_checkpoint,
+    save_checkpoint,
+)
 from distalign.train.config import TrainConfig, check_trackers, to_yaml
 from distalign.train.rundir import CONFIG_NAME, clear_run, plan_run
 from distalign.train.save import save_final
@@ -75,6 +80,7 @@ class Trainer:
             # step it num_processes times per update (sized for one process's batches)
             step_scheduler_with_optimizer=False,
         )
+        keep_trainable_weights_only(self.acc)
         set_seed(cfg.run.seed)
         for why in (launch_mismatch(self.acc.num_processes),
                     check_fsdp(str(self.acc.distributed_type), self.method_cls,
