@@ -75,7 +75,10 @@ def save_checkpoint(
 
 
 def _frozen(model: Any) -> set[str]:
-    return {name for name, p in model.named_parameters() if not p.requires_grad}
+    # every alias of a tied parameter (SmolLM2's lm_head is its embedding): the state dict
+    # holds each name
+    return {name for name, p in model.named_parameters(remove_duplicate=False)
+            if not p.requires_grad}
 
 
 def keep_trainable_weights_only(accelerator: Any) -> None:
