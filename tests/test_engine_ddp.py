@@ -79,6 +79,17 @@ def two_process_runs(tiny, tmp_path_factory):
         extra = ["algo.update_epochs=2"] if method == "rlhf" else []
         jobs.append({"name": method, "method": method, "config": str(config),
                      "overrides": OVERRIDES + extra})
+    # a LoRA run whose checkpoints hold the LoRA weights only: 2 steps, then extended to 4
+    # (resumed from its step-2 checkpoint), beside an uninterrupted 4-step run
+    lora = ["model.lora.enabled=true", "model.lora.r=4", "model.lora.alpha=8",
+            "optim.scheduler=constant", "run.save_every=1"]
+    for name, steps in (("lora", 2), ("lora", 4), ("lora-ref", 4)):
+        cfg = base_config(tiny, "dpo", tmp / f"two-{name}")
+        cfg["run"]["batch_size"] = 2
+        config = tmp / f"{name}.yaml"
+        config.write_text(yaml.safe_dump({"method": "dpo", **cfg}))
+        jobs.append({"name": f"{name}-{steps}", "method": "dpo", "config": str(config),
+                     "overrides": [*lora, f"run.max_steps={steps}"]})
     (tmp / "jobs.json").write_text(json.dumps(jobs))
     _launch(tmp / "ranks", tmp / "jobs.json")
     records = {
@@ -144,3 +155,21 @@ def test_two_process_ppo_keeps_policy_and_value_replicas_identical(two_process_r
     assert r0["weights"] == r1["weights"]
     rows = rows_by_step(tmp / "two-rlhf")
     assert sorted(rows) == list(range(STEPS + 1))
+
+
+def test_two_process_lora_run_resumes_from_trainable_only_checkpoints(two_process_runs):
+    """Under DDP a LoRA run's checkpoints hold the LoRA weights only, and a run extended from
+    one logs exactly what the uninterrupted run logs."""
+    from safetensors import safe_open
+
+    tmp, records = two_process_runs
+    with safe_open(str(tmp / "two-lora" / "checkpoints" / "step-4" / "model.safetensors"),
+                   "pt") as f:
+        names = list(f.keys())
+    assert names and all("lora_" in n for n in names), names[:5]
+    got, want = rows_by_step(tmp / "two-lora"), rows_by_step(tmp / "two-lora-ref")
+    assert sorted(got) == sorted(want) == list(range(5))
+    for step in range(1, 5):
+        for k in ("loss", "grad_norm", "rewards/margin"):
+            assert got[step][k] == want[step][k], (step, k)
+    assert records["lora-4"][0]["weights"] == records["lora-ref-4"][0]["weights"]
