@@ -56,8 +56,8 @@ class HFSampler:
         self.pad_id, self.eos_ids = _token_ids(tokenizer_or_ids)
         # ln π_T of each sampled token from generate's own logits (``Rollout.logprobs``): the
         # evaluation's KL(π‖π₀) and online collection (``gen.record_logprobs``) then need no
-        # second forward of π. It holds the raw logits of
-        # every step until the batch ends (N × steps × vocab floats), so it is opt-in.
+        # second forward of π. It holds the raw logits of every step until the batch ends
+        # (N × steps × vocab floats), so it is opt-in.
         self.record_logprobs = record_logprobs or self.cfg.record_logprobs
         check_generation_config(self.cfg)
 
