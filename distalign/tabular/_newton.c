@@ -200,15 +200,10 @@ static double newton_step(int K, Scratch *w) {
     return dec;
 }
 
-typedef struct {
-    double max_step, near, quadratic, tol;
-    int max_iter;
-} Rules;
-
 /* Problems start:stop: the loop of fastnewton._solve_queue for one problem at a time.
  * Returns 0 on success, -1 when scratch memory could not be allocated. */
 int solve_range(int64_t start, int64_t stop, int K, int M, const double *theta0,
-                double *theta, int8_t *status, int32_t *its_out, const int64_t *cols,
+                double *theta, int8_t *status, const int64_t *cols,
                 const double *W, const double *Q, const double *LIN, const double *CONST,
                 const double *LREF, const double *kl, double a, double ridge,
                 const int64_t *pi, const int64_t *pj, int max_iter, double max_step,
@@ -289,7 +284,6 @@ int solve_range(int64_t start, int64_t stop, int K, int M, const double *theta0,
                 break;
             }
         }
-        its_out[pr] = its;
     }
     free(mem);
     free(w.rot_i);

@@ -25,10 +25,10 @@ def _load() -> ctypes.CDLL:
         raise ModuleNotFoundError("distalign.tabular._newton is not built (see setup.py)",
                                   name="distalign.tabular._newton")
     lib = ctypes.CDLL(spec.origin)
-    f64, i64, i8, i32 = (np.ctypeslib.ndpointer(t, flags="C_CONTIGUOUS")
-                         for t in (np.float64, np.int64, np.int8, np.int32))
+    f64, i64, i8 = (np.ctypeslib.ndpointer(t, flags="C_CONTIGUOUS")
+                    for t in (np.float64, np.int64, np.int8))
     c_int, c_i64, c_dbl = ctypes.c_int, ctypes.c_int64, ctypes.c_double
-    lib.solve_range.argtypes = [c_i64, c_i64, c_int, c_int, f64, f64, i8, i32, i64, f64, f64,
+    lib.solve_range.argtypes = [c_i64, c_i64, c_int, c_int, f64, f64, i8, i64, f64, f64,
                                 f64, f64, f64, f64, c_dbl, c_dbl, i64, i64, c_int, c_dbl,
                                 c_dbl, c_dbl, c_dbl]
     lib.values.argtypes = [c_i64, c_int, c_int, f64, i64, f64, f64, f64, f64, f64, c_dbl,
@@ -90,11 +90,10 @@ def solve(obj: Objective, theta0: np.ndarray, max_iter: int = 100, threads: int 
     th0 = np.ascontiguousarray(theta0.T)
     theta = np.empty_like(th0)
     status = np.empty(P, dtype=np.int8)
-    its = np.empty(P, dtype=np.int32)
 
     def work(start: int) -> int:
         return _LIB.solve_range(start, min(P, start + chunk), K, i.size, th0, theta, status,
-                                its, cols, W, Q, LIN, CONST, LREF, kl, a, ridge, i, j,
+                                cols, W, Q, LIN, CONST, LREF, kl, a, ridge, i, j,
                                 max_iter, MAX_STEP, NEAR, QUADRATIC, TOL)
 
     starts = range(0, P, chunk)
