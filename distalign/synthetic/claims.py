@@ -13,7 +13,7 @@ import random
 from statistics import mean
 from typing import Any
 
-from distalign.tabular.stats import loglog_slope
+from distalign.stats import loglog_slope
 
 # A slope CI entirely below this agrees with the O(1/n) rate; entirely above it, disagrees.
 # −0.65 is midway between the theorems' −1 and the −0.3 that version 1 of this world measured,

@@ -36,6 +36,7 @@ from torch import Tensor
 
 from distalign.lm.logprobs import token_logprobs
 from distalign.lm.scoring import sequence_scores
+from distalign.stats import rkl_logits, rlhf_logits
 from distalign.synthetic.world import World
 
 
@@ -102,9 +103,9 @@ def fixed_point(
     r, lr = reward.double(), logp_ref.double()
     beta = float(params.get("beta", 0.0))
     if method in ("rlhf", "rebel"):
-        return torch.log_softmax(lr + r / beta, dim=-1)
+        return torch.log_softmax(rlhf_logits(lr, r, beta), dim=-1)
     if method in ("rkl", "distill"):
-        return torch.log_softmax((r + beta * lr) / (beta + gamma), dim=-1)
+        return torch.log_softmax(rkl_logits(lr, r, beta, gamma), dim=-1)
     raise ValueError(f"no fixed point for method {method!r}")
 
 

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 
 from distalign.errors import ConfigError
-from distalign.tabular.stats import loglog_slope, mean_ci
+from distalign.stats import loglog_slope, mean_ci
 
 #: the methods in the order of the paper's Table 1 / Figure legend
 METHODS = ("rlhf", "rkl", "pmle", "distill", "dpo", "rebel")

@@ -1,6 +1,10 @@
-"""Small statistics helpers: Student-t intervals over seeds and log-log slopes.
+"""Numerical helpers that more than one layer needs (the tabular and synthetic worlds), so they
+sit below every layer: Student-t intervals over seeds, log-log slopes, and the closed-form
+optima of RLHF and reverse KL (App. B). It imports neither torch nor numpy (the CPU toy must not
+pay for torch), and the closed forms use arithmetic operators only, so one definition serves
+numpy arrays, torch tensors and floats.
 
-Written without scipy (not a dependency): the t quantile is found by bisection on the t CDF,
+Without scipy (not a dependency): the t quantile is found by Newton's method on the t CDF,
 which is integrated numerically (Simpson's rule); accurate to ~1e-6 for df ≥ 1.
 """
 
@@ -9,6 +13,10 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from functools import lru_cache
+from typing import TypeVar
+
+#: a numpy array, a torch tensor or a float: the closed forms use arithmetic operators only
+Array = TypeVar("Array")
 
 
 def _t_pdf(x: float, df: int) -> float:
@@ -73,3 +81,15 @@ def loglog_slope(xs: Sequence[float], ys: Sequence[float]) -> float:
     sxx = sum((p[0] - mx) ** 2 for p in pts)
     sxy = sum((p[0] - mx) * (p[1] - my) for p in pts)
     return sxy / sxx if sxx > 0 else float("nan")
+
+
+def rlhf_logits(log_ref: Array, reward: Array, beta: Array | float) -> Array:
+    """ln π up to normalisation of RLHF's optimum, eq. (1) (App. B): π ∝ π₀ exp(R/β), β > 0.
+    (β → 0 is the greedy limit, which each caller resolves in its own way.)"""
+    return log_ref + reward / beta  # type: ignore[operator]
+
+
+def rkl_logits(log_ref: Array, reward: Array, beta: Array | float, gamma: float) -> Array:
+    """ln π up to normalisation of the reverse-KL optimum, eq. (15) (App. B), γ the entropy
+    weight: π ∝ π₀^{β/(β+γ)} exp(R/(β+γ)); at β = 0 the tilted model π ∝ exp(R/γ)."""
+    return (beta * log_ref + reward) / (beta + gamma)  # type: ignore[operator]
