@@ -15,3 +15,12 @@ class DataError(DistalignError):
 
 class TrainingError(DistalignError):
     """Training cannot continue (for example a non-finite loss); state was saved first."""
+
+
+class Interrupted(BaseException):  # noqa: N818 - like KeyboardInterrupt, not an Exception
+    """SIGINT or SIGTERM ended a command. A BaseException, so that libraries' ``except
+    Exception`` cannot swallow it; the CLI prints ``message`` and exits 128 + ``signum``."""
+
+    def __init__(self, signum: int, message: str = "") -> None:
+        super().__init__(message)
+        self.signum, self.message = signum, message

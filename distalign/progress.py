@@ -107,3 +107,26 @@ class StepProgress:
         parts = [self.description, f"{completed}/{self.total}", f"elapsed {_clock(elapsed)}",
                  f"eta {eta_s}"]
         return " ".join(parts + ([info] if info else []))
+
+
+def quiet_libraries() -> None:
+    """Our progress bar is the run's; silence per-load bars from HF libraries."""
+    import logging
+    import warnings
+
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    # peft asks for the property that transformers 5 renamed; the warning names no action
+    # for our users and would open every log
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
+                            category=FutureWarning)
+    # tied embeddings (SmolLM2, Llama-style heads) are saved once, as they should be; accelerate
+    # warns about it at every checkpoint
+    logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
+    # six "[RANK 0] Saving ..." lines per checkpoint would break the progress bar
+    logging.getLogger("accelerate.checkpointing").setLevel(logging.WARNING)
+    logging.getLogger("accelerate.accelerator").setLevel(logging.WARNING)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import sys
 
 import typer
 
 from distalign.cli._app import app
-from distalign.errors import DistalignError
+from distalign.errors import DistalignError, Interrupted
 
 _COMMAND_MODULES = ("toy", "train", "generate", "eval", "report", "synthetic", "pipeline")
 
@@ -23,14 +24,23 @@ def _register(argv: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: user errors print one line and exit with status 2."""
+    """Entry point: user errors print one line and exit with status 2; SIGINT and SIGTERM
+    print one line and exit 130 and 143 (training first finishes its step and checkpoints)."""
     if not sys.stderr.isatty():
         # third-party tqdm bars (transformers' GGUF de-quantisation calls tqdm directly, past
         # its own switch) are carriage-return noise in a log file; tqdm reads this at import
         os.environ.setdefault("TQDM_DISABLE", "1")
     _register(sys.argv[1:] if argv is None else argv)
+    # typer would turn Ctrl-C into a return value that standalone_mode=False drops (exit 0)
+    from distalign.signals import SIGNALS, raise_interrupted
+
+    for s in SIGNALS:
+        signal.signal(s, raise_interrupted)
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)
+    except Interrupted as exc:
+        typer.echo(f"{exc.message or 'interrupted'}", err=True)
+        sys.exit(128 + exc.signum)
     except DistalignError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
@@ -44,3 +54,5 @@ def main(argv: list[str] | None = None) -> None:
             typer.echo(f"error: {exc.format_message()}", err=True)
             sys.exit(exc.exit_code or 2)
         raise
+    if isinstance(code, int) and code:
+        sys.exit(code)

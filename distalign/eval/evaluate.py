@@ -154,8 +154,19 @@ def _write_json(path: Path, obj: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
+def judge_label(judge_id: str) -> str:
+    """A judge's short name for column titles and file names: its kind and the last part of
+    its argument (``reward:/x/runs/rm`` → ``reward:rm``)."""
+    kind, _, arg = judge_id.partition(":")
+    name = Path(arg.split("@")[0].rstrip("/")).name if arg else ""
+    if name in ("final", "world.json"):  # a run's final/ or a world's file: name the folder
+        name = Path(arg.split("@")[0].rstrip("/")).parent.name
+    return f"{kind}:{name}" if name else kind
+
+
 def judge_winrate(rows: list[dict[str, Any]], path: Path, out_dir: Path, judge_spec: str,
-                  meta: dict[str, Any], policy_tok: Any, cache: Any, **kw: Any) -> dict[str, Any]:
+                  meta: dict[str, Any], policy_tok: Any, cache: Any,
+                  annotations_name: str = "annotations.json", **kw: Any) -> dict[str, Any]:
     from distalign.eval.judges.factory import make_judge
 
     # an LLM judge needs a reference text to compare with; an empty OUTPUT is judged like any
@@ -177,7 +188,7 @@ def judge_winrate(rows: list[dict[str, Any]], path: Path, out_dir: Path, judge_s
             "annotator": judge.id, "preference": pref, "prompt_id": r["prompt_id"],
             "sample": r.get("sample", 0)}
            for p, r, pref in zip(pairs, rows, prefs, strict=True)]
-    write_annotations(ann, out_dir / "annotations.json")
+    write_annotations(ann, out_dir / annotations_name)
     return {
         "metrics": {"eval/win_rate": st["win_rate"], "eval/win_rate_se": st["standard_error"],
                     "eval/win_rate_discrete": st["discrete_win_rate"]},
@@ -259,20 +270,29 @@ def evaluate(
     if prompt_set is not None:
         check_prompt_set(rows, path, prompt_set, meta, policy_model)
     lengths = [len(r["output_token_ids"]) for r in rows]
-    result: dict[str, Any] = {
-        "metrics": {"eval/n": len(rows), "eval/length": sum(lengths) / len(lengths)},
+    result = _earlier(out / "eval.json", path, meta)
+    result.update({
+        "metrics": {**result.get("metrics", {}), "eval/n": len(rows),
+                    "eval/length": sum(lengths) / len(lengths)},
+        "weights": meta.get("weights"),
         "generations": str(path), "prompt_set": meta.get("prompt_set"),
         "num_prompts": len({r["prompt_id"] for r in rows}),
         "no_eos": sum(not r["ended"] for r in rows), "model": meta.get("model"),
         "empty_outputs": sum(not r["output"].strip() for r in rows),
-    }
+    })
     policy_tok = None
     if reward_model or ref_model or (judge or "").startswith("reward:"):
         policy_tok = _policy_tokenizer(meta, policy_model)
 
     def save(part: dict[str, Any]) -> None:
-        result["metrics"].update(part.pop("metrics"))
-        result.update(part)
+        label = part.pop("judge_label", None)
+        first = result.get("judge")
+        if label is None or first is None or judge_label(first) == label:
+            result["metrics"].update(part.pop("metrics"))
+            result.update(part)
+        else:  # another judge than the file's first: its own keys, never the first's
+            result["metrics"].update({f"{k}@{label}": v for k, v in part.pop("metrics").items()})
+            result.setdefault("judges", {})[label] = part
         _write_json(out / "eval.json", result)
 
     # one cache for the evaluation: judge answers, and RM scores shared by the RM-score column,
@@ -323,9 +343,33 @@ def _evaluate_parts(rows: list[dict[str, Any]], path: Path, out: Path, meta: dic
         if judge_prompts is not None:
             judged = judge_subset(rows, judge_prompts)
             extra["judge_prompts"] = len({r["prompt_id"] for r in judged})
+        first = _json_or_empty(out / "eval.json").get("judge")
+        label = judge_label(judge)
+        same = first is None or judge_label(first) == label
         part = judge_winrate(judged, path, out, judge, meta, policy_tok, cache,
+                             annotations_name="annotations.json" if same else
+                             f"annotations@{label.replace(':', '_')}.json",
                              progress=progress, **judge_kw)
-        save({**part, **extra})
+        save({**part, **extra, "judge_label": label})
+
+
+def _json_or_empty(path: Path) -> dict[str, Any]:
+    try:
+        loaded = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return loaded if isinstance(loaded, dict) else {}
+
+
+def _earlier(path: Path, generations: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """What an earlier evaluation of these very generations (same file, same weights) wrote:
+    each evaluation adds its measures (another judge, the RM score) to it. One of another
+    file or other weights describes another model and is replaced."""
+    old = _json_or_empty(path)
+    if old and (old.get("generations") == str(generations)
+                and old.get("weights") == meta.get("weights")):
+        return old
+    return {}
 
 
 def evaluate_annotations(annotations: str | Path, out_dir: str | Path) -> dict[str, Any]:

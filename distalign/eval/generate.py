@@ -28,13 +28,15 @@ from distalign.errors import ConfigError
 from distalign.eval.genfile import read_generations, sidecar_path
 from distalign.eval.prompts import Prompt, PromptSet, load_prompt_set
 from distalign.lm.collators import pad_sequences
+from distalign.lm.fingerprint import short, weights_fingerprint
 from distalign.lm.generation import GenerationConfig, HFSampler, make_sampler
 from distalign.lm.models import ModelConfig, load_policy, load_tokenizer
+from distalign.locks import file_lock
 from distalign.progress import StepProgress
 
 # Sidecar fields that must match for a rerun to append to an existing file.
-COMPARED = ("model_path", "gguf_file", "tokenizer_path", "dtype", "generator", "prompt_set",
-            "num_samples", "seed", "chat_template", "max_prompt_length", "gen")
+COMPARED = ("weights", "model_path", "gguf_file", "tokenizer_path", "dtype", "generator",
+            "prompt_set", "num_samples", "seed", "chat_template", "max_prompt_length", "gen")
 # The sidecar's ``gen``: the fields that shape the sampling distribution (engine sizing such as
 # vLLM's memory share goes to ``gen_engine`` and may change between resumed runs).
 SAMPLING_FIELDS = ("max_new_tokens", "min_new_tokens", "temperature", "top_k", "top_p", "backend")
@@ -123,6 +125,9 @@ def _check_meta(out: Path, old: dict[str, Any], new: dict[str, Any]) -> None:
             key, a, b = f"gen.{sub}", a.get(sub), b.get(sub)
         if key == "prompt_set":
             what = f"a different prompt set (sha256 {str(a)[:12]}…, now {str(b)[:12]}…)"
+        elif key == "weights":  # same path, new weights: a retrained or extended run
+            what = (f"other weights (fingerprint {short(a)}, the model now has {short(b)}; "
+                    "it was trained again)" if a else "weights it did not record")
         else:
             what = f"{key}={a!r} (now {b!r})"
         raise ConfigError(f"{out} was generated with {what}; pass --overwrite to replace it or "
@@ -188,6 +193,20 @@ def generate(model: str, prompts: str, out: str | Path, *, fmt: str = "auto",
         raise ConfigError(f"need --num-samples >= 1 and --batch-size >= 1, got {num_samples} "
                           f"and {batch_size}")
     model_path, gguf_file, default_name = resolve_model(model, gguf_file)
+    with file_lock(out):  # one writer per generations file
+        return _generate_locked(
+            model, model_path, gguf_file, default_name, prompts, Path(out), gen, fmt=fmt,
+            limit=limit, num_samples=num_samples, seed=seed, batch_size=batch_size,
+            max_prompt_length=max_prompt_length, generator=generator, alpaca_eval=alpaca_eval,
+            progress=progress, dtype=dtype, chat_template=chat_template, overwrite=overwrite)
+
+
+def _generate_locked(model: str, model_path: str, gguf_file: str | None, default_name: str,
+                     prompts: str, out: Path, gen: GenerationConfig, *, fmt: str,
+                     limit: int | None, num_samples: int, seed: int, batch_size: int,
+                     max_prompt_length: int | None, generator: str | None, alpaca_eval: bool,
+                     progress: bool, dtype: str, chat_template: bool | None,
+                     overwrite: bool) -> Path:
     mcfg = ModelConfig(name_or_path=model_path, gguf_file=gguf_file, dtype=dtype)
     tok = load_tokenizer(mcfg)
     sampler = make_sampler(gen, tok)  # validates the gen settings before the model loads
@@ -198,6 +217,7 @@ def generate(model: str, prompts: str, out: str | Path, *, fmt: str = "auto",
     generator = generator or default_name
     meta = {
         "model": model, "model_path": model_path, "gguf_file": gguf_file,
+        "weights": weights_fingerprint(model_path, gguf_file),
         "tokenizer_path": model_path, "dtype": dtype, "generator": generator,
         "prompts": prompts, "format": pset.format, "prompt_set": pset.digest,
         "num_prompts": len(pset.prompts), "num_samples": num_samples, "seed": seed,
@@ -237,7 +257,12 @@ def generate(model: str, prompts: str, out: str | Path, *, fmt: str = "auto",
                  f"{len(done)} rows already in {out}"
                  + (f" (dropped a torn last line of {torn} bytes)" if torn else ""))
         if todo:
-            _run(todo, batches, mcfg, tok, sampler, out, meta, done, bar)
+            try:
+                _run(todo, batches, mcfg, tok, sampler, out, meta, done, bar)
+            finally:  # interrupted before the first batch: leave no empty file behind
+                if out.exists() and out.stat().st_size == 0:
+                    out.unlink()
+                    meta_path.unlink(missing_ok=True)
     if alpaca_eval or pset.format == "alpaca_eval":
         write_model_outputs(out, pset, generator)
     return out

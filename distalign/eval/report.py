@@ -25,6 +25,8 @@ from typing import Any
 import yaml
 
 from distalign.errors import ConfigError, DataError
+from distalign.eval.evaluate import judge_label
+from distalign.train.rundir import read_metrics, run_fingerprint
 
 # Table 2's row order; other methods follow alphabetically.
 METHOD_ORDER = ("base", "sft", "reward", "dpo", "pmle", "rebel", "distill", "rlhf", "rkl")
@@ -75,6 +77,7 @@ class Run:
     config: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     complete: bool = True  # False: trained but no summary.json (killed or still running)
+    stale: bool = False  # its evaluation was made by other weights than its final/ holds
 
 
 def _is_run(path: Path) -> bool:
@@ -130,10 +133,16 @@ def load_run(path: str | Path) -> Run:
         except json.JSONDecodeError as exc:
             raise DataError(f"{path / 'summary.json'}: invalid JSON ({exc})") from exc
     raw = dict(summary.get("metrics") or _last_values(path / "metrics.jsonl"))
+    stale = False
+    current = run_fingerprint(path)
     for name in reversed(EVAL_FILES):  # eval/eval.json (the pipeline's) wins over eval.json
         if (path / name).is_file():
             try:
-                raw.update(json.loads((path / name).read_text()).get("metrics") or {})
+                ev = json.loads((path / name).read_text())
+                if current is not None and ev.get("weights") != current:
+                    stale = True  # another model's numbers: never shown as this run's
+                    continue
+                raw.update(_judged(ev.get("metrics") or {}, ev.get("judge")))
             except (json.JSONDecodeError, AttributeError) as exc:
                 raise DataError(f"{path / name}: not an eval.json ({exc})") from exc
     metrics = {k: f for k, v in raw.items() if (f := _numeric(v)) is not None}
@@ -148,24 +157,25 @@ def load_run(path: str | Path) -> Run:
         config=config,
         metrics=metrics,
         complete=bool(summary) or not (path / "metrics.jsonl").is_file(),
+        stale=stale,
     )
+
+
+def _judged(metrics: dict[str, Any], judge: str | None) -> dict[str, Any]:
+    """Win-rates keyed by the judge that made them (``eval/win_rate@reward:rm``), so that runs
+    judged differently never share a column and each column names its judge."""
+    if not judge:
+        return metrics
+    label = judge_label(judge)
+    return {(f"{k}@{label}" if k.startswith("eval/win_rate") and "@" not in k else k): v
+            for k, v in metrics.items()}
 
 
 def _last_values(path: Path) -> dict[str, Any]:
     """The last logged value of every key in ``metrics.jsonl`` (later rows win)."""
     out: dict[str, Any] = {}
-    if not path.is_file():
-        return out
-    lines = path.read_text().splitlines()
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            out.update(json.loads(line))
-        except json.JSONDecodeError as exc:
-            if i == len(lines) - 1:  # torn by a kill mid-write; the engine drops it on resume
-                continue
-            raise DataError(f"{path} line {i + 1}: invalid JSON ({exc.msg})") from exc
+    for row in read_metrics(path.parent):
+        out.update(row)
     out.pop("time", None)
     return out
 
@@ -217,7 +227,10 @@ def differing_keys(runs: list[Run]) -> dict[str, list[str]]:
 def default_metrics(runs: list[Run]) -> list[str]:
     """Known metrics present in at least one run, in Table 2's spirit (quality, then KL)."""
     present = set().union(*(r.metrics for r in runs))
-    picked = [m for m in DEFAULT_CANDIDATES if m in present]
+    picked = [j for m in DEFAULT_CANDIDATES
+              for j in ([m] if m in present else []) + sorted(
+                  k for k in present if k.startswith(f"{m}@") and k.count("/") == 1
+                  and not k.partition("@")[0].endswith(("_se", "_discrete")))]
     if not picked:
         picked = [m for m in FALLBACK_CANDIDATES if m in present]
     kl = [m for m in picked if "kl" in m]
@@ -309,8 +322,11 @@ def _cell(mu: float, sd: float, n: int, digits: int) -> str:
 
 def _runs_cell(row: Row) -> str:
     n = len(row.runs)
+    stale = sum(r.stale for r in row.runs)
     notes = (["single run"] if n == 1 else []) + (
-        [f"{row.incomplete} incomplete"] if row.incomplete else [])
+        [f"{row.incomplete} incomplete"] if row.incomplete else []) + (
+        [f"{stale} evaluated by older weights: eval left out, rerun generate and eval"]
+        if stale else [])
     return f"{n}" + (f" ({', '.join(notes)})" if notes else "")
 
 

@@ -117,3 +117,20 @@ def keep_trainable_weights_only(accelerator: Any) -> None:
 def load_checkpoint(accelerator: Any, ckpt: Path) -> TrainState:
     accelerator.load_state(str(ckpt))
     return TrainState.load(ckpt / "trainer_state.json")
+
+
+def resync_lr(optimizer: Any, scheduler: Any) -> None:
+    """After a resume, set the optimizer's lr from the schedule of *this* config.
+
+    Only the step count is restored (schedule functions are not saved), so a run resumed with
+    a larger ``run.max_steps`` follows the new horizon; without this, its first update would
+    use the lr saved by the old schedule (0 at the end of a linear decay).
+    """
+    sched = getattr(scheduler, "scheduler", scheduler)
+    if not hasattr(sched, "lr_lambdas"):
+        return
+    pairs = zip(sched.base_lrs, sched.lr_lambdas, strict=True)
+    lrs = [b * f(sched.last_epoch) for b, f in pairs]
+    for group, lr in zip(optimizer.param_groups, lrs, strict=True):
+        group["lr"] = lr
+    sched._last_lr = lrs

@@ -10,8 +10,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
+import signal
 import time
-import warnings
 from collections import defaultdict
 from dataclasses import asdict
 from pathlib import Path
@@ -22,19 +23,22 @@ import yaml
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from distalign.errors import TrainingError
+from distalign.errors import Interrupted, TrainingError
 from distalign.lm.wrappers import eval_mode
+from distalign.locks import run_dir_lock
 from distalign.methods import get_method
 from distalign.methods.base import Batch, Context, Method
-from distalign.progress import StepProgress
+from distalign.progress import StepProgress, quiet_libraries
+from distalign.signals import StopAtStepEnd
 from distalign.train.checkpoint import (
     TrainState,
     keep_trainable_weights_only,
     load_checkpoint,
+    resync_lr,
     save_checkpoint,
 )
 from distalign.train.config import TrainConfig, check_trackers, to_yaml
-from distalign.train.rundir import CONFIG_NAME, clear_run, plan_run
+from distalign.train.rundir import CONFIG_NAME, clear_run, is_finished, plan_run
 from distalign.train.save import save_final
 from distalign.train.setup import (
     build_data,
@@ -112,7 +116,7 @@ class Trainer:
         self.total_steps = cfg.run.max_steps or max(
             1, math.ceil(cfg.run.epochs * self.steps_per_epoch)
         )
-        epochs_k = int(getattr(cfg.algo, "update_epochs", 1))
+        epochs_k = cfg.algo.update_epochs
         updates = self.total_steps * epochs_k * (cfg.run.batch_size // mini)
         optimizer, scheduler = build_optimizer(cfg, trainables, updates)
         prepared = self.acc.prepare(*trainables, optimizer, loader, scheduler)
@@ -126,9 +130,8 @@ class Trainer:
         # samples its own responses (one stream on every rank would correlate them, as TRL's
         # per-process generation seed also avoids). One process: the seed is unchanged.
         set_seed(cfg.run.seed, device_specific=True)
-        for frozen in (self.models.reward_model,):
-            if frozen is not None:
-                frozen.to(dev)
+        if self.models.reward_model is not None:
+            self.models.reward_model.to(dev)
         if self.models.ref is not None:
             self.models.ref.to(dev)
         sampler = build_sampler(cfg, self.method_cls, self.models.tokenizer)
@@ -154,27 +157,11 @@ class Trainer:
         resume_from = plan.resume_from
         if resume_from is not None:
             self.state = load_checkpoint(self.acc, resume_from)
-            self._resync_lr()
+            resync_lr(self.optimizer, self.scheduler)
             log.info("resumed from %s (step %d)", resume_from, self.state.step)
         self.log = RunLog(
             self.run_dir, self.state.step if resume_from else None, self.acc.is_main_process
         )
-
-    def _resync_lr(self) -> None:
-        """After a resume, set the optimizer's lr from the schedule of *this* config.
-
-        Only the step count is restored (schedule functions are not saved), so a run resumed
-        with a larger ``run.max_steps`` follows the new horizon; without this, its first update
-        would use the lr saved by the old schedule (0 at the end of a linear decay).
-        """
-        sched = getattr(self.scheduler, "scheduler", self.scheduler)
-        if not hasattr(sched, "lr_lambdas"):
-            return
-        pairs = zip(sched.base_lrs, sched.lr_lambdas, strict=True)
-        lrs = [b * f(sched.last_epoch) for b, f in pairs]
-        for group, lr in zip(self.optimizer.param_groups, lrs, strict=True):
-            group["lr"] = lr
-        sched._last_lr = lrs
 
     # ---------------------------------------------------------------------------- data
     def _batches(self):
@@ -278,6 +265,24 @@ class Trainer:
                     out.update(cb.on_evaluate(step, model, self.models.tokenizer) or {})
         return out
 
+    def _stop_requested(self, stop: StopAtStepEnd) -> bool:
+        """Any rank was signalled (all ranks must leave the loop at the same step)."""
+        flag = float(stop.signum is not None)
+        if self.acc.num_processes > 1:
+            flag = float(self.acc.reduce(torch.tensor(flag, device=self.acc.device), "max"))
+        return flag > 0
+
+    def _stop(self, signum: int, saved: bool) -> None:
+        """Save the step just finished (unless checkpoints are off) and end the command."""
+        r, st = self.cfg.run, self.state
+        if r.save_every and not saved:
+            save_checkpoint(self.acc, self.run_dir, st, r.keep_checkpoints,
+                            config_yaml=self.config_yaml)
+        where = (f"checkpoint at step {st.step} saved; rerun the same command to resume"
+                 if r.save_every else "no checkpoint (run.save_every=0): a rerun starts over")
+        raise Interrupted(signum, f"{self.cfg.method}: interrupted at step {st.step}/"
+                          f"{self.total_steps}; {where}")
+
     def _clock(self) -> float:
         """Wall time, after the device's queued work (phase times must not leak across)."""
         if self.acc.device.type == "cuda":
@@ -300,7 +305,7 @@ class Trainer:
             self.cfg.method, self.total_steps, st.step,
             enabled=r.progress and self.acc.is_main_process, every=r.log_every,
         )
-        with progress:
+        with progress, StopAtStepEnd() as stop:
             for rep in self.data_reports:
                 if rep is not None:
                     progress.note(f"{self.cfg.method}: {rep.summary()}")
@@ -347,9 +352,12 @@ class Trainer:
                         self.acc.log(metrics, step=st.step)
                 progress.update(st.step, info=progress_info(metrics))
                 # the last step is saved too, so a finished run can be extended (max_steps)
-                if r.save_every and (st.step % r.save_every == 0 or final):
+                saved = bool(r.save_every and (st.step % r.save_every == 0 or final))
+                if saved:
                     save_checkpoint(self.acc, self.run_dir, st, r.keep_checkpoints,
                                     config_yaml=self.config_yaml)
+                if not final and self._stop_requested(stop):
+                    self._stop(stop.signum or signal.SIGTERM, saved)
         save_final(self.acc, self.run_dir, self.trainables, self.models.tokenizer)
         if self.acc.is_main_process:
             data = {name: asdict(rep) for name, rep in zip(("train", "eval"), self.data_reports,
@@ -362,27 +370,16 @@ class Trainer:
         return self.run_dir
 
 
-def _quiet_libraries() -> None:
-    """Our progress bar is the run's; silence per-load bars from HF libraries."""
-    import datasets
-    import transformers
-
-    datasets.disable_progress_bars()
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-    # peft asks for the property that transformers 5 renamed; the warning names no action
-    # for our users and would open every log
-    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
-                            category=FutureWarning)
-    # tied embeddings (SmolLM2, Llama-style heads) are saved once, as they should be; accelerate
-    # warns about it at every checkpoint
-    logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
-
-
 def train(cfg: TrainConfig, callbacks: list[Callback] | tuple = ()) -> Path:
-    """Run one configured training job; returns the run directory."""
-    _quiet_libraries()
-    trainer = Trainer(cfg, callbacks)
-    if cfg.run.report_to:
-        trainer.acc.init_trackers(cfg.run.name, config={"method": cfg.method})
-    return trainer.fit()
+    """Run one configured training job; returns the run directory. A run directory that
+    already holds this very config, trained to the end, is left as it is."""
+    quiet_libraries()
+    main = int(os.environ.get("RANK", "0")) == 0  # before accelerate starts the process group
+    with run_dir_lock(cfg.run_dir) if main else contextlib.nullcontext():
+        if not cfg.run.overwrite and is_finished(cfg.run_dir, to_yaml(cfg)):
+            log.info("%s: already trained with this config; nothing to do", cfg.run_dir)
+            return cfg.run_dir
+        trainer = Trainer(cfg, callbacks)
+        if cfg.run.report_to:
+            trainer.acc.init_trackers(cfg.run.name, config={"method": cfg.method})
+        return trainer.fit()

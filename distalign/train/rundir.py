@@ -1,14 +1,19 @@
-"""What a run directory already holds, and whether this config may continue it.
+"""The run directory: what it holds, whether this config may continue it, and how others read it.
 
 A run directory belongs to one configuration. Rerunning the same ``run.name`` continues that
 run (from its newest checkpoint) only when the resolved configs agree on everything but the
 horizon and logging settings; anything else would splice two different runs into one
 ``metrics.jsonl``. Nothing is deleted before the models have loaded (:func:`clear_run`), so a
-rerun that fails early leaves the previous run intact.
+rerun that fails early leaves the previous run intact. Starting over also removes what was
+derived from the old weights (generations, evaluations): they would describe another model.
+
+Everything else reads a run through this module: :func:`read_metrics` (one torn-line policy),
+:func:`is_finished` and :func:`run_fingerprint` (what generations and evaluations record).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from dataclasses import dataclass
@@ -17,7 +22,8 @@ from typing import Any
 
 import yaml
 
-from distalign.errors import ConfigError
+from distalign.errors import ConfigError, DataError
+from distalign.lm.fingerprint import weights_fingerprint
 from distalign.train.checkpoint import latest_checkpoint
 
 log = logging.getLogger("distalign")
@@ -29,10 +35,64 @@ HORIZON_KEYS = frozenset({
     "run.save_every", "run.keep_checkpoints", "run.progress", "run.resume", "run.overwrite",
     "run.report_to", "run.num_samples_logged", "data.num_proc",
 })
-# What one run writes into its directory (and --overwrite removes).
+# What one run writes into its directory, then what commands derive from its weights there;
+# --overwrite removes both (a generations file anywhere also carries the weights' fingerprint).
 ARTIFACTS = ("checkpoints", "final", "metrics.jsonl", "samples.jsonl", "summary.json",
              "config.yaml")
+DERIVED = ("eval", "model_outputs.json")
 CONFIG_NAME = "config.yaml"
+SUMMARY_NAME = "summary.json"
+
+
+def read_jsonl_rows(path: Path) -> tuple[list[dict[str, Any]], int]:
+    """(rows, 1 if the last line was torn else 0) of a JSON-lines log. Logs are only appended
+    to, so a kill mid-write can tear the last line alone: it is skipped (the resumed run
+    rewrites that step). An unreadable line anywhere else means a damaged file: DataError."""
+    if not path.is_file():
+        return [], 0
+    lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            if i == len(lines) - 1:
+                return rows, 1
+            raise DataError(f"{path} line {i + 1}: invalid JSON ({exc.msg})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path} line {i + 1}: not a JSON object")
+        rows.append(row)
+    return rows, 0
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The rows of ``metrics.jsonl`` (torn lines skipped, see :func:`read_jsonl_rows`)."""
+    return read_jsonl_rows(Path(run_dir) / "metrics.jsonl")[0]
+
+
+def is_finished(run_dir: str | Path, config_yaml: str | None = None) -> bool:
+    """The run wrote its summary (it trained to the end and saved ``final/``); with
+    ``config_yaml``, only if it ran this very config."""
+    d = Path(run_dir)
+    if not (d / SUMMARY_NAME).is_file() or not (d / "final").is_dir():
+        return False
+    return config_yaml is None or (
+        (d / CONFIG_NAME).is_file() and (d / CONFIG_NAME).read_text() == config_yaml)
+
+
+def run_fingerprint(run_dir: str | Path) -> str | None:
+    """The fingerprint of the run's ``final/`` weights (None before it has one)."""
+    final = Path(run_dir) / "final"
+    return weights_fingerprint(final) if (final / "config.json").is_file() else None
+
+
+def _derived_generations(run_dir: Path) -> list[Path]:
+    """Generations files (and their sidecars and locks) inside the run directory."""
+    out = []
+    for meta in run_dir.glob("*.meta.json"):
+        gens = meta.with_name(meta.name.removesuffix(".meta.json") + ".jsonl")
+        out += [p for p in (meta, gens) if p.exists()]
+    return out
 
 
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -76,7 +136,7 @@ def _read_yaml(path: Path) -> dict[str, Any] | None:
 def plan_run(run_dir: Path, resolved: dict[str, Any], resume: bool, overwrite: bool) -> RunPlan:
     """Decide how this run treats ``run_dir``; raise a one-line ConfigError instead of losing
     or mixing data. Reads only (every process may call it)."""
-    present = [a for a in ARTIFACTS if (run_dir / a).exists()]
+    present = [a for a in (*ARTIFACTS, *DERIVED) if (run_dir / a).exists()]
     if overwrite:
         return RunPlan(None, bool(present), "run.overwrite=true")
     if not present:
@@ -97,7 +157,7 @@ def plan_run(run_dir: Path, resolved: dict[str, Any], resume: bool, overwrite: b
         return RunPlan(None, True, "run.resume=false")
     if ckpt is not None:
         return RunPlan(ckpt, False)
-    if (run_dir / "summary.json").exists():
+    if (run_dir / SUMMARY_NAME).exists():
         raise ConfigError(
             f"{run_dir} holds a finished run with no checkpoint to continue from "
             "(run.save_every=0); rerun with --overwrite (run.overwrite=true) to train it "
@@ -109,8 +169,8 @@ def plan_run(run_dir: Path, resolved: dict[str, Any], resume: bool, overwrite: b
 def clear_run(run_dir: Path, reason: str) -> None:
     """Remove a previous run's artifacts (main process, after the models have loaded)."""
     gone = []
-    for name in ARTIFACTS:
-        path = run_dir / name
+    for path in [*(run_dir / a for a in (*ARTIFACTS, *DERIVED)), *_derived_generations(run_dir)]:
+        name = path.name
         if path.is_dir():
             shutil.rmtree(path)
         elif path.exists():

@@ -7,6 +7,8 @@ from typing import Any
 
 from torch import nn
 
+from distalign.lm.fingerprint import weights_fingerprint
+
 
 def _export(model: nn.Module, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
@@ -26,5 +28,6 @@ def save_final(accelerator: Any, run_dir: Path, trainables: list[nn.Module], tok
         tokenizer.save_pretrained(final)
         if len(trainables) > 1:
             _export(accelerator.unwrap_model(trainables[1]), final / "value_model")
+        weights_fingerprint(final)  # cached beside the weights for generate/eval/report
     accelerator.wait_for_everyone()
     return run_dir / "final"

@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from distalign.train.rundir import read_jsonl_rows
+
 log = logging.getLogger("distalign")
 
 KEY_METRICS = ("loss", "rewards/accuracy", "pref/accuracy", "rm/accuracy", "env/score", "kl/online")
@@ -38,24 +40,13 @@ class RunLog:
 
     @staticmethod
     def _truncate(path: Path, step: int) -> None:
-        """Keep rows up to ``step``. A line that does not parse (a kill mid-write tears the
-        last one) is dropped with a warning: the resumed run rewrites that step."""
+        """Keep rows up to ``step`` (a torn last line goes too: the resumed run rewrites it)."""
         if not path.exists():
             return
-        kept, torn = [], 0
-        for ln in path.read_text(errors="replace").splitlines():
-            if not ln.strip():
-                continue
-            try:
-                row = json.loads(ln)
-            except json.JSONDecodeError:
-                torn += 1
-                continue
-            if isinstance(row, dict) and row.get("step", 0) <= step:
-                kept.append(ln)
+        rows, torn = read_jsonl_rows(path)
         if torn:
-            log.warning("%s: dropped %d unreadable line(s) (interrupted write)", path, torn)
-        path.write_text("".join(f"{ln}\n" for ln in kept))
+            log.warning("%s: dropped an unreadable last line (interrupted write)", path)
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows if r.get("step", 0) <= step))
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
         row = {"step": step, "time": round(time.time(), 3)}
