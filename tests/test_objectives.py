@@ -21,6 +21,7 @@ from distalign.objectives import (
     preference_logprob,
     rebel_loss,
     shaped_rewards,
+    whiten,
 )
 
 
@@ -49,7 +50,7 @@ def grads(loss: torch.Tensor, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
 def test_preference_logprob_is_tilted_bradley_terry() -> None:
     pa, pb = torch.tensor([0.2, 0.05]), torch.tensor([0.1, 0.3])
     gamma = 0.7
-    expect = torch.log(pa**gamma / (pa**gamma + pb**gamma))  # SPEC eq. (2)
+    expect = torch.log(pa**gamma / (pa**gamma + pb**gamma))  # eq. (2)
     assert torch.allclose(preference_logprob(pa.log(), pb.log(), gamma), expect, atol=1e-14)
 
 
@@ -113,7 +114,7 @@ def test_distill_value_gradient_and_symmetry() -> None:
     assert torch.allclose(loss, kl.mean(), atol=1e-12)
     assert torch.allclose(g1, gamma * (q - p) / 5, atol=1e-14)
     assert torch.allclose(g2, -gamma * (q - p) / 5, atol=1e-14)
-    swapped, _ = distill_loss(l2, l1, 1 - p, gamma)  # labels do not matter (SPEC (11))
+    swapped, _ = distill_loss(l2, l1, 1 - p, gamma)  # labels do not matter (eq. (11))
     assert torch.allclose(swapped, loss, atol=1e-14)
     at_target, _ = distill_loss(torch.log(p / (1 - p)) / gamma, torch.zeros(5), p, gamma)
     assert at_target.abs() < 1e-12
@@ -232,3 +233,13 @@ def test_ppo_value_loss_matches_formula() -> None:
     # token 0: clipped branch (0.7 − 2)² > (1 − 2)² wins, gradient 0; token 1: unclipped
     assert g[0, 0] == 0
     assert torch.allclose(g[0, 1], (values[0, 1] - returns[0, 1]).detach() / 3, atol=1e-14)
+
+
+def test_whiten_standardises_the_masked_entries_only() -> None:
+    x = torch.tensor([[1.0, 2.0, 3.0, 9.0], [4.0, 5.0, 7.0, -9.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 0.0]])
+    vals = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 7.0])
+    want = (vals - vals.mean()) / vals.std(unbiased=False)
+    out = whiten(x, mask)
+    torch.testing.assert_close(out[mask.bool()], want, atol=1e-6, rtol=1e-6)
+    assert (out[~mask.bool()] == 0).all()

@@ -1,4 +1,5 @@
-"""Pure tensor objectives of the paper (SPEC §2). No models, no I/O, no globals.
+"""Pure tensor objectives of arXiv 2506.01523 v2 (each docstring cites its equation number).
+No models, no I/O, no globals.
 
 Every function returns ``(loss, metrics)`` where ``metrics`` maps names to detached
 scalar tensors. Sequence log-probabilities are sums of token log-probs over the response.

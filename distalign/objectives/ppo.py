@@ -1,4 +1,5 @@
-"""GAE and PPO's clipped policy and value losses (the RLHF/RKL optimiser, SPEC Table 5)."""
+"""GAE and PPO's clipped policy and value losses: the optimiser of RLHF (1) and reverse KL (15),
+with the settings of the paper's Table 5 (GAE λ, clip, value coefficient)."""
 
 from __future__ import annotations
 
@@ -10,14 +11,12 @@ def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
     return (x * mask).sum() / mask.sum().clamp_min(1.0)
 
 
-def whiten(x: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
-    """Normalise ``x`` to unit variance over the masked entries (advantage whitening)."""
+def whiten(x: Tensor, mask: Tensor) -> Tensor:
+    """Normalise ``x`` to zero mean and unit variance over the masked entries (advantage
+    whitening); masked-out entries become 0."""
     mean = masked_mean(x, mask)
     var = masked_mean((x - mean) ** 2, mask)
-    out = (x - mean) * torch.rsqrt(var + 1e-8)
-    if not shift_mean:
-        out = out + mean
-    return out * mask
+    return (x - mean) * torch.rsqrt(var + 1e-8) * mask
 
 
 def gae(

@@ -20,14 +20,14 @@ def _mean(x: Tensor, weight: Tensor | None) -> Tensor:
 
 
 def preference_logprob(logp_a: Tensor, logp_b: Tensor, gamma: float) -> Tensor:
-    """ln P_π(a ≻ b | x) = ln σ(γ · (ln π(a|x) − ln π(b|x))), SPEC eq. (3)."""
+    """ln P_π(a ≻ b | x) = ln σ(γ · (ln π(a|x) − ln π(b|x))), eq. (3)."""
     return F.logsigmoid(gamma * (logp_a - logp_b))
 
 
 def pmle_loss(
     logp_chosen: Tensor, logp_rejected: Tensor, gamma: float, weight: Tensor | None = None
 ) -> tuple[Tensor, Metrics]:
-    """PMLE, SPEC eq. (4): mean of −ln σ(γ · ln[π(a⁺|x)/π(a⁻|x)]).
+    """PMLE, eq. (4): mean of −ln σ(γ · ln[π(a⁺|x)/π(a⁻|x)]).
 
     Unlike DPO there is no π₀ inside the sigmoid; γ is the preference tilt.
     """
@@ -48,7 +48,7 @@ def dpo_loss(
     gamma: float,
     weight: Tensor | None = None,
 ) -> tuple[Tensor, Metrics]:
-    """DPO as the paper writes it, SPEC eq. (6).
+    """DPO as the paper writes it, eq. (6).
 
     −ln σ(γ ln[π(a⁺)/π(a⁻)] − γ ln[π₀(a⁺)/π₀(a⁻)]). Tables 5/6 call this γ "β: 0.05"
     (the usual DPO temperature); it is *not* a KL-to-π₀ weight.
@@ -69,7 +69,7 @@ def dpo_loss(
 def bt_reward_loss(
     r_chosen: Tensor, r_rejected: Tensor, weight: Tensor | None = None
 ) -> tuple[Tensor, Metrics]:
-    """Bradley–Terry reward-model NLL, SPEC eq. (9): mean of −ln σ(R(x,a⁺) − R(x,a⁻))."""
+    """Bradley–Terry reward-model NLL, eq. (9): mean of −ln σ(R(x,a⁺) − R(x,a⁻))."""
     margin = r_chosen - r_rejected
     loss = _mean(-F.logsigmoid(margin), weight)
     return loss, {
@@ -90,7 +90,7 @@ def rebel_loss(
     reward_2: Tensor,
     eta: float,
 ) -> tuple[Tensor, Metrics]:
-    """REBEL squared regression, SPEC eq. (10).
+    """REBEL squared regression, eq. (10).
 
     mean of ( ln[π(a1)/base(a1)] − ln[π(a2)/base(a2)] − η (R̂(a1) − R̂(a2)) )².
     With ``base = π₀`` this is the paper's form; with ``base = π_t`` (the sampling policy,
@@ -111,7 +111,7 @@ def rebel_loss(
 def distill_loss(
     logp_1: Tensor, logp_2: Tensor, target_prob: Tensor, gamma: float
 ) -> tuple[Tensor, Metrics]:
-    """Preference distillation, SPEC eq. (11), in soft-label cross-entropy form.
+    """Preference distillation, eq. (11), in soft-label cross-entropy form.
 
     Per pair: KL(Bern(p̃) ‖ Bern(p_π)) with p̃ = σ(R̂(a1) − R̂(a2)) (``target_prob``) and
     p_π = σ(γ (ln π(a1) − ln π(a2))). We return the KL itself (cross-entropy minus the
