@@ -6,6 +6,7 @@ from importlib import import_module
 
 from distalign.errors import ConfigError
 from distalign.methods.base import Context, Method
+from distalign.methods.config import AlgoConfig
 
 METHODS = ("sft", "reward", "dpo", "pmle", "rebel", "distill", "rlhf", "rkl")
 
@@ -17,4 +18,4 @@ def get_method(name: str) -> type[Method]:
     return module.METHOD
 
 
-__all__ = ["METHODS", "Context", "Method", "get_method"]
+__all__ = ["METHODS", "AlgoConfig", "Context", "Method", "get_method"]

@@ -10,7 +10,13 @@ into mini- and micro-batches.
 A method sees only its ``algo`` section, the sampling settings ``gen`` and a :class:`Context`
 of models; it keeps no state between calls. ``collect`` returns ``(experience, metrics)``;
 the engine runs it with dropout off (:func:`~distalign.lm.wrappers.eval_mode`), times it, and
-logs the samples it drew.
+logs the samples it drew. What a method needs done to the dataset once before training (DPO's
+precomputed π₀ log-probs) goes through :meth:`Method.prepare_dataset`, so neither the engine nor
+``train.setup`` knows any method's options.
+
+Pair batches stack chosen (or first-sample) rows, then rejected (second-sample) rows: ``[2B, ...]``.
+Experience holds them as ``[B, 2, ...]`` so that slicing keeps pairs together; the helpers at
+the end of this file are the one place that converts between the two.
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ import torch
 from torch import Tensor, nn
 
 from distalign.lm.logprobs import token_logprobs
+from distalign.lm.pairs import pair_sequence_logprobs
+from distalign.methods.config import AlgoConfig
 
 if TYPE_CHECKING:
     from distalign.lm.generation import GenerationConfig, Rollout, Sampler
@@ -29,6 +37,7 @@ if TYPE_CHECKING:
 
 Batch = dict[str, Tensor]
 Metrics = dict[str, Tensor]
+SEQ_KEYS = ("input_ids", "attention_mask", "response_mask")  # a sequence batch's tensors
 
 
 @dataclass
@@ -52,32 +61,42 @@ class Method:
 
     name: ClassVar[str]
     data_kind: ClassVar[str]  # "pairs" | "prompts" | "sft"
-    Config: ClassVar[type]
+    Config: ClassVar[type[AlgoConfig]]
     trains_scorer: ClassVar[bool] = False  # `reward` trains a sequence scorer, not an LM
     uses_reference: ClassVar[bool] = False
     uses_reward_model: ClassVar[bool] = False
     uses_value_model: ClassVar[bool] = False
 
-    def __init__(self, algo: Any, gen: GenerationConfig, ctx: Context) -> None:
+    def __init__(self, algo: AlgoConfig, gen: GenerationConfig, ctx: Context) -> None:
         self.algo, self.gen, self.ctx = algo, gen, ctx
 
     @classmethod
-    def needs_reference(cls, algo: Any) -> bool:
+    def needs_reference(cls, algo: AlgoConfig) -> bool:
         return cls.uses_reference
 
     @classmethod
-    def needs_sampler(cls, algo: Any) -> bool:
+    def needs_sampler(cls, algo: AlgoConfig) -> bool:
         """Online methods sample; offline ones override this if they do (PMLE's KL term)."""
         return cls.data_kind == "prompts"
 
     @classmethod
-    def generation_config(cls, algo: Any, gen: GenerationConfig) -> GenerationConfig:
+    def generation_config(cls, algo: AlgoConfig, gen: GenerationConfig) -> GenerationConfig:
         """Sampling settings for on-policy responses (the config's ``gen`` by default)."""
         return gen
 
+    @classmethod
+    def prepare_dataset(
+        cls, algo: AlgoConfig, ds: Any, models: Context, device: Any, batch_size: int
+    ) -> tuple[Any, tuple[str, ...]]:
+        """Work done once on the tokenised training set before training: returns the dataset
+        and the names of the float columns it added, which the collator passes through into
+        every batch. ``models`` holds the loaded models, not yet prepared by accelerate (its
+        ``accelerator`` is None). Identity by default."""
+        return ds, ()
+
     @property
     def update_epochs(self) -> int:
-        return int(getattr(self.algo, "update_epochs", 1))
+        return self.algo.update_epochs
 
     def units(self, exp: Batch) -> float:
         """How many loss units a micro-batch holds; the engine weights micro-batch losses by
@@ -113,14 +132,19 @@ class Method:
             batch.get("response_mask"),
         )
 
+    def policy_pair_logprobs(self, exp: Batch) -> tuple[Tensor, Tensor]:
+        """Policy sequence log-probs of (chosen, rejected) for ``[B, 2, ...]`` pairs, from one
+        forward pass with the shared prompt computed once."""
+        logp = pair_sequence_logprobs(self.ctx.policy, flat_pairs(exp))
+        return logp[:, 0], logp[:, 1]
+
     def sampled_token_logprobs(self, roll: Rollout) -> Tensor:
         """ln π_t of each response token at the sampling temperature, ``[N, R]`` (0 after the
         mask): the sampler's own when it recorded them (hf, ``gen.record_logprobs``), else a
         forward of π_t. Both are raw logits / T, so top-k/top-p truncation is ignored alike."""
         if self.gen.record_logprobs and roll.logprobs is not None:
             return roll.logprobs
-        seq = {"input_ids": roll.input_ids, "attention_mask": roll.attention_mask,
-               "response_mask": roll.response_mask}
+        seq = rollout_batch(roll)
         return self.policy_token_logprobs(seq, self.gen.temperature)[:, roll.prompt_length:]
 
     def sample(self, batch: Batch, num_samples: int) -> Rollout:
@@ -134,15 +158,35 @@ class Method:
         )
 
 
+def split_pairs(x: Tensor) -> tuple[Tensor, Tensor]:
+    """``[2B, ...]`` → its chosen (first-sample) rows ``[B, ...]`` and rejected rows."""
+    b = x.shape[0] // 2
+    return x[:b], x[b:]
+
+
 def as_pairs(x: Tensor) -> Tensor:
     """``[2B, ...]`` (chosen rows then rejected rows) → ``[B, 2, ...]`` so slicing keeps pairs."""
-    b = x.shape[0] // 2
-    return torch.stack([x[:b], x[b:]], dim=1)
+    return torch.stack(split_pairs(x), dim=1)
 
 
 def from_pairs(x: Tensor) -> Tensor:
     """Inverse of ``as_pairs``: ``[B, 2, ...]`` → ``[2B, ...]``."""
     return torch.cat([x[:, 0], x[:, 1]], dim=0)
+
+
+def pair_batch(batch: Batch, keys: tuple[str, ...] = SEQ_KEYS) -> Batch:
+    """``as_pairs`` on a stacked batch's sequence tensors."""
+    return {k: as_pairs(batch[k]) for k in keys}
+
+
+def flat_pairs(exp: Batch, keys: tuple[str, ...] = SEQ_KEYS) -> Batch:
+    """``from_pairs`` on the sequence tensors of pair experience: one stacked forward batch."""
+    return {k: from_pairs(exp[k]) for k in keys}
+
+
+def rollout_batch(roll: Rollout) -> Batch:
+    """The sampled sequences of a rollout as a sequence batch (sample-major rows)."""
+    return {k: getattr(roll, k) for k in SEQ_KEYS}
 
 
 def seq_sum(tok: Tensor, mask: Tensor) -> Tensor:

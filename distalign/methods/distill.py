@@ -14,32 +14,27 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from distalign.errors import ConfigError
-from distalign.methods.base import Batch, Method, Metrics, from_pairs, seq_sum
-from distalign.methods.online import SEQ_KEYS, collect_pairs, pair_metrics
+from distalign.methods.base import Batch, Method, Metrics, flat_pairs, seq_sum, split_pairs
+from distalign.methods.config import AlgoConfig
+from distalign.methods.online import collect_pairs, pair_metrics
 from distalign.objectives import distill_loss
 
 
 @dataclass
-class DistillConfig:
+class DistillConfig(AlgoConfig):
     gamma: float = 0.1  # γ, preference tilt in σ(γ Δ ln π) (Table 5: 0.1)
     beta: float = 0.05  # β, KL-to-π₀ weight of (12), folded into the reward
     update_epochs: int = 4
     missing_eos_penalty: float | None = None
 
-    def validate(self) -> None:
-        if self.gamma <= 0:
-            raise ConfigError(f"algo.gamma must be > 0, got {self.gamma}")
-        if self.beta < 0:
-            raise ConfigError(f"algo.beta must be >= 0, got {self.beta}")
-        if self.update_epochs < 1:
-            raise ConfigError(f"algo.update_epochs must be >= 1, got {self.update_epochs}")
+    RULES = (("gamma", lambda v: v > 0, "> 0"), ("beta", lambda v: v >= 0, ">= 0"))
 
 
 class Distill(Method):
     name = "distill"
     data_kind = "prompts"
     Config = DistillConfig
+    algo: DistillConfig
     uses_reference = True
     uses_reward_model = True
 
@@ -59,12 +54,11 @@ class Distill(Method):
         return exp, pair_metrics(exp)
 
     def loss(self, exp: Batch) -> tuple[Tensor, Metrics]:
-        flat = {k: from_pairs(exp[k]) for k in SEQ_KEYS}
+        flat = flat_pairs(exp)
         # π_θ at temperature 1: the preference model (3) is about π itself
-        logp = seq_sum(self.policy_token_logprobs(flat), flat["response_mask"])
-        b = logp.shape[0] // 2
-        loss, metrics = distill_loss(logp[:b], logp[b:], exp["target"], self.algo.gamma)
-        return loss, metrics
+        logp_1, logp_2 = split_pairs(seq_sum(self.policy_token_logprobs(flat),
+                                             flat["response_mask"]))
+        return distill_loss(logp_1, logp_2, exp["target"], self.algo.gamma)
 
     @torch.no_grad()
     def evaluate(self, batch: Batch) -> Metrics:

@@ -10,9 +10,7 @@ from __future__ import annotations
 import torch
 
 from distalign.lm.scoring import sequence_scores
-from distalign.methods.base import Batch, Method, as_pairs, seq_sum
-
-SEQ_KEYS = ("input_ids", "attention_mask", "response_mask")
+from distalign.methods.base import Batch, Method, as_pairs, pair_batch, rollout_batch, seq_sum
 
 
 def penalise_unfinished(score: torch.Tensor, ended: torch.Tensor, penalty: float | None):
@@ -26,8 +24,7 @@ def penalise_unfinished(score: torch.Tensor, ended: torch.Tensor, penalty: float
 def collect_pairs(method: Method, batch: Batch, beta: float, penalty: float | None) -> Batch:
     """Experience ``[B, 2, ...]``: sequences, ln π_t, ln π₀, R̂ and the shaped reward r."""
     roll = method.sample(batch, 2)  # rows [:B] are first samples, [B:] second ones
-    seq = {"input_ids": roll.input_ids, "attention_mask": roll.attention_mask,
-           "response_mask": roll.response_mask}
+    seq = rollout_batch(roll)
     temp = method.gen.temperature
     mask = roll.response_mask
     old = method.sampled_token_logprobs(roll).sum(-1)
@@ -36,7 +33,7 @@ def collect_pairs(method: Method, batch: Batch, beta: float, penalty: float | No
     score = sequence_scores(method.ctx.reward_model, roll.input_ids, roll.attention_mask, mask)
     score = penalise_unfinished(score, roll.ended, penalty)
     reward = score - beta * (old - ref)
-    exp = {k: as_pairs(v) for k, v in seq.items()}
+    exp = pair_batch(seq)
     exp.update(
         old_logp=as_pairs(old), ref_logp=as_pairs(ref), score=as_pairs(score),
         reward=as_pairs(reward), ended=as_pairs(roll.ended.float()),

@@ -14,9 +14,15 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from distalign.errors import ConfigError
-from distalign.methods.base import Batch, Method, Metrics, as_pairs
-from distalign.methods.dpo import PAIR_KEYS, pair_logprobs
+from distalign.methods.base import (
+    SEQ_KEYS,
+    Batch,
+    Method,
+    Metrics,
+    pair_batch,
+    rollout_batch,
+)
+from distalign.methods.config import AlgoConfig
 from distalign.objectives import online_kl_surrogate, pmle_loss
 
 if TYPE_CHECKING:
@@ -24,25 +30,24 @@ if TYPE_CHECKING:
 
 
 @dataclass
-class PMLEConfig:
+class PMLEConfig(AlgoConfig):
     gamma: float = 1e-2  # γ, the preference tilt of (3)/(4) (Table 5: 1e-2)
     beta: float = 1e-5  # β, weight of KL(π‖π₀) in (5) (Table 5: 1e-5; Table 6: 0)
     kl_samples: int = 1  # fresh responses per prompt for the KL estimate
     kl_baseline: bool = True  # subtract the leave-one-out mean log-ratio (variance reduction)
 
-    def validate(self) -> None:
-        if self.gamma <= 0:
-            raise ConfigError(f"algo.gamma must be > 0, got {self.gamma}")
-        if self.beta < 0:
-            raise ConfigError(f"algo.beta must be >= 0, got {self.beta}")
-        if self.kl_samples < 1:
-            raise ConfigError(f"algo.kl_samples must be >= 1, got {self.kl_samples}")
+    RULES = (
+        ("gamma", lambda v: v > 0, "> 0"),
+        ("beta", lambda v: v >= 0, ">= 0"),
+        ("kl_samples", lambda v: v >= 1, ">= 1"),
+    )
 
 
 class PMLE(Method):
     name = "pmle"
     data_kind = "pairs"
     Config = PMLEConfig
+    algo: PMLEConfig
 
     @classmethod
     def needs_reference(cls, algo: PMLEConfig) -> bool:
@@ -59,15 +64,11 @@ class PMLE(Method):
 
     @torch.no_grad()
     def collect(self, batch: Batch) -> tuple[Batch, Metrics]:
-        exp = {k: as_pairs(batch[k]) for k in PAIR_KEYS}
+        exp = pair_batch(batch)
         if self.algo.beta > 0:
             roll = self.sample(batch, self.algo.kl_samples)
             k, b = self.algo.kl_samples, batch["prompt_input_ids"].shape[0]
-            sample = {
-                "input_ids": roll.input_ids,
-                "attention_mask": roll.attention_mask,
-                "response_mask": roll.response_mask,
-            }
+            sample = rollout_batch(roll)
             ref_tok = self.ref_token_logprobs(sample)
             # rows are sample-major; regroup to [B, k, ...] so slicing keeps prompts together
             for key, val in {**sample, "ref_tok": ref_tok}.items():
@@ -75,10 +76,10 @@ class PMLE(Method):
         return exp, {}
 
     def loss(self, exp: Batch) -> tuple[Tensor, Metrics]:
-        logp_c, logp_r = pair_logprobs(self, exp)
+        logp_c, logp_r = self.policy_pair_logprobs(exp)
         loss, metrics = pmle_loss(logp_c, logp_r, self.algo.gamma)
         if self.algo.beta > 0:
-            flat = {k: exp[f"kl_{k}"].flatten(0, 1) for k in PAIR_KEYS}
+            flat = {k: exp[f"kl_{k}"].flatten(0, 1) for k in SEQ_KEYS}
             logp = self.policy_token_logprobs(flat)
             kl_loss, kl_metrics = online_kl_surrogate(
                 logp,
@@ -93,8 +94,7 @@ class PMLE(Method):
 
     @torch.no_grad()
     def evaluate(self, batch: Batch) -> Metrics:
-        exp = {k: as_pairs(batch[k]) for k in PAIR_KEYS}
-        return pmle_loss(*pair_logprobs(self, exp), self.algo.gamma)[1]
+        return pmle_loss(*self.policy_pair_logprobs(pair_batch(batch)), self.algo.gamma)[1]
 
 
 METHOD = PMLE

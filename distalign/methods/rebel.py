@@ -12,33 +12,29 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from distalign.errors import ConfigError
-from distalign.methods.base import Batch, Method, Metrics, from_pairs, seq_sum
-from distalign.methods.online import SEQ_KEYS, collect_pairs, pair_metrics
+from distalign.methods.base import Batch, Method, Metrics, flat_pairs, seq_sum, split_pairs
+from distalign.methods.config import AlgoConfig
+from distalign.methods.online import collect_pairs, pair_metrics
 from distalign.objectives import rebel_loss
 
 
 @dataclass
-class REBELConfig:
+class REBELConfig(AlgoConfig):
     eta: float = 1.0  # η, reward scale in (10) (Table 5: 1.0; Table 6: 1e6)
     beta: float = 0.05  # β, "kl coefficient": r = R̂ − β(ln π_t − ln π₀)
     form: str = "pi_t"  # pi_t (REBEL code) | pi_0 (paper's (10))
     update_epochs: int = 4  # passes over each batch of samples (Table 5: 4)
     missing_eos_penalty: float | None = None  # R̂ := −penalty for responses without EOS
 
-    def validate(self) -> None:
-        if self.eta <= 0:
-            raise ConfigError(f"algo.eta must be > 0, got {self.eta}")
-        if self.form not in ("pi_t", "pi_0"):
-            raise ConfigError(f"algo.form must be 'pi_t' or 'pi_0', got {self.form!r}")
-        if self.update_epochs < 1:
-            raise ConfigError(f"algo.update_epochs must be >= 1, got {self.update_epochs}")
+    RULES = (("eta", lambda v: v > 0, "> 0"),)
+    CHOICES = (("form", ("pi_t", "pi_0")),)
 
 
 class REBEL(Method):
     name = "rebel"
     data_kind = "prompts"
     Config = REBELConfig
+    algo: REBELConfig
     uses_reference = True
     uses_reward_model = True
 
@@ -48,14 +44,13 @@ class REBEL(Method):
         return exp, pair_metrics(exp)
 
     def loss(self, exp: Batch) -> tuple[Tensor, Metrics]:
-        flat = {k: from_pairs(exp[k]) for k in SEQ_KEYS}
+        flat = flat_pairs(exp)
         tok = self.policy_token_logprobs(flat, self.gen.temperature)
-        logp = seq_sum(tok, flat["response_mask"])
-        b = logp.shape[0] // 2
+        logp_1, logp_2 = split_pairs(seq_sum(tok, flat["response_mask"]))
         base = exp["old_logp"] if self.algo.form == "pi_t" else exp["ref_logp"]
         r = exp["reward"]
         loss, metrics = rebel_loss(
-            logp[:b], logp[b:], base[:, 0], base[:, 1], r[:, 0], r[:, 1], self.algo.eta
+            logp_1, logp_2, base[:, 0], base[:, 1], r[:, 0], r[:, 1], self.algo.eta
         )
         return loss, metrics
 

@@ -9,46 +9,41 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from distalign.errors import ConfigError
 from distalign.lm.scoring import sequence_scores
-from distalign.methods.base import Batch, Method, Metrics, as_pairs, from_pairs
+from distalign.methods.base import Batch, Method, Metrics, flat_pairs, pair_batch, split_pairs
+from distalign.methods.config import AlgoConfig
 from distalign.objectives import bt_reward_loss
 
 
 @dataclass
-class RewardConfig:
+class RewardConfig(AlgoConfig):
     # Centring weight c: adds c·E[(R(a⁺) + R(a⁻))²], pulling the mean reward on the
     # dataset's reference responses towards 0 (BT is invariant to a per-prompt shift, so this
     # only fixes the offset that PPO's value function and whitening would otherwise absorb).
     center_coef: float = 0.0
 
-    def validate(self) -> None:
-        if self.center_coef < 0:
-            raise ConfigError(f"algo.center_coef must be >= 0, got {self.center_coef}")
+    RULES = (("center_coef", lambda v: v >= 0, ">= 0"),)
 
 
 class Reward(Method):
     name = "reward"
     data_kind = "pairs"
     Config = RewardConfig
+    algo: RewardConfig
     trains_scorer = True
 
-    @staticmethod
-    def collect_pairs(batch: Batch) -> Batch:
-        return {k: as_pairs(batch[k]) for k in ("input_ids", "attention_mask", "response_mask")}
-
     def collect(self, batch: Batch) -> tuple[Batch, Metrics]:
-        return self.collect_pairs(batch), {}
+        return pair_batch(batch), {}
 
     def loss(self, exp: Batch) -> tuple[Tensor, Metrics]:
-        flat = {k: from_pairs(v) for k, v in exp.items()}
+        flat = flat_pairs(exp)
         scores = sequence_scores(
             self.ctx.policy, flat["input_ids"], flat["attention_mask"], flat["response_mask"]
         )
-        b = scores.shape[0] // 2
-        loss, metrics = bt_reward_loss(scores[:b], scores[b:])
+        chosen, rejected = split_pairs(scores)
+        loss, metrics = bt_reward_loss(chosen, rejected)
         if self.algo.center_coef > 0:
-            center = ((scores[:b] + scores[b:]) ** 2).mean()
+            center = ((chosen + rejected) ** 2).mean()
             loss = loss + self.algo.center_coef * center
             metrics["rm/center_penalty"] = center.detach()
         return loss, metrics

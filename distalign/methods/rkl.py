@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from distalign.errors import ConfigError
 from distalign.methods.rlhf import RLHF, RLHFConfig
 
 
@@ -22,19 +21,17 @@ from distalign.methods.rlhf import RLHF, RLHFConfig
 class RKLConfig(RLHFConfig):
     gamma: float = 0.01  # γ, entropy weight in (15) (Table 5: "entropy coefficient" 0.01)
 
+    RULES = (("gamma", lambda v: v >= 0, ">= 0"),)  # checked after RLHFConfig's rules
+
     @property
     def entropy_coef(self) -> float:
         return self.gamma
-
-    def validate(self) -> None:
-        super().validate()
-        if self.gamma < 0:
-            raise ConfigError(f"algo.gamma must be >= 0, got {self.gamma}")
 
 
 class RKL(RLHF):
     name = "rkl"
     Config = RKLConfig
+    algo: RKLConfig
 
 
 METHOD = RKL

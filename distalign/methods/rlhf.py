@@ -14,18 +14,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from distalign.errors import ConfigError
 from distalign.lm.scoring import sequence_scores, token_scores
 from distalign.methods.base import Batch, Method, Metrics
+from distalign.methods.config import AlgoConfig
 from distalign.methods.online import penalise_unfinished
 from distalign.objectives import gae, ppo_policy_loss, ppo_value_loss, shaped_rewards, whiten
 
 
 @dataclass
-class RLHFConfig:
+class RLHFConfig(AlgoConfig):
     beta: float = 0.05  # β, "kl coefficient": per-token −β·KL(π‖π₀) in the reward
     kl_estimator: str = "k1"  # k1 | k3
-    update_epochs: int = 4
+    update_epochs: int = 4  # PPO epochs over each batch of rollouts (Table 5: 4)
     clip_range: float = 0.2  # PPO ε for the policy ratio
     value_clip: float = 0.2  # clip of V around its rollout value
     vf_coef: float = 0.1
@@ -34,25 +34,19 @@ class RLHFConfig:
     whiten_advantages: bool = True
     missing_eos_penalty: float | None = None  # R̂ := −penalty for responses without EOS
 
+    RULES = (
+        ("beta", lambda v: v >= 0, ">= 0"),
+        ("gae_lambda", lambda v: 0 <= v <= 1, "in [0, 1]"),
+        ("discount", lambda v: 0 <= v <= 1, "in [0, 1]"),
+        ("clip_range", lambda v: v > 0, "> 0"),
+        ("value_clip", lambda v: v >= 0, ">= 0"),
+        ("vf_coef", lambda v: v >= 0, ">= 0"),
+    )
+    CHOICES = (("kl_estimator", ("k1", "k3")),)
+
     @property
     def entropy_coef(self) -> float:
         return 0.0
-
-    def validate(self) -> None:
-        if self.beta < 0:
-            raise ConfigError(f"algo.beta must be >= 0, got {self.beta}")
-        if self.kl_estimator not in ("k1", "k3"):
-            raise ConfigError(f"algo.kl_estimator must be k1 or k3, got {self.kl_estimator!r}")
-        if self.update_epochs < 1:
-            raise ConfigError(f"algo.update_epochs must be >= 1, got {self.update_epochs}")
-        if not 0 <= self.gae_lambda <= 1 or not 0 <= self.discount <= 1:
-            raise ConfigError("algo.gae_lambda and algo.discount must lie in [0, 1]")
-        if self.clip_range <= 0:
-            raise ConfigError(f"algo.clip_range must be > 0, got {self.clip_range}")
-        if self.value_clip < 0:
-            raise ConfigError(f"algo.value_clip must be >= 0, got {self.value_clip}")
-        if self.vf_coef < 0:
-            raise ConfigError(f"algo.vf_coef must be >= 0, got {self.vf_coef}")
 
 
 def state_values(value_model: torch.nn.Module, ids: Tensor, attn: Tensor) -> Tensor:
@@ -64,6 +58,7 @@ class RLHF(Method):
     name = "rlhf"
     data_kind = "prompts"
     Config = RLHFConfig
+    algo: RLHFConfig
     uses_reference = True
     uses_reward_model = True
     uses_value_model = True

@@ -7,11 +7,12 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from distalign.methods.base import Batch, Method, Metrics
+from distalign.methods.config import AlgoConfig
 
 
 @dataclass
-class SFTConfig:
-    """SFT has no method hyper-parameters; the optimiser and data settings cover it."""
+class SFTConfig(AlgoConfig):
+    """SFT has no hyper-parameters of its own; the optimiser and data settings cover it."""
 
 
 class SFT(Method):

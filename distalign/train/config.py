@@ -1,7 +1,8 @@
 """Typed run configuration: YAML + dotted ``key=value`` overrides via OmegaConf.
 
 One ``TrainConfig`` is one run; the run directory keeps a copy of it as ``config.yaml``.
-Method hyper-parameters live in ``algo``, a dataclass each method file declares.
+Method hyper-parameters live in ``algo``, a subclass of :class:`AlgoConfig` that each method
+file declares together with its checks (rule tables, checked here like the other sections').
 """
 
 from __future__ import annotations
@@ -12,12 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from distalign.errors import ConfigError
 from distalign.lm.data import DataConfig
 from distalign.lm.generation import GenerationConfig
 from distalign.lm.models import ModelConfig
+from distalign.methods.config import AlgoConfig
 
 
 @dataclass
@@ -65,18 +67,22 @@ class TrainConfig:
     gen: GenerationConfig = field(default_factory=GenerationConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
-    algo: Any = None
+    # the schema holds the method's own subclass (``_schema``), so its fields are the keys
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
 
     @property
     def run_dir(self) -> Path:
         return Path(self.run.output_dir) / self.run.name
 
 
-def _schema(method: str) -> Any:
+def _algo_class(method: str) -> type[AlgoConfig]:
     from distalign.methods import get_method
 
-    cls = get_method(method)
-    return OmegaConf.structured(TrainConfig(method=method, algo=cls.Config()))
+    return get_method(method).Config
+
+
+def _schema(method: str) -> Any:
+    return OmegaConf.structured(TrainConfig(method=method, algo=_algo_class(method)()))
 
 
 def load_config(
@@ -115,15 +121,23 @@ def load_config(
         merged.method = method
         cfg: TrainConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as exc:
-        raise ConfigError(_omegaconf_message(exc)) from exc
+        raise ConfigError(_omegaconf_message(exc, _algo_class(method))) from exc
     validate(cfg, require_paths)
     return cfg
 
 
-def _omegaconf_message(exc: OmegaConfBaseException) -> str:
+def _omegaconf_message(exc: OmegaConfBaseException, algo: type[AlgoConfig]) -> str:
     key = getattr(exc, "full_key", None)
     msg = str(exc).splitlines()[0]
-    return f"config key {key!r}: {msg}" if key else msg
+    if not key:
+        return msg
+    # an unknown algo key the method knows under another name (DPO's `beta` is `gamma`)
+    hint = None
+    if isinstance(exc, ConfigKeyError) and key.startswith("algo."):
+        hint = algo.hint(key.removeprefix("algo."))
+    if hint:
+        msg = f"{msg.split('. Did you mean')[0]}. {hint}"
+    return f"config key {key!r}: {msg}"
 
 
 def _floats(obj: Any, prefix: str = "") -> list[tuple[str, float]]:
@@ -210,10 +224,14 @@ def validate(cfg: TrainConfig, require_paths: bool = True) -> None:
     for key, value in _floats(cfg):
         if not math.isfinite(value):
             raise ConfigError(f"{key} must be a finite number, got {value}")
-    for key, ok, need in _RULES:
+    # the method's own tables (``AlgoConfig.RULES``/``CHOICES``), checked the same way
+    algo = type(cfg.algo)
+    rules = [*_RULES, *((f"algo.{k}", ok, need) for k, ok, need in algo.rules())]
+    choices = [*_CHOICES, *((f"algo.{k}", allowed) for k, allowed in algo.choices())]
+    for key, ok, need in rules:
         if not ok(value := _get(cfg, key)):
             raise ConfigError(f"{key} must be {need}, got {value}")
-    for key, allowed in _CHOICES:
+    for key, allowed in choices:
         if (value := _get(cfg, key)) not in allowed:
             raise ConfigError(f"{key}={value!r}: expected one of {', '.join(allowed)}")
     if r.batch_size < 1:
@@ -230,9 +248,6 @@ def validate(cfg: TrainConfig, require_paths: bool = True) -> None:
     if not r.name or "/" in r.name or r.name in (".", ".."):
         raise ConfigError(f"run.name={r.name!r} must be a plain directory name")
     check_trackers(list(r.report_to), installed=False)
-    check = getattr(cfg.algo, "validate", None)
-    if check is not None:
-        check()
 
 
 def to_yaml(cfg: TrainConfig) -> str:

@@ -26,7 +26,7 @@ from distalign.lm.models import (
 )
 from distalign.lm.reference import Reference
 from distalign.lm.tokenizers import check_same_tokenizer
-from distalign.methods.base import Method
+from distalign.methods.base import Context, Method
 from distalign.train.config import TrainConfig
 
 log = logging.getLogger("distalign")
@@ -189,31 +189,17 @@ def build_sampler(cfg: TrainConfig, method_cls: type[Method], tokenizer: Any) ->
     return make_sampler(method_cls.generation_config(cfg.algo, cfg.gen), tokenizer)
 
 
-@torch.no_grad()
-def precompute_reference(ds: Any, models: Models, cfg: TrainConfig, device: Any) -> Any:
-    """Add π₀'s sequence log-probs of chosen/rejected as a ``ref_logp`` column (one pass)."""
-    collate = make_collator("pairs", models.tokenizer.pad_token_id)
-    policy = models.model.to(device)
-    values: list[list[float]] = []
-    bs = max(cfg.run.batch_size, 1)
-    for start in range(0, len(ds), bs):
-        batch = collate([ds[i] for i in range(start, min(start + bs, len(ds)))])
-        batch = {k: v.to(device) for k, v in batch.items()}
-        assert models.ref is not None
-        values.extend(models.ref.pair_logprobs(policy, batch).tolist())
-    return ds.add_column("ref_logp", values)
-
-
 def build_data(cfg: TrainConfig, method_cls: type[Method], models: Models, device: Any):
     """Datasets and loaders; returns (train_loader, sampler, eval_loader | None,
     (train report, eval report | None))."""
     kind = method_cls.data_kind
     ds, report = build_dataset(cfg.data, models.tokenizer, kind)
     eval_ds, eval_report = eval_dataset_and_report(cfg.data, models.tokenizer, kind)
-    extra: tuple[str, ...] = ()
-    if getattr(cfg.algo, "precompute_ref", False):
-        ds = precompute_reference(ds, models, cfg, device)
-        extra = ("ref_logp",)
+    # the method's one-off pass over the data (e.g. DPO's precomputed π₀ log-probs)
+    loaded = Context(accelerator=None, tokenizer=models.tokenizer, policy=models.model,
+                     ref=models.ref, reward_model=models.reward_model,
+                     value_model=models.value_model)
+    ds, extra = method_cls.prepare_dataset(cfg.algo, ds, loaded, device, cfg.run.batch_size)
     pad = models.tokenizer.pad_token_id
     sampler = EpochSampler(len(ds), cfg.run.seed)
     loader = DataLoader(
@@ -221,11 +207,15 @@ def build_data(cfg: TrainConfig, method_cls: type[Method], models: Models, devic
         batch_size=cfg.run.batch_size,
         sampler=sampler,
         collate_fn=make_collator(kind, pad, extra),
-        drop_last=True,  # PPO-style mini-batching needs full batches; the remainder is logged
+        drop_last=True,  # PPO-style mini-batching needs full batches (remainder logged below)
         # each new pass draws a base seed from this generator, not from the global RNG, so a
         # resumed run (which opens a pass mid-epoch) samples exactly as an uninterrupted one
         generator=torch.Generator().manual_seed(cfg.run.seed),
     )
+    if left := len(ds) % cfg.run.batch_size:
+        log.info("%d of %d training rows do not fill a batch (run.batch_size=%d) and are left "
+                 "out of each epoch (other rows each time: every epoch is reshuffled)",
+                 left, len(ds), cfg.run.batch_size)
     eval_loader = None
     if eval_ds is not None and len(eval_ds) > 0:
         eval_loader = DataLoader(
