@@ -1,5 +1,5 @@
 """Each offline method's loss, built through the engine (``Trainer(cfg)`` → ``collect`` →
-``loss``), equals the SPEC formula written out here on independent per-row forward passes.
+``loss``), equals the paper's formula written out here on independent per-row forward passes.
 
 π₀ is a *different* checkpoint than π (``model.ref_model``), so no term vanishes trivially.
 """

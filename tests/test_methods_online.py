@@ -1,5 +1,5 @@
 """Online methods (REBEL, preference distillation, RLHF-PPO, reverse KL) built through the
-engine: experience and loss equal the SPEC formulas computed here on independent per-row
+engine: experience and loss equal the paper's formulas computed here on independent per-row
 forward passes, and R̂ lands on the last real response token — for responses that end early
 at EOS, end at the length limit with EOS, end immediately, or never end.
 
