@@ -1,4 +1,4 @@
-"""The one-start certificate (tabular/certificate.py): its two lemmas, and on the toy's grids
+"""The one-start certificate (tabular/fast/certificate.py): its two lemmas, and on the toy's grids
 that no certified problem has a better second start and that skipping changes no result."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from distalign.tabular import certificate, fast
 from distalign.tabular.config import ToyConfig
+from distalign.tabular.fast import certificate, engine
 
 
 def test_kl_hessian_in_logits_is_the_weighted_variance_form() -> None:
@@ -88,21 +88,21 @@ def test_certified_problems_have_no_better_second_start(preset: str, monkeypatch
     second never ends lower (beyond rounding) at another point; and the policies with the
     second start skipped equal those with both to 1e-6."""
     cfg = ToyConfig.from_preset(preset, seeds=3, ns=(32, 128, 512, 2048, 8192))
-    grid = fast.Grid(cfg)
+    grid = engine.Grid(cfg)
     seen = {}
-    real = fast.values
+    real = engine.values
 
     def record(obj, theta):  # every solve's values, in order: round 1, then round 2
         out = real(obj, theta)
         seen.setdefault("F", []).append(out)
         return out
 
-    both = fast._two_starts(grid, "pmle", certify=False)
-    skip = fast._two_starts(grid, "pmle", certify=True)
+    both = engine._two_starts(grid, "pmle", certify=False)
+    skip = engine._two_starts(grid, "pmle", certify=True)
     assert np.abs(both - skip).max() <= 1e-6
 
-    monkeypatch.setattr(fast, "values", record)
-    fast._two_starts(grid, "pmle", certify=False)
+    monkeypatch.setattr(engine, "values", record)
+    engine._two_starts(grid, "pmle", certify=False)
     F = seen["F"][0]
     P = F.size // 2
     cols, beta = grid.beta_problems()

@@ -1,4 +1,4 @@
-"""The compiled Newton solver (tabular/cnewton.py) against numpy's (tabular/fastnewton.py).
+"""The compiled Newton solver (tabular/fast/compiled.py) against numpy's (tabular/fast/newton.py).
 
 The two take the same steps, so they must reach the same optima on the toy's own problems,
 and the |eigenvalue| step for indefinite Hessians must equal LAPACK's eigendecomposition.
@@ -9,11 +9,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from distalign.tabular import fast, fastnewton
 from distalign.tabular.config import ToyConfig
+from distalign.tabular.fast import engine as fast
+from distalign.tabular.fast import newton as fastnewton
 from distalign.tabular.runner import run_toy
 
-cnewton = pytest.importorskip("distalign.tabular.cnewton")
+cnewton = pytest.importorskip("distalign.tabular.fast.compiled")
 
 
 def _lapack_abs_step(A: np.ndarray, g: np.ndarray) -> np.ndarray:
@@ -101,3 +102,4 @@ def test_the_toy_command_says_which_solver_ran(tmp_path, monkeypatch, capsys) ->
     main([*args, "--out", str(tmp_path / "n")])
     assert load_results(tmp_path / "n" / "results.json").solver == "numpy"
     assert "not built" in " ".join(capsys.readouterr().out.split())
+

@@ -15,10 +15,27 @@ import numpy as np
 import pytest
 import torch
 
-from distalign.objectives import bt_reward_loss, distill_loss, pmle_loss
-from distalign.tabular import ToyConfig, fastnewton, fastworld, run_toy, world
-from distalign.tabular import fast as fastgrid
+from distalign.objectives import bt_reward_loss, distill_loss, pmle_loss, preference_logprob
+from distalign.tabular import ToyConfig, run_toy, world
 from distalign.tabular.config import TIE
+from distalign.tabular.fast import engine as fastgrid
+from distalign.tabular.fast import newton as fastnewton
+
+
+def _torch_world(S: int, X: int, K: int, n: int, seed: int) -> tuple[torch.Tensor, ...]:
+    """The toy's world and pairs as its torch engine drew them (App. D.1, eq. (3)), with
+    torch's generator: log π*, log π₀, then context, winner and loser of each pair."""
+    gen = torch.Generator().manual_seed(seed)
+    log_star = torch.log_softmax(torch.randn((S, X, K), generator=gen, dtype=torch.float64), -1)
+    log_ref = torch.log_softmax(torch.randn((S, X, K), generator=gen, dtype=torch.float64), -1)
+    u = torch.rand((4, S, n), generator=gen, dtype=torch.float64)
+    x = torch.clamp((u[0] * X).long(), max=X - 1)
+    cdf_x = torch.gather(log_ref.exp().cumsum(-1), 1, x[..., None].expand(S, n, K))
+    a, b = (torch.clamp((cdf_x <= v[..., None]).sum(-1), max=K - 1) for v in (u[1], u[2]))
+    flat = log_star.reshape(S, X * K)
+    la, lb = torch.gather(flat, 1, x * K + a), torch.gather(flat, 1, x * K + b)
+    a_wins = u[3] < preference_logprob(la, lb, 0.5).exp()
+    return log_star, log_ref, x, torch.where(a_wins, a, b), torch.where(a_wins, b, a)
 
 
 @pytest.mark.parametrize(
@@ -27,18 +44,17 @@ from distalign.tabular.config import TIE
 )
 def test_world_and_pairs_are_torchs_draw_for_draw(S: int, X: int, K: int, n: int,
                                                   seed: int) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    w = world.make_world(S, X, K, 0.5, 1.0, "ref", gen)
-    pairs = world.sample_pairs(w, n, gen)
-    rng = fastworld.TorchRandom(seed)
-    fw = fastworld.make_world(S, X, K, 0.5, 1.0, "ref", rng)
-    fp = fastworld.sample_pairs(fw, n, rng)
-    for mine, theirs in ((fw.log_star, w.log_star), (fw.log_ref, w.log_ref)):
+    log_star, log_ref, x, winner, loser = _torch_world(S, X, K, n, seed)
+    rng = world.TorchRandom(seed)
+    fw = world.make_world(S, X, K, 0.5, 1.0, "ref", rng=rng)
+    fp = world.sample_pairs(fw, n, rng)
+    for mine, theirs in ((fw.log_star, log_star), (fw.log_ref, log_ref)):
         assert np.abs(mine - theirs.numpy()).max() < 1e-14  # log_softmax may round apart
-    for mine, theirs in ((fp.x, pairs.x), (fp.winner, pairs.winner), (fp.loser, pairs.loser)):
+    for mine, theirs in ((fp.x, x), (fp.winner, winner), (fp.loser, loser)):
         assert np.array_equal(mine, theirs.numpy())
-    assert np.array_equal(fastworld.pair_counts(fp, 0, n, X, K),
-                          world.pair_counts(pairs, 0, n, X, K).numpy())
+    cells = ((x * K + winner) * K + loser + torch.arange(S)[:, None] * (X * K * K)).reshape(-1)
+    counts = torch.bincount(cells, minlength=S * X * K * K).double().reshape(S, X, K, K)
+    assert np.array_equal(world.pair_counts(fp, 0, n, X, K), counts.numpy())
 
 
 def _objective(kind: str, K: int, rng: np.random.Generator) -> tuple[fastnewton.Objective, float]:

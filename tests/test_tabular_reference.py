@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from distalign.tabular import ToyConfig, run_toy
-from distalign.tabular.experiment import grid_metrics
+from distalign.tabular.runner import grid_metrics
 
 REFERENCE = Path(__file__).resolve().parent / "fixtures" / "tabular_reference.json"
 TOL = 1e-6

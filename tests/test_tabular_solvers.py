@@ -8,6 +8,7 @@ import torch
 from distalign.objectives import pmle_loss
 from distalign.tabular import (
     FitInput,
+    TorchRandom,
     distill_policy,
     dpo_policy,
     exact_kl,
@@ -20,15 +21,15 @@ from distalign.tabular import (
     rlhf_policy,
     sample_pairs,
 )
-from distalign.tabular.newton import newton_solve
-from distalign.tabular.pairwise import (
+from distalign.tabular.reference.newton import newton_solve
+from distalign.tabular.reference.pairwise import (
     ClosedForm,
     PairDerivativeError,
     PairwiseObjective,
     kl_grad_hess,
     pair_index,
 )
-from distalign.tabular.solvers import SOLVERS, _softplus_neg
+from distalign.tabular.reference.solvers import SOLVERS, _softplus_neg
 
 GAMMA = 0.5
 
@@ -36,13 +37,14 @@ GAMMA = 0.5
 @pytest.fixture(scope="module")
 def data() -> FitInput:
     """3 seeds × 4 contexts × 5 responses, 4096 pairs: every pair is compared (connected)."""
-    gen = torch.Generator().manual_seed(11)
-    world = make_world(3, 4, 5, GAMMA, 1.0, generator=gen)
-    pairs = sample_pairs(world, 4096, gen)
-    counts = pair_counts(pairs, 0, 4096, 4, 5)
+    rng = TorchRandom(11)
+    world = make_world(3, 4, 5, GAMMA, 1.0, rng=rng)
+    pairs = sample_pairs(world, 4096, rng)
+    counts = torch.from_numpy(pair_counts(pairs, 0, 4096, 4, 5))
     n = torch.full((3,), 4096.0, dtype=torch.float64)
     reward = fit_reward(counts, n)
-    return FitInput(counts, n, world.log_ref, world.log_mu, reward, GAMMA)
+    return FitInput(counts, n, torch.from_numpy(world.log_ref), torch.from_numpy(world.log_mu),
+                    reward, GAMMA)
 
 
 BETAS = torch.tensor([0.05, 0.5, 3.0], dtype=torch.float64)
@@ -168,12 +170,12 @@ def test_rebel_with_connected_pairs_is_rlhf_at_inverse_eta(data: FitInput) -> No
 
 def test_reward_fit_recovers_gamma_log_pi_star() -> None:
     """With many pairs the BT MLE (9) approaches R* = γ ln π* (centred)."""
-    gen = torch.Generator().manual_seed(5)
-    world = make_world(1, 2, 4, GAMMA, 1.0, generator=gen)
-    pairs = sample_pairs(world, 400_000, gen)
-    counts = pair_counts(pairs, 0, 400_000, 2, 4)
+    rng = TorchRandom(5)
+    world = make_world(1, 2, 4, GAMMA, 1.0, rng=rng)
+    pairs = sample_pairs(world, 400_000, rng)
+    counts = torch.from_numpy(pair_counts(pairs, 0, 400_000, 2, 4))
     r = fit_reward(counts, torch.tensor([400_000.0], dtype=torch.float64))
-    star = GAMMA * world.log_star
+    star = GAMMA * torch.from_numpy(world.log_star)
     star = star - star.mean(-1, keepdim=True)
     assert (r - star).abs().max() < 0.03
 

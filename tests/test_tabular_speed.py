@@ -13,16 +13,22 @@ import torch
 
 from distalign.tabular import (
     FitInput,
+    TorchRandom,
     ToyConfig,
     fit_reward,
     make_world,
     pair_counts,
     run_toy,
     sample_pairs,
-    solvers,
 )
-from distalign.tabular.newton import newton_solve
-from distalign.tabular.solvers import dpo_objective, dpo_policy, rebel_objective, rebel_policy
+from distalign.tabular.reference import solvers
+from distalign.tabular.reference.newton import newton_solve
+from distalign.tabular.reference.solvers import (
+    dpo_objective,
+    dpo_policy,
+    rebel_objective,
+    rebel_policy,
+)
 
 GAMMA = 0.5
 GRID = torch.tensor([0.0, 1e-3, 0.05, 1.0, 20.0, 1e3], dtype=torch.float64)
@@ -31,12 +37,13 @@ GRID = torch.tensor([0.0, 1e-3, 0.05, 1.0, 20.0, 1e3], dtype=torch.float64)
 @pytest.fixture(scope="module")
 def sparse() -> FitInput:
     """2 seeds × 4 contexts × 5 responses from 12 pairs: most responses never compared."""
-    gen = torch.Generator().manual_seed(3)
-    world = make_world(2, 4, 5, GAMMA, 1.0, generator=gen)
-    pairs = sample_pairs(world, 12, gen)
-    counts = pair_counts(pairs, 0, 12, 4, 5)
+    rng = TorchRandom(3)
+    world = make_world(2, 4, 5, GAMMA, 1.0, rng=rng)
+    pairs = sample_pairs(world, 12, rng)
+    counts = torch.from_numpy(pair_counts(pairs, 0, 12, 4, 5))
     n = torch.full((2,), 12.0, dtype=torch.float64)
-    return FitInput(counts, n, world.log_ref, world.log_mu, fit_reward(counts, n), GAMMA)
+    return FitInput(counts, n, torch.from_numpy(world.log_ref), torch.from_numpy(world.log_mu),
+                    fit_reward(counts, n), GAMMA)
 
 
 def _centred(t: torch.Tensor) -> torch.Tensor:

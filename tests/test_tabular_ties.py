@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from distalign.tabular import ToyConfig, fast
+from distalign.tabular import ToyConfig
 from distalign.tabular.config import REWARD_TIE, TIE, first_within, greedy_tiers
+from distalign.tabular.fast import engine
 
 
 def test_first_within_takes_the_smallest_index_among_ties() -> None:
@@ -33,11 +34,11 @@ def test_greedy_tiers_chain_ties_and_keep_gaps() -> None:
 def test_greedy_rlhf_is_ref_on_the_best_tier() -> None:
     """β = 0: π₀ renormalised on the tied best responses, no mass elsewhere."""
     cfg = ToyConfig.from_preset("paper", seeds=1, ns=(32,), threads=1, methods=("rlhf",))
-    grid = fast.Grid(cfg)
+    grid = engine.Grid(cfg)
     grid.reward[..., :] = 0.0
     grid.reward[..., 3] = grid.reward[..., 7] = 1.0 + 1e-12
     grid.reward[..., 7] -= 2e-12
-    log_pi = fast.rlhf(grid, np.array([0.0]))[:, :, :, 0]  # [N, 2, S, X, K]
+    log_pi = engine.rlhf(grid, np.array([0.0]))[:, :, :, 0]  # [N, 2, S, X, K]
     ref = np.exp(grid.log_ref)[None, None]
     want = np.zeros_like(log_pi)
     want[..., [3, 7]] = ref[..., [3, 7]] / ref[..., [3, 7]].sum(-1, keepdims=True)

@@ -2,13 +2,18 @@
 forms, batched Newton solvers that optimise the ``distalign.objectives`` losses, exact KL
 metrics.
 
+Shared by both engines: :mod:`.config` (settings, results, summaries), :mod:`.world` (the one
+sampler), :mod:`.rules` (Newton's constants), :mod:`.runner` (``run_toy``) and :mod:`.report`.
+The engines: :mod:`.fast` (numpy and C, the default on the CPU) and :mod:`.reference` (torch,
+on the library's losses; any device).
+
 >>> from distalign.tabular import ToyConfig, run_toy
 >>> res = run_toy(ToyConfig.from_preset("strong", seeds=2, ns=(64, 256), methods=("rlhf", "rkl")))
 >>> sorted({r["method"] for r in res.records})
 ['rkl', 'rlhf']
 
 Names are imported on first use (PEP 562): ``ToyConfig`` and ``run_toy`` need numpy only, so
-``distalign toy`` on the CPU never imports torch; the torch solvers load when first named.
+``distalign toy`` on the CPU never imports torch; the torch reference loads when first named.
 """
 
 from __future__ import annotations
@@ -19,11 +24,12 @@ from typing import Any
 _EXPORTS = {
     "config": ("PRESETS", "ToyConfig", "ToyResults", "default_betas", "METHODS"),
     "runner": ("run_toy",),
-    "newton": ("newton_solve",),
-    "pairwise": ("ClosedForm", "PairwiseObjective", "exact_kl"),
-    "solvers": ("SOLVERS", "TUNED", "FitInput", "distill_policy", "dpo_policy", "fit_reward",
-                "pmle_policy", "rebel_policy", "rkl_policy", "rlhf_policy"),
-    "world": ("Pairs", "World", "make_world", "pair_counts", "sample_pairs"),
+    "reference.newton": ("newton_solve",),
+    "reference.pairwise": ("ClosedForm", "PairwiseObjective", "exact_kl"),
+    "reference.solvers": ("SOLVERS", "TUNED", "FitInput", "distill_policy", "dpo_policy",
+                          "fit_reward", "pmle_policy", "rebel_policy", "rkl_policy",
+                          "rlhf_policy"),
+    "world": ("Pairs", "TorchRandom", "World", "make_world", "pair_counts", "sample_pairs"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 

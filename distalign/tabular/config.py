@@ -2,7 +2,7 @@
 
 :class:`ToyConfig` (presets, β grid, validation), :class:`ToyResults` and their seed summaries
 and slopes. The solves are in :mod:`distalign.tabular.fast` (numpy, the default on CPU) and
-:mod:`distalign.tabular.experiment` (torch, for ``engine="torch"`` or a CUDA device).
+:mod:`distalign.tabular.reference` (torch, for ``engine="torch"`` or a CUDA device).
 """
 
 from __future__ import annotations
@@ -151,7 +151,7 @@ class ToyResults:
     slopes: dict[str, dict[str, float]] = field(default_factory=dict)
     #: wall seconds per phase of the run (newton, closed_forms, selection); I/O adds its own
     timings: dict[str, float] = field(default_factory=dict)
-    #: which Newton solver ran: "compiled" (tabular/_newton.c), "numpy" or "torch"
+    #: which Newton solver ran: "compiled" (tabular/fast/_newton.c), "numpy" or "torch"
     solver: str = ""
 
     def __post_init__(self) -> None:

@@ -1,4 +1,5 @@
-"""``run_toy`` and ``grid_metrics``: the numpy engine on the CPU, the torch one elsewhere.
+"""``run_toy`` and ``grid_metrics``: the numpy engine (:mod:`.fast`) on the CPU, the torch
+reference (:mod:`.reference`) elsewhere or when asked for.
 
 Importing this module imports neither torch nor the torch engine, so ``distalign toy`` on the
 CPU starts in a fraction of a second (``import torch`` alone takes about 1.3 s).
@@ -18,10 +19,10 @@ def run_toy(
     """Run the experiment; ``progress(method, n)`` is called for every (method, n) solved."""
     config.validate()
     if config.solver_engine == "numpy":
-        from distalign.tabular import fast
+        from distalign.tabular.fast import engine
 
-        return fast.run(config, progress)
-    from distalign.tabular import experiment
+        return engine.run(config, progress)
+    from distalign.tabular.reference import experiment
 
     return experiment.run_torch(config, progress)
 
@@ -34,10 +35,10 @@ def grid_metrics(config: ToyConfig, methods: tuple[str, ...] | None = None) -> d
     if config.solver_engine == "numpy":
         import torch
 
-        from distalign.tabular import fast
+        from distalign.tabular.fast import engine
 
         return {m: {n: (torch.from_numpy(f), torch.from_numpy(v)) for n, (f, v) in by_n.items()}
-                for m, by_n in fast.grid_metrics(config, methods).items()}
-    from distalign.tabular import experiment
+                for m, by_n in engine.grid_metrics(config, methods).items()}
+    from distalign.tabular.reference import experiment
 
     return experiment.grid_metrics_torch(config, methods)

@@ -11,7 +11,7 @@ their difference, in which the log-normaliser cancels; so ψ sees d = θ_i − �
 
 The library function defines ψ. Autograd through it costs 6–16 µs per problem and Newton
 iteration, most of the toy's time, so each solver also gives ψ, ψ', ψ'' in closed form
-(:class:`ClosedForm`). :func:`distalign.tabular.newton.newton_solve` checks them against the
+(:class:`ClosedForm`). :func:`.newton.newton_solve` checks them against the
 library function (value, and autograd's first and second derivatives) on the solve's own pair
 values before its first step, and a mismatch raises. Without a closed form the derivatives
 come from autograd. The chain rule through the linear map θ ↦ θ_i − θ_j is assembled by hand.

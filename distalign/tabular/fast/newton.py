@@ -1,9 +1,10 @@
 """Batched damped Newton in numpy for the toy's iterative objectives (no torch import).
 
-The same method as :mod:`distalign.tabular.newton` (same steps, stopping rules and line
-search, so the same optima), laid out for numpy: problems are the LAST axis (θ is ``[K, P]``,
-the Hessian ``[K, K, P]``), so every operation of the K×K algebra, the Cholesky factorisation
-included, is one pass over contiguous rows of P values. A working set of at most ``SLAB``
+The same method as :mod:`distalign.tabular.reference.newton` (the steps, stopping rules and
+line search of :mod:`distalign.tabular.rules`, so the same optima), laid out for numpy:
+problems are the LAST axis (θ is ``[K, P]``, the Hessian ``[K, K, P]``), so every operation of
+the K×K algebra, the Cholesky factorisation included, is one pass over contiguous rows of P
+values. A working set of at most ``SLAB``
 problems is iterated and refilled from the queue as problems converge, so no pass runs on a
 handful of stragglers: each problem keeps its own iteration count.
 
@@ -24,13 +25,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-MAX_STEP = 8.0  # the constants of distalign.tabular.newton, repeated to keep torch out
-NEAR = 1e-6
-QUADRATIC = 1e-12
-TOL = 1e-22
-SLAB = 8192  # working-set size: the [K, K, SLAB] Hessian (6.5 MB) stays in cache
-#: how each problem's solve ended (the ``status`` of :func:`solve`)
-CONVERGED, STALLED, UNCONVERGED = 0, 1, 2
+from distalign.tabular import rules
+from distalign.tabular.rules import CONVERGED, QUADRATIC, SLAB, STALLED, UNCONVERGED
 
 
 def unordered_pairs(K: int) -> tuple[np.ndarray, np.ndarray]:
@@ -220,20 +216,20 @@ def newton_step(g: np.ndarray, H: np.ndarray) -> np.ndarray:
     """Solve (H + c·11ᵀ/K) s = −g in the centred subspace; |eigenvalues| where indefinite."""
     K = g.shape[0]
     g = g - g.mean(0)
-    scale = np.maximum(np.abs(np.diagonal(H)).mean(-1), 1e-300)  # diagonal: [W, K]
+    scale = np.maximum(np.abs(np.diagonal(H)).mean(-1), rules.TINY)  # diagonal: [W, K]
     Hs = H + scale / K
     step, bad = cholesky_solve(Hs, -g)
     if bad.any():
-        # non-convex region (the KL is not convex in logits), as in newton._newton_step
+        # non-convex region (the KL is not convex in logits): |eigenvalues|, floored
         evals, evecs = np.linalg.eigh(_take(Hs, bad).transpose(2, 0, 1))
         evals = np.abs(evals)
-        evals = np.maximum(evals, 1e-6 * evals.max(-1, keepdims=True))
+        evals = np.maximum(evals, rules.EIG_FLOOR * evals.max(-1, keepdims=True))
         coef = np.einsum("wki,kw->wi", evecs, _take(g, bad)) / evals
         step[:, bad] = -np.einsum("wki,wi->kw", evecs, coef)
     return step - step.mean(0)
 
 
-def solve(obj: Objective, theta0: np.ndarray, max_iter: int = 100, slab: int = SLAB,
+def solve(obj: Objective, theta0: np.ndarray, max_iter: int = rules.MAX_ITER, slab: int = SLAB,
           threads: int = 1, status: np.ndarray | None = None
           ) -> tuple[np.ndarray, dict[str, float]]:
     """Minimise F from ``theta0`` (``[K, P]``) for every problem; see the module docstring.
@@ -297,12 +293,12 @@ def _solve_queue(obj: Objective, theta0: np.ndarray, theta: np.ndarray, status: 
         g, H = batch.grad_hess(th)
         step = newton_step(g, H)
         dec = -(g * step).sum(0)
-        stalled = (dec < 1e-12) & (dec > 0.25 * dec_prev)
+        stalled = (dec < rules.STALL_DECREMENT) & (dec > rules.STALL_RATIO * dec_prev)
         stats["stalled"] += float(stalled.sum())
         final = (dec < QUADRATIC) & ~stalled
         # in the quadratic regime one more full step makes θ exact to ~dec: take it, retire
         theta[:, ids[final]] = _take(th, final) + _take(step, final)
-        live = (dec >= TOL) & ~final & ~stalled
+        live = (dec >= rules.TOL) & ~final & ~stalled
         done = ~live & ~final
         theta[:, ids[done]] = _take(th, done)
         status[ids[final | done]] = CONVERGED
@@ -315,10 +311,10 @@ def _solve_queue(obj: Objective, theta0: np.ndarray, theta: np.ndarray, status: 
         if ids.size == 0:
             continue
         # trust cap: no logit moves by more than MAX_STEP in one iteration
-        step = step * (MAX_STEP / np.maximum(np.abs(step).max(0), MAX_STEP))
+        step = step * (rules.MAX_STEP / np.maximum(np.abs(step).max(0), rules.MAX_STEP))
         new_th = th + step
         F_new = np.full(ids.size, np.nan)
-        far = np.flatnonzero(dec > NEAR)
+        far = np.flatnonzero(dec > rules.NEAR)
         if far.size:
             step_far = _take(step, far)
             new_th[:, far], F_new[far] = _line_search(
@@ -339,7 +335,7 @@ def _solve_queue(obj: Objective, theta0: np.ndarray, theta: np.ndarray, status: 
 
 def _line_search(obj: Objective, ids: np.ndarray, th: np.ndarray, step: np.ndarray,
                  F: np.ndarray, g_step: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Armijo backtracking with quadratic interpolation (as in newton._newton_flat)."""
+    """Armijo backtracking with quadratic interpolation (reference.newton._newton_flat)."""
     batch = obj.at(ids)
     missing = np.isnan(F)
     if missing.any():
@@ -349,15 +345,16 @@ def _line_search(obj: Objective, ids: np.ndarray, th: np.ndarray, step: np.ndarr
     t = np.ones_like(slope)
     trial = th + step
     F_trial = batch.value(trial)
-    for _ in range(30):
-        ok = F_trial <= F - 1e-4 * t * slope
+    for _ in range(rules.BACKTRACKS):
+        ok = F_trial <= F - rules.ARMIJO * t * slope
         if ok.all():
             break
         redo = np.flatnonzero(~ok)
         # minimiser of the quadratic through F(0), F'(0) and F(t), kept in [t/10, t/2]
         tr = t[redo]
-        curv = np.maximum(F_trial[redo] - F[redo] + tr * slope[redo], 1e-300)
-        t[redo] = np.clip(slope[redo] * tr * tr / (2 * curv), 0.1 * tr, 0.5 * tr)
+        curv = np.maximum(F_trial[redo] - F[redo] + tr * slope[redo], rules.TINY)
+        t[redo] = np.clip(slope[redo] * tr * tr / (2 * curv), rules.SHRINK_MIN * tr,
+                          rules.SHRINK_MAX * tr)
         trial[:, redo] = _take(th, redo) + t[redo] * _take(step, redo)
         F_trial[redo] = obj.at(ids[redo]).value(_take(trial, redo))
     ok = F_trial <= F

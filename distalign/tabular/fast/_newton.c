@@ -1,4 +1,4 @@
-/* The toy's damped Newton, one K x K problem at a time, in C (see tabular/cnewton.py).
+/* The toy's damped Newton, one K x K problem at a time, in C (see tabular/fast/compiled.py).
  *
  * The same objective, steps, stopping rules and line search as fastnewton._solve_queue, so
  * the same optima; numpy pays a pass over memory per elementwise operation, which for K = 10

@@ -1,4 +1,5 @@
-"""The Figure 1 experiment (App. D.1): every method, every n, every seed, the whole β grid.
+"""The Figure 1 experiment (App. D.1) on the torch reference engine: every method, every n,
+every seed, the whole β grid (``run_toy`` with ``engine="torch"`` or a CUDA device).
 
 For each n the first n pairs of one long i.i.d. sample are used (nested datasets). Two fits
 are made per method in one batched program: on all n pairs (for the oracle choice and the
@@ -19,26 +20,16 @@ from torch import Tensor
 
 from distalign.objectives import preference_logprob
 from distalign.tabular.config import (
-    PRESETS,
-    STRONG_LOGIT_SCALE,
     Clock,
     ToyConfig,
     ToyResults,
     add_records,
-    default_betas,
     finish_results,
     first_within,
-    fit_slopes,
-    summarise,
 )
-from distalign.tabular.pairwise import exact_kl
-from distalign.tabular.runner import grid_metrics, run_toy
-from distalign.tabular.solvers import SOLVERS, FitInput, fit_reward
-from distalign.tabular.world import World, make_world, pair_counts, sample_pairs
-
-# the settings and results moved to the torch-free config module; re-exported for old imports
-__all__ = ["PRESETS", "STRONG_LOGIT_SCALE", "ToyConfig", "ToyResults", "default_betas",
-           "fit_slopes", "grid_metrics", "run_toy", "summarise"]
+from distalign.tabular.reference.pairwise import exact_kl
+from distalign.tabular.reference.solvers import SOLVERS, FitInput, fit_reward
+from distalign.tabular.world import TorchRandom, make_world, pair_counts, sample_pairs
 
 
 def _val_loglik(
@@ -73,9 +64,11 @@ CHEAP = (*CLOSED_FORM, "dpo", "rebel")
 
 @dataclass
 class _Grid:
-    """Everything shared by the methods: the world, the data tables and the fitted reward."""
+    """Everything shared by the methods: the world's π* and π₀, the data tables and the fitted
+    reward."""
 
-    world: World
+    log_star: Tensor  # [S, X, K]
+    log_ref: Tensor
     ns: list[int]
     betas: Tensor
     inp: FitInput
@@ -84,30 +77,36 @@ class _Grid:
 
 
 def _prepare(config: ToyConfig) -> _Grid:
+    """The world and data of :mod:`distalign.tabular.world` (the numpy engine's, draw for
+    draw) as tensors on ``config.device``."""
     dev = torch.device(config.device)
-    gen = torch.Generator().manual_seed(config.seed)
-    world: World = make_world(config.seeds, config.contexts, config.responses, config.gamma,
-                              config.logit_scale, config.mu, gen, device=dev)
+    rng = TorchRandom(config.seed)
+    world = make_world(config.seeds, config.contexts, config.responses, config.gamma,
+                       config.logit_scale, config.mu, rng=rng)
     ns = sorted(config.ns)
-    pairs = sample_pairs(world, ns[-1], gen)
+    pairs = sample_pairs(world, ns[-1], rng)
     X, K, S = config.contexts, config.responses, config.seeds
+
+    def counts_of(start: int, stop: int) -> Tensor:
+        return torch.from_numpy(pair_counts(pairs, start, stop, X, K)).to(dev)
+
+    def table(a: object) -> Tensor:
+        return torch.as_tensor(a, dtype=torch.float64, device=dev)
+
     n_val = [max(1, round(config.val_fraction * n)) for n in ns]
     n_tr = [n - v for n, v in zip(ns, n_val, strict=True)]
-    counts = torch.stack([
-        torch.stack([pair_counts(pairs, 0, n, X, K), pair_counts(pairs, 0, t, X, K)])
-        for n, t in zip(ns, n_tr, strict=True)
-    ])  # [N, 2, S, X, K, K]
-    val_counts = torch.stack(
-        [pair_counts(pairs, t, n, X, K) for n, t in zip(ns, n_tr, strict=True)]
-    )
+    counts = torch.stack([torch.stack([counts_of(0, n), counts_of(0, t)])
+                          for n, t in zip(ns, n_tr, strict=True)])  # [N, 2, S, X, K, K]
+    val_counts = torch.stack([counts_of(t, n) for n, t in zip(ns, n_tr, strict=True)])
     n_fit = torch.tensor([ns, n_tr], dtype=torch.float64, device=dev).T[..., None]
     n_fit = n_fit.expand(-1, 2, S)
     reward = fit_reward(counts, n_fit, config.ridge)
-    inp = FitInput(counts, n_fit, world.log_ref, world.log_mu, reward, config.gamma,
+    log_ref = table(world.log_ref)
+    inp = FitInput(counts, n_fit, log_ref, table(world.log_mu), reward, config.gamma,
                    config.ridge)
     betas = torch.tensor(config.betas, dtype=torch.float64, device=dev)
     n_val_t = torch.tensor(n_val, dtype=torch.float64, device=dev)[:, None]
-    return _Grid(world, ns, betas, inp, val_counts, n_val_t)
+    return _Grid(table(world.log_star), log_ref, ns, betas, inp, val_counts, n_val_t)
 
 
 def _method_grid(
@@ -123,7 +122,7 @@ def _method_grid(
     if clock is not None:
         clock.lap("closed_forms" if method in CLOSED_FORM else "newton")
     full = log_pi[:, 0]
-    fkl = exact_kl(grid.world.log_star[:, None], full).mean(-1)  # E_x over uniform contexts
+    fkl = exact_kl(grid.log_star[:, None], full).mean(-1)  # E_x over uniform contexts
     val = _val_loglik(log_pi[:, 1], grid.val_counts[part], grid.n_val[part], gamma)
     return full, fkl, val
 
@@ -187,11 +186,11 @@ def _run(config: ToyConfig, progress: Callable[[str, int], None] | None) -> ToyR
     clock = Clock()
     grid = _prepare(config)
     clock.lap("newton")
-    world, ns, betas = grid.world, grid.ns, grid.betas
+    ns, betas = grid.ns, grid.betas
     X, K, S = config.contexts, config.responses, config.seeds
-    star = world.log_star[:, None]  # [S, 1, X, K] against [..., S, B, X, K]
-    ref = world.log_ref[:, None]
-    kl_star_ref = exact_kl(world.log_star, world.log_ref).mean(-1).tolist()
+    star = grid.log_star[:, None]  # [S, 1, X, K] against [..., S, B, X, K]
+    ref = grid.log_ref[:, None]
+    kl_star_ref = exact_kl(grid.log_star, grid.log_ref).mean(-1).tolist()
     records: list[dict] = []
     for m, (full, fkl, val) in _solve_methods(grid, config, clock):
         pick = {"oracle": _first_within(fkl, "min"), "honest": _first_within(val, "max")}

@@ -1,6 +1,6 @@
-"""The damped Newton of :mod:`.fastnewton`, compiled: ``_newton.c`` called through ctypes.
+"""The damped Newton of :mod:`.newton`, compiled: ``_newton.c`` called through ctypes.
 
-Same objective, steps, stopping rules and line search as ``fastnewton._solve_queue`` (so the
+Same objective, steps, stopping rules and line search as ``newton._solve_queue`` (so the
 same optima), one K×K problem at a time: numpy pays one pass over memory per elementwise
 operation, which for K = 10 costs more than the arithmetic. ctypes releases the GIL during
 the call, so threads share the problems. The extension is built when the package is
@@ -16,14 +16,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from distalign.tabular.fastnewton import MAX_STEP, NEAR, QUADRATIC, TOL, Objective
+from distalign.tabular.fast.newton import Objective
+from distalign.tabular.rules import MAX_STEP, NEAR, QUADRATIC, TOL
 
 
 def _load() -> ctypes.CDLL:
-    spec = importlib.util.find_spec("distalign.tabular._newton")
+    spec = importlib.util.find_spec("distalign.tabular.fast._newton")
     if spec is None or spec.origin is None:
-        raise ModuleNotFoundError("distalign.tabular._newton is not built (see setup.py)",
-                                  name="distalign.tabular._newton")
+        raise ModuleNotFoundError("distalign.tabular.fast._newton is not built (see setup.py)",
+                                  name="distalign.tabular.fast._newton")
     lib = ctypes.CDLL(spec.origin)
     f64, i64, i8 = (np.ctypeslib.ndpointer(t, flags="C_CONTIGUOUS")
                     for t in (np.float64, np.int64, np.int8))
@@ -68,7 +69,7 @@ def _tables(obj: Objective, K: int) -> tuple:
 
 
 def values(obj: Objective, theta: np.ndarray) -> np.ndarray:
-    """F at ``theta`` (``[K, P]``) for every problem (fastnewton._Batch.value)."""
+    """F at ``theta`` (``[K, P]``) for every problem (newton._Batch.value)."""
     K, P = theta.shape
     cols, W, _, LIN, CONST, LREF, kl, a, ridge, i, j = _tables(obj, K)
     out = np.empty(P)
@@ -80,9 +81,9 @@ def values(obj: Objective, theta: np.ndarray) -> np.ndarray:
 
 def solve(obj: Objective, theta0: np.ndarray, max_iter: int = 100, threads: int = 1,
           chunk: int = 2048) -> tuple[np.ndarray, np.ndarray]:
-    """Minimise F from ``theta0`` (``[K, P]``, fastnewton's layout) for every problem.
+    """Minimise F from ``theta0`` (``[K, P]``, numpy's layout) for every problem.
 
-    Returns θ (``[K, P]``) and how each problem ended (fastnewton's CONVERGED, STALLED,
+    Returns θ (``[K, P]``) and how each problem ended (rules.CONVERGED, STALLED,
     UNCONVERGED). Problems are independent: the result does not depend on ``threads``.
     """
     K, P = theta0.shape

@@ -2,8 +2,9 @@
 
 Why Newton: K is small (10), so a K×K solve per problem is cheap, and thousands of problems
 (seeds × β grid × contexts × {full, train} fits × sizes n) are solved at once as one batched
-tensor program. The objectives are :class:`~distalign.tabular.pairwise.PairwiseObjective`.
-Softmax logits have a shift gauge; the steps are kept in the centred subspace.
+tensor program. The objectives are :class:`~distalign.tabular.reference.pairwise.PairwiseObjective`.
+Softmax logits have a shift gauge; the steps are kept in the centred subspace. The constants and
+stopping rules are those of :mod:`distalign.tabular.rules`, shared with the numpy engine.
 """
 
 from __future__ import annotations
@@ -15,19 +16,16 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from distalign.tabular.pairwise import PairwiseObjective
-
-MAX_STEP = 8.0
-NEAR = 1e-6  # below this Newton decrement the full step is taken without a line search
-QUADRATIC = 1e-12  # Newton decrement below which one more step converges (see newton_solve)
-SLAB = 8192  # problems per slab of newton_solve: ~6 MB per pair table, cache-sized
+from distalign.tabular import rules
+from distalign.tabular.reference.pairwise import PairwiseObjective
+from distalign.tabular.rules import MAX_STEP, QUADRATIC, SLAB
 
 
 def _newton_step(g: Tensor, H: Tensor) -> Tensor:
     """Solve (H + c·11ᵀ/K) s = −g in the centred subspace; clip indefinite curvature."""
     K = g.shape[-1]
     g = g - g.mean(-1, keepdim=True)  # F is shift-invariant; remove rounding drift
-    scale = H.diagonal(dim1=-2, dim2=-1).abs().mean(-1).clamp_min(1e-300)
+    scale = H.diagonal(dim1=-2, dim2=-1).abs().mean(-1).clamp_min(rules.TINY)
     ones = torch.full((K, K), 1.0 / K, dtype=H.dtype, device=H.device)
     Hs = H + scale[..., None, None] * ones
     L, info = torch.linalg.cholesky_ex(Hs)
@@ -36,9 +34,8 @@ def _newton_step(g: Tensor, H: Tensor) -> Tensor:
     if bool(bad.any()):
         # non-convex region (the KL term is not convex in logits): |eigenvalues| (Nocedal–Wright)
         evals, evecs = torch.linalg.eigh(Hs[bad])
-        # floor relative to the largest curvature: a near-flat direction must not get a step
-        # of 1e12 (the trust cap in newton_solve would then waste the iteration)
-        evals = evals.abs().clamp_min(1e-6 * evals.abs().amax(-1, keepdim=True))
+        # floor relative to the largest curvature (rules.EIG_FLOOR)
+        evals = evals.abs().clamp_min(rules.EIG_FLOOR * evals.abs().amax(-1, keepdim=True))
         coef = (evecs.transpose(-1, -2) @ g[bad][..., None])[..., 0] / evals
         step[bad] = -(evecs @ coef[..., None])[..., 0]
     return step - step.mean(-1, keepdim=True)
@@ -57,8 +54,8 @@ def _slab_lead(batch: tuple[int, ...], slab: int) -> int:
 def newton_solve(
     objective: PairwiseObjective,
     theta0: Tensor,
-    max_iter: int = 100,
-    tol: float = 1e-22,
+    max_iter: int = rules.MAX_ITER,
+    tol: float = rules.TOL,
     slab: int = SLAB,
 ) -> tuple[Tensor, dict[str, float]]:
     """Minimise ``objective`` from ``theta0`` (``[..., K]``) for every problem at once.
@@ -151,13 +148,10 @@ def _newton_flat(
     (then one last full step is taken: Newton converges quadratically), or when it has
     stalled at rounding level. Later iterations run on the still active problems only.
     Steps are capped at MAX_STEP per logit; far from the optimum (decrement > NEAR) an
-    Armijo backtracking line search with quadratic interpolation guards them. The loops are
-    over iterations and step sizes, never over problems.
-
-    ``max_iter`` caps the work. The slowest problems in the toy are corner solutions of tiny β
-    on separable small-n data, where a never-winning response walks towards probability 0,
-    held only by the ridge; they converge slowly, typically within 50 iterations.
-    Their count is returned as ``stats["unconverged"]``.
+    Armijo backtracking line search with quadratic interpolation guards them (each constant
+    is explained in :mod:`distalign.tabular.rules`). The loops are over iterations and step
+    sizes, never over problems. The problems still running after ``max_iter`` iterations are
+    counted as ``stats["unconverged"]``.
     """
     theta = theta0.clone()
     if check:
@@ -178,7 +172,7 @@ def _newton_flat(
         # Stalled: non-convex, nearly flat corners (a response pushed towards probability 0,
         # held only by the tiny ridge) stop improving at rounding level; in the quadratic
         # regime dec would instead collapse (dec_k+1 ~ dec_k²).
-        stalled = (dec < 1e-12) & (dec > 0.25 * dec_prev)
+        stalled = (dec < rules.STALL_DECREMENT) & (dec > rules.STALL_RATIO * dec_prev)
         n_stalled += int(stalled.sum())
         # In the quadratic regime one more full step makes θ exact to ~dec; take it and retire.
         final = (dec < QUADRATIC) & ~stalled
@@ -195,7 +189,7 @@ def _newton_flat(
         step = step * (MAX_STEP / step.abs().amax(-1).clamp_min(MAX_STEP))[..., None]
         # Near the optimum (small decrement) the full Newton step is taken without paying for
         # loss values; farther out, Armijo backtracking on the values of those problems only.
-        far = (dec > NEAR).nonzero()[:, 0]
+        far = (dec > rules.NEAR).nonzero()[:, 0]
         new_th = th + step
         F_new = torch.full_like(F, float("nan"))
         if far.numel():
@@ -211,13 +205,13 @@ def _newton_flat(
             t = torch.ones_like(slope)
             trial = th_f + step_f
             F_trial = sub.value(trial)
-            for _ in range(30):
-                ok = F_trial <= F_f - 1e-4 * t * slope
+            for _ in range(rules.BACKTRACKS):
+                ok = F_trial <= F_f - rules.ARMIJO * t * slope
                 if bool(ok.all()):
                     break
                 # minimiser of the quadratic through F(0), F'(0) and F(t), kept in [t/10, t/2]
-                curv = (F_trial - F_f + t * slope).clamp_min(1e-300)
-                t_q = (slope * t * t / (2 * curv)).clamp(0.1 * t, 0.5 * t)
+                curv = (F_trial - F_f + t * slope).clamp_min(rules.TINY)
+                t_q = (slope * t * t / (2 * curv)).clamp(rules.SHRINK_MIN * t, rules.SHRINK_MAX * t)
                 t = torch.where(ok, t, t_q)
                 trial = torch.where(ok[..., None], trial, th_f + t[..., None] * step_f)
                 F_trial = torch.where(ok, F_trial, sub.value(trial))

@@ -1,19 +1,20 @@
 """The toy's numpy engine: ``run_toy`` on the CPU without importing torch.
 
-The same experiment as :mod:`distalign.tabular.experiment` and the same solutions as
-:mod:`distalign.tabular.solvers` (``tests/test_tabular_reference.py`` holds both to 1e-6 of
-the frozen reference), in numpy arrays of layout ``[N, 2, S, ..., X, K]`` (sizes n,
+The same experiment as :mod:`distalign.tabular.reference.experiment` and the same solutions as
+:mod:`distalign.tabular.reference.solvers` (``tests/test_tabular_reference.py`` holds both to
+1e-6 of the frozen reference), in numpy arrays of layout ``[N, 2, S, ..., X, K]`` (sizes n,
 {full, train} fit, seeds, then the β grid where there is one). Per method:
 
-- the reward R̂ of (9), PMLE (5) and distillation (12): damped Newton (:func:`newton`: the
-  compiled :mod:`.cnewton` where built, else :func:`fastnewton.solve`, the same steps), PMLE
-  and distillation from two starts (the RKL closed form and π₀), the lower objective kept
-  where the starts ended apart (see :func:`distalign.tabular.solvers._solve`), the second
-  start skipped where :mod:`.certificate` proves the first start's optimum global;
-- RLHF and RKL: their closed forms (App. B);
+- the reward R̂ of (9), PMLE (5) and distillation (12): damped Newton (:func:`solve`: the
+  compiled :mod:`.compiled` where built, else numpy's :func:`.newton.solve`, the same steps),
+  PMLE and distillation from two starts (the RKL closed form and π₀), the lower objective kept
+  where the starts ended apart (see :func:`distalign.tabular.reference.solvers._solve`), the
+  second start skipped where :mod:`.certificate` proves the first start's optimum global;
+- RLHF and RKL: their closed forms (App. B, :mod:`distalign.stats`);
 - DPO: RLHF's closed form at β = τ plus one Newton step of (9), where a certificate shows that
-  step is the solve (:func:`distalign.tabular.solvers.dpo_policy`); elsewhere (9) is solved to
-  the end first. In r = τ(θ − ln π₀) DPO's objective is (9), so its optimum is ln π₀ + r̂/τ;
+  step is the solve (:func:`distalign.tabular.reference.solvers.dpo_policy`); elsewhere (9) is
+  solved to the end first. In r = τ(θ − ln π₀) DPO's objective is (9), so its optimum is
+  ln π₀ + r̂/τ;
 - REBEL: its optimum δ = η(2L + ρP)⁺2LR̂ is linear in η: one K×K solve per context.
 """
 
@@ -26,7 +27,8 @@ from types import ModuleType
 
 import numpy as np
 
-from distalign.tabular import certificate, fastnewton
+from distalign.stats import rkl_logits, rlhf_logits
+from distalign.tabular import rules
 from distalign.tabular.config import (
     GREEDY_GAP,
     TWO_STARTS,
@@ -38,7 +40,8 @@ from distalign.tabular.config import (
     first_within,
     greedy_tiers,
 )
-from distalign.tabular.fastworld import (
+from distalign.tabular.fast import certificate, newton
+from distalign.tabular.world import (
     TorchRandom,
     log_sigmoid,
     log_softmax,
@@ -47,7 +50,6 @@ from distalign.tabular.fastworld import (
     sample_pairs,
 )
 
-SAME_POINT = 1e-9  # starts whose centred logits end closer than this found the same optimum
 CLOSED_FORM = ("rlhf", "rkl")
 
 
@@ -64,7 +66,7 @@ class Grid:
         X, K, S = config.contexts, config.responses, config.seeds
         rng = TorchRandom(config.seed)
         self.config = config
-        self.world = make_world(S, X, K, config.gamma, config.logit_scale, config.mu, rng)
+        self.world = make_world(S, X, K, config.gamma, config.logit_scale, config.mu, rng=rng)
         self.ns = sorted(config.ns)
         pairs = sample_pairs(self.world, self.ns[-1], rng)
         n_val = [max(1, round(config.val_fraction * n)) for n in self.ns]
@@ -80,7 +82,7 @@ class Grid:
         self.n_val = np.array(n_val, dtype=np.float64)
         self.betas = np.array(config.betas, dtype=np.float64)
         self.log_ref = self.world.log_ref  # [S, X, K]
-        i, j = fastnewton.unordered_pairs(K)
+        i, j = newton.unordered_pairs(K)
         # the held-out pairs as val_loglik reads them: wins of i over any j ≠ i, ties (a pair
         # of a response with itself), and the unordered pairs {i, j} that hold pairs
         eye = np.eye(K, dtype=bool)
@@ -96,10 +98,9 @@ class Grid:
         self.weight = _columns(total / self.n_fit[..., None, None])
         self.share = _columns(np.where(total > 0, lost / np.maximum(total, 1), 0.0))
         self.ref_cols = _columns(np.broadcast_to(self.log_ref, self.counts.shape[:-1]))
-        self.bt = fastnewton.Objective(1.0, self.weight, self.share,
-                                       np.arange(self.weight.shape[1]),
-                                       ridge=config.ridge / X)
-        r, _ = newton(self.bt, np.zeros((K, self.weight.shape[1])))
+        self.bt = newton.Objective(1.0, self.weight, self.share, np.arange(self.weight.shape[1]),
+                                   ridge=config.ridge / X)
+        r, _ = solve(self.bt, np.zeros((K, self.weight.shape[1])))
         r = r - r.mean(0)
         self.reward = r.T.reshape(self.counts.shape[:-1])  # [N, 2, S, X, K], centred
 
@@ -114,29 +115,29 @@ class Grid:
 
 
 def _compiled() -> ModuleType | None:
-    """:mod:`.cnewton` where its extension was built (and may be used), else None."""
+    """:mod:`.compiled` where its extension was built (and may be used), else None."""
     if os.environ.get("DISTALIGN_TOY_COMPILED", "1") == "0":
         return None
     try:
-        from distalign.tabular import cnewton
+        from distalign.tabular.fast import compiled
     except (ImportError, OSError):  # not built, or not loadable: numpy's solver, same steps
         return None
-    return cnewton
+    return compiled
 
 
-def newton(obj: fastnewton.Objective, theta0: np.ndarray, threads: int = 1
-           ) -> tuple[np.ndarray, np.ndarray]:
-    """The optima from ``theta0`` and how each solve ended (fastnewton.CONVERGED, …): the
-    compiled solver (:mod:`.cnewton`) where it was built, else numpy's."""
+def solve(obj: newton.Objective, theta0: np.ndarray, threads: int = 1
+          ) -> tuple[np.ndarray, np.ndarray]:
+    """The optima from ``theta0`` and how each solve ended (rules.CONVERGED, …): the
+    compiled solver (:mod:`.compiled`) where it was built, else numpy's."""
     compiled = _compiled()
     if compiled is not None:
         return compiled.solve(obj, theta0, threads=threads)
     status = np.empty(theta0.shape[1], dtype=np.int8)
-    theta, _ = fastnewton.solve(obj, theta0, threads=threads, status=status)
+    theta, _ = newton.solve(obj, theta0, threads=threads, status=status)
     return theta, status
 
 
-def values(obj: fastnewton.Objective, theta: np.ndarray) -> np.ndarray:
+def values(obj: newton.Objective, theta: np.ndarray) -> np.ndarray:
     """F of every problem of ``obj`` at ``theta`` (``[K, P]``)."""
     compiled = _compiled()
     if compiled is not None:
@@ -157,22 +158,24 @@ def _expand(a: np.ndarray) -> np.ndarray:
 def rlhf(grid: Grid, betas: np.ndarray) -> np.ndarray:
     """RLHF (1): π ∝ π₀ exp(R̂/β); β = 0 is the greedy limit (config.greedy_tiers)."""
     b = np.where(betas > 0, betas, 1.0)[:, None, None]
-    soft = grid.log_ref[:, None] + _expand(grid.reward) / b
+    soft = rlhf_logits(grid.log_ref[:, None], _expand(grid.reward), b)
     greedy = grid.log_ref - GREEDY_GAP * greedy_tiers(grid.reward)
     return log_softmax(np.where((betas > 0)[:, None, None], soft, _expand(greedy)))
 
 
 def rkl(grid: Grid, betas: np.ndarray) -> np.ndarray:
+    """Reverse KL (15): π ∝ π₀^{β/(β+γ)} exp(R̂/(β+γ))."""
     b = betas[:, None, None]
-    return log_softmax((b * grid.log_ref[:, None] + _expand(grid.reward)) / (b + grid.config.gamma))
+    return log_softmax(rkl_logits(grid.log_ref[:, None], _expand(grid.reward), b,
+                                  grid.config.gamma))
 
 
-def problems(grid: Grid, method: str) -> tuple[fastnewton.Objective, np.ndarray]:
+def problems(grid: Grid, method: str) -> tuple[newton.Objective, np.ndarray]:
     """PMLE's (5) or distillation's (12) problems at every (n, fit, seed, β, context) from
     both starts: the objective over 2P problems, the first P from the RKL closed form and the
     next P from π₀, and their θ₀ (``[K, 2P]``).
 
-    PMLE carries the ridge λγ² on the centred logits (see solvers.pmle_policy).
+    PMLE carries the ridge λγ² on the centred logits (see reference.solvers.pmle_policy).
     Distillation's expectation over μ is exact: 2 Σ_{i<j} μ_i μ_j KL(Bern(σ(R̂_i − R̂_j)) ‖
     Bern(σ(γ d))) per context, the target clamped as ``distill_loss`` does.
     """
@@ -181,7 +184,7 @@ def problems(grid: Grid, method: str) -> tuple[fastnewton.Objective, np.ndarray]
         ridge = cfg.ridge * cfg.gamma**2 / cfg.contexts
         pair = {"weight": grid.weight, "share": grid.share}
     elif method == "distill":
-        i, j = fastnewton.unordered_pairs(cfg.responses)
+        i, j = newton.unordered_pairs(cfg.responses)
         mu = np.exp(grid.world.log_mu)  # [S, X, K]
         weight = np.broadcast_to(2 * mu[..., i] * mu[..., j] / cfg.contexts,
                                  grid.reward.shape[:-1] + (i.size,))
@@ -193,9 +196,9 @@ def problems(grid: Grid, method: str) -> tuple[fastnewton.Objective, np.ndarray]
         raise ValueError(f"{method!r} has no two-start problems (pmle or distill)")
     cols, beta = grid.beta_problems()
     P = cols.size
-    obj = fastnewton.Objective(cfg.gamma, data=np.concatenate([cols, cols]), ridge=ridge,
-                               kl_coef=np.concatenate([beta, beta]) / cfg.contexts,
-                               log_ref=grid.ref_cols, **pair)
+    obj = newton.Objective(cfg.gamma, data=np.concatenate([cols, cols]), ridge=ridge,
+                           kl_coef=np.concatenate([beta, beta]) / cfg.contexts,
+                           log_ref=grid.ref_cols, **pair)
     start = rkl(grid, grid.betas)  # [N, 2, S, B, X, K]
     ref = np.broadcast_to(grid.log_ref[:, None], start.shape)
     return obj, np.concatenate([start.reshape(P, -1).T, ref.reshape(P, -1).T], 1)
@@ -211,27 +214,27 @@ def _two_starts(grid: Grid, method: str, certify: bool = True) -> np.ndarray:
     theta, status = np.empty_like(theta0), np.empty(2 * P, dtype=np.int8)
     F = np.full(2 * P, np.nan)
 
-    def solve(ids: np.ndarray) -> None:
+    def run(ids: np.ndarray) -> None:
         sub = obj.subset(ids)
-        theta[:, ids], status[ids] = newton(sub, theta0[:, ids], threads=grid.config.threads)
+        theta[:, ids], status[ids] = solve(sub, theta0[:, ids], threads=grid.config.threads)
         F[ids] = values(sub, theta[:, ids])
 
     if not certify:
-        solve(np.arange(2 * P))
+        run(np.arange(2 * P))
     else:  # the first start everywhere, the second where β = 0 (min G) or uncertified
         flat = np.flatnonzero(beta == 0)
-        solve(np.concatenate([np.arange(P), P + flat]))
-        ok = (status[:P] == fastnewton.CONVERGED)
+        run(np.concatenate([np.arange(P), P + flat]))
+        ok = (status[:P] == rules.CONVERGED)
         min_g = np.full(cols.max() + 1, np.nan)
-        both = flat[ok[flat] & (status[P + flat] == fastnewton.CONVERGED)]
+        both = flat[ok[flat] & (status[P + flat] == rules.CONVERGED)]
         min_g[cols[both]] = np.minimum(F[both], F[P + both]) - certificate.MIN_G_MARGIN
         sure = ok & certificate.unique_optimum(F[:P], min_g[cols], obj.kl_coef[:P],
                                                grid.ref_cols[:, cols])
-        solve(P + np.flatnonzero(~sure & (beta > 0)))
+        run(P + np.flatnonzero(~sure & (beta > 0)))
     a = theta[:, :P]
     second = np.flatnonzero(~np.isnan(F[P:]))  # the problems whose second start ran
     a2, b2 = a[:, second], theta[:, P + second]
-    apart = np.abs((a2 - a2.mean(0)) - (b2 - b2.mean(0))).max(0) > SAME_POINT
+    apart = np.abs((a2 - a2.mean(0)) - (b2 - b2.mean(0))).max(0) > rules.SAME_POINT
     lower = second[apart & (F[P + second] < F[second])]
     a[:, lower] = theta[:, P + lower]
     N, _, S, X, K = grid.reward.shape
@@ -253,11 +256,11 @@ def dpo(grid: Grid, temps: np.ndarray) -> np.ndarray:
     K = grid.config.responses
     r = grid.reward.reshape(-1, K).T
     g, H = grid.bt.at(np.arange(r.shape[1])).grad_hess(r)
-    step = fastnewton.newton_step(g, H)
-    if (-(g * step).sum(0) < fastnewton.QUADRATIC).all():
+    step = newton.newton_step(g, H)
+    if (-(g * step).sum(0) < rules.QUADRATIC).all():
         r_hat = r + step  # the one step the solve would take (certified quadratic regime)
     else:
-        r_hat, _ = newton(grid.bt, r)
+        r_hat, _ = solve(grid.bt, r)
     inv_tau = np.where(temps > 0, 1.0 / np.where(temps > 0, temps, 1.0), 0.0)[:, None, None]
     r_hat = (r_hat - r_hat.mean(0)).T.reshape(grid.reward.shape)
     return log_softmax(grid.log_ref[:, None] + _expand(r_hat) * inv_tau)
@@ -294,7 +297,7 @@ def val_loglik(log_pi: np.ndarray, grid: Grid) -> np.ndarray:
     that holds pairs and K exponentials per context (a tie, i = j, adds ln ½ per pair).
     """
     g = grid.config.gamma
-    i, j = fastnewton.unordered_pairs(grid.config.responses)
+    i, j = newton.unordered_pairs(grid.config.responses)
     top = log_pi.max(-1, keepdims=True)
     E = np.exp(g * (log_pi - top))  # π^γ relative to the context's largest
     n, s, x, m = grid.val_pairs
@@ -343,7 +346,7 @@ def grid_metrics(config: ToyConfig, methods: tuple[str, ...] | None = None
 
 
 def run(config: ToyConfig, progress: Callable[[str, int], None] | None = None) -> ToyResults:
-    """The whole experiment (see :func:`distalign.tabular.experiment.run_toy`)."""
+    """The whole experiment (see :func:`distalign.tabular.runner.run_toy`)."""
     t0 = time.perf_counter()
     clock = Clock()
     grid = Grid(config)

@@ -28,13 +28,16 @@ from distalign.objectives import (
     preference_logprob,
     rebel_loss,
 )
-from distalign.tabular.config import (
-    GREEDY_GAP,
-    METHODS,  # noqa: F401 - re-exported (old imports)
-    greedy_tiers,
+from distalign.stats import rkl_logits, rlhf_logits
+from distalign.tabular.config import GREEDY_GAP, greedy_tiers
+from distalign.tabular.reference.newton import newton_decrement, newton_solve, objective_value
+from distalign.tabular.reference.pairwise import (
+    ClosedForm,
+    PairwiseObjective,
+    gather_pairs,
+    pair_index,
 )
-from distalign.tabular.newton import QUADRATIC, newton_decrement, newton_solve, objective_value
-from distalign.tabular.pairwise import ClosedForm, PairwiseObjective, gather_pairs, pair_index
+from distalign.tabular.rules import QUADRATIC, SAME_POINT
 
 # Closed-form ψ, ψ', ψ'' (derivatives in d) of each pair term below, for speed; newton_solve
 # checks them against autograd through the library call at the start of every solve.
@@ -75,7 +78,6 @@ TUNED = {
     "dpo": "DPO temperature (the γ of eq. 6; 'β' in Tables 5/6)",
     "rebel": "η (REBEL reward scale, eq. 10)",
 }
-SAME_POINT = 1e-9  # starts whose centred logits end closer than this found the same optimum
 
 
 @dataclass(frozen=True)
@@ -143,7 +145,8 @@ def rlhf_policy(inp: FitInput, betas: Tensor) -> Tensor:
     """RLHF (1) with reward R̂: π ∝ π₀ exp(R̂/β) (App. B). β = 0 → the greedy limit: π₀ on the
     best tier of rewards (config.greedy_tiers, as the numpy engine)."""
     b = _grid(betas)
-    soft = inp.log_ref[..., None, :, :] + inp.reward[..., None, :, :] / torch.where(b > 0, b, 1.0)
+    soft = rlhf_logits(inp.log_ref[..., None, :, :], inp.reward[..., None, :, :],
+                       torch.where(b > 0, b, 1.0))
     tiers = torch.from_numpy(greedy_tiers(inp.reward.detach().cpu().double().numpy()))
     greedy = inp.log_ref - GREEDY_GAP * tiers.to(inp.reward)
     return torch.log_softmax(torch.where(b > 0, soft, greedy[..., None, :, :]), -1)
@@ -151,8 +154,8 @@ def rlhf_policy(inp: FitInput, betas: Tensor) -> Tensor:
 
 def rkl_policy(inp: FitInput, betas: Tensor) -> Tensor:
     """Reverse KL (15): π ∝ π₀^{β/(β+γ)} exp(R̂/(β+γ)) (App. B); γ is the entropy weight."""
-    b = _grid(betas)
-    logits = (b * inp.log_ref[..., None, :, :] + inp.reward[..., None, :, :]) / (b + inp.gamma)
+    logits = rkl_logits(inp.log_ref[..., None, :, :], inp.reward[..., None, :, :],
+                        _grid(betas), inp.gamma)
     return torch.log_softmax(logits, -1)
 
 
