@@ -7,14 +7,18 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "_newton.h"
+
 /* step = -V |Lambda|^-1 V^T g for the symmetric A = V Lambda V^T (overwritten), |lambda|
- * floored at 1e-6 max|lambda| (fastnewton.newton_step). V is never formed: Householder
- * reflections take A to tridiagonal T = Q^T A Q and are applied to g; implicit QL sweeps
- * (LAPACK dsteqr's method) diagonalise T = Z Lambda Z^T, rotating Q^T g on the fly and
+ * floored at eig_floor max|lambda| (fast/newton.py: newton_step). V is never formed:
+ * Householder reflections take A to tridiagonal T = Q^T A Q and are applied to g; implicit QL
+ * sweeps (LAPACK dsteqr's method) diagonalise T = Z Lambda Z^T, rotating Q^T g on the fly and
  * recording the rotations to apply Z afterwards. d, e, y: K scratch; rot_i, rot_cs: room for
- * max_rot rotations. Returns 0 when the rotations overflowed the record. */
+ * max_rot rotations. Returns NEWTON_NO_EIGEN, step unset, when an eigenvalue needed more than
+ * ql_sweeps sweeps (NaN input, say) or the rotations overflowed the record. */
 int newton_abs_step(int K, double *A, const double *g, double *step, double *d, double *e,
-                    double *y, int *rot_i, double *rot_cs, int max_rot) {
+                    double *y, int *rot_i, double *rot_cs, int max_rot,
+                    const newton_rules *rules) {
     for (int k = 0; k < K; k++) y[k] = g[k];
     /* 1. Householder: unit v_k in A[k+1:, k] zeroes column k below the sub-diagonal */
     for (int k = 0; k < K - 2; k++) {
@@ -57,10 +61,11 @@ int newton_abs_step(int K, double *A, const double *g, double *step, double *d, 
     /* 2. implicit QL on (d, e); each rotation of coordinates (i, i+1) applied to y */
     int nrot = 0;
     for (int l = 0; l < K; l++) {
-        for (int iter = 0; iter < 60; iter++) {
+        for (int sweep = 0;; sweep++) {
             int m = l;
             while (m < K - 1 && !(fabs(e[m]) <= 1e-16 * (fabs(d[m]) + fabs(d[m + 1])))) m++;
             if (m == l) break;
+            if (sweep == rules->ql_sweeps) return NEWTON_NO_EIGEN;
             double gg = (d[l + 1] - d[l]) / (2.0 * e[l]);
             double r = sqrt(gg * gg + 1.0);
             gg = d[m] - d[l] + e[l] / (gg + (gg >= 0.0 ? r : -r));
@@ -87,11 +92,10 @@ int newton_abs_step(int K, double *A, const double *g, double *step, double *d, 
                 const double yi = y[i], yj = y[i + 1];
                 y[i] = cs * yi - sn * yj;
                 y[i + 1] = sn * yi + cs * yj;
-                if (nrot < max_rot) {
-                    rot_i[nrot] = i;
-                    rot_cs[2 * nrot] = cs;
-                    rot_cs[2 * nrot + 1] = sn;
-                }
+                if (nrot == max_rot) return NEWTON_NO_EIGEN;
+                rot_i[nrot] = i;
+                rot_cs[2 * nrot] = cs;
+                rot_cs[2 * nrot + 1] = sn;
                 nrot++;
             }
             if (!split) {
@@ -104,11 +108,9 @@ int newton_abs_step(int K, double *A, const double *g, double *step, double *d, 
     /* 3. divide by |lambda| (floored), then apply Z (the rotations in reverse) and Q */
     double big = 0.0;
     for (int k = 0; k < K; k++) big = fabs(d[k]) > big ? fabs(d[k]) : big;
-    for (int k = 0; k < K; k++) {
-        const double lam = fabs(d[k]) > 1e-6 * big ? fabs(d[k]) : 1e-6 * big;
-        y[k] /= lam;
-    }
-    for (int r = (nrot < max_rot ? nrot : max_rot) - 1; r >= 0; r--) {
+    const double lam_min = rules->eig_floor * big;
+    for (int k = 0; k < K; k++) y[k] /= fabs(d[k]) > lam_min ? fabs(d[k]) : lam_min;
+    for (int r = nrot - 1; r >= 0; r--) {
         const int i = rot_i[r];
         const double cs = rot_cs[2 * r], sn = rot_cs[2 * r + 1];
         const double yi = y[i], yj = y[i + 1];
@@ -121,22 +123,23 @@ int newton_abs_step(int K, double *A, const double *g, double *step, double *d, 
         for (int i = k + 1; i < K; i++) y[i] -= 2.0 * s * A[i * K + k];
     }
     for (int k = 0; k < K; k++) step[k] = -y[k];
-    return nrot <= max_rot;
+    return NEWTON_OK;
 }
 
 /* the |eigenvalue| step alone, for tests: step = -V|Lambda|^-1 V^T g of the K x K A */
-int abs_newton_step(int K, const double *A, const double *g, double *step) {
-    const int max_rot = 64 * K * K;
+int abs_newton_step(int K, const double *A, const double *g, double *step,
+                    const newton_rules *rules) {
+    const int max_rot = NEWTON_MAX_ROT(K, rules->ql_sweeps);
     double *mem = malloc(sizeof(double) * (K * K + 3 * K + 2 * max_rot));
     int *rot_i = malloc(sizeof(int) * max_rot);
-    int ok = -1;
+    int code = NEWTON_NO_MEMORY;
     if (mem && rot_i) {
         memcpy(mem, A, sizeof(double) * K * K);
-        ok = newton_abs_step(K, mem, g, step, mem + K * K, mem + K * K + K, mem + K * K + 2 * K,
-                      rot_i, mem + K * K + 3 * K, max_rot) ? 0 : 1;
+        code = newton_abs_step(K, mem, g, step, mem + K * K, mem + K * K + K,
+                               mem + K * K + 2 * K, rot_i, mem + K * K + 3 * K, max_rot, rules);
     }
     free(mem);
     free(rot_i);
-    return ok;
+    return code;
 }
 

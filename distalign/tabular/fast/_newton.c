@@ -1,7 +1,7 @@
-/* The toy's damped Newton, one K x K problem at a time, in C (see tabular/fast/compiled.py).
+/* The toy's damped Newton, one K x K problem at a time, in C (see compiled.py).
  *
- * The same objective, steps, stopping rules and line search as fastnewton._solve_queue, so
- * the same optima; numpy pays a pass over memory per elementwise operation, which for K = 10
+ * The same objective, steps, stopping rules and line search as newton.py's _solve_queue (the
+ * rules of tabular/rules.py, passed in), so the same optima; numpy pays a pass over memory per elementwise operation, which for K = 10
  * costs more than the arithmetic. Called through ctypes, which releases the GIL, so threads
  * share the problems. Layout: one row per problem (theta, status) or per data column
  * (W, Q, LIN, CONST, LREF); the pairs (pi[m], pj[m]), i < j, are those of numpy's
@@ -14,11 +14,11 @@
 #include <stdlib.h>
 #include <string.h>
 
-enum { CONVERGED = 0, STALLED = 1, UNCONVERGED = 2 };
+#include "_newton.h"
 
-/* _abs_step.c: the Newton step with |eigenvalues| for an indefinite Hessian */
-int newton_abs_step(int K, double *A, const double *g, double *step, double *d, double *e,
-             double *y, int *rot_i, double *rot_cs, int max_rot);
+int distalign_newton_abi(void) { return DISTALIGN_NEWTON_ABI; }
+
+int newton_rules_bytes(void) { return (int)sizeof(newton_rules); }
 
 typedef struct {
     int K, M;
@@ -49,7 +49,7 @@ static double max_of(const double *x, int K) {
     return m;
 }
 
-/* F(theta) of fastnewton.Objective for one problem; E, p, h are scratch */
+/* F(theta) of newton.py's Objective for one problem; E, p, h are scratch */
 static double value(const Shape *s, const double *th, const double *w, const double *lin,
                     double cst, const double *lref, double c, double *E, double *p,
                     double *h) {
@@ -81,7 +81,7 @@ static double value(const Shape *s, const double *th, const double *w, const dou
     return out;
 }
 
-/* gradient into g, Hessian (row-major K x K) into H (fastnewton._Batch.grad_hess) */
+/* gradient into g, Hessian (row-major K x K) into H (newton.py: _Batch.grad_hess) */
 static void grad_hess(const Shape *s, const double *th, const double *w, const double *q,
                       const double *lref, double c, double *g, double *H, double *E,
                       double *p, double *h) {
@@ -146,8 +146,9 @@ typedef struct {
 } Scratch;
 
 /* Solve (H + c 11^T/K) s = -g in the centred subspace, |eigenvalues| where the Cholesky
- * factorisation fails (fastnewton.newton_step). Centres g in place; returns -g.s. */
-static double newton_step(int K, Scratch *w) {
+ * factorisation fails (newton.py: newton_step). Centres g in place; -g.s into *dec. Returns
+ * newton_abs_step's code (NEWTON_NO_EIGEN: step and *dec unset). */
+static int newton_step(int K, Scratch *w, const newton_rules *rules, double *dec) {
     double *g = w->g, *H = w->H, *L = w->L, *step = w->step;
     double mean = 0.0, scale = 0.0;
     for (int k = 0; k < K; k++) mean += g[k];
@@ -156,7 +157,7 @@ static double newton_step(int K, Scratch *w) {
         g[k] -= mean;
         scale += fabs(H[k * K + k]);
     }
-    scale = scale / K > 1e-300 ? scale / K : 1e-300;
+    scale = scale / K > rules->tiny ? scale / K : rules->tiny;
     for (int i = 0; i < K * K; i++) L[i] = H[i] + scale / K;
     int ok = 1;
     for (int j = 0; j < K && ok; j++) { /* Cholesky in the lower triangle; 1/L_jj in inv */
@@ -188,36 +189,42 @@ static double newton_step(int K, Scratch *w) {
         }
     } else { /* indefinite (the KL is not convex in logits): the |eigenvalue| step */
         for (int i = 0; i < K * K; i++) L[i] = H[i] + scale / K;
-        newton_abs_step(K, L, g, step, w->d, w->e, w->y, w->rot_i, w->rot_cs, w->max_rot);
+        const int code = newton_abs_step(K, L, g, step, w->d, w->e, w->y, w->rot_i, w->rot_cs,
+                                         w->max_rot, rules);
+        if (code != NEWTON_OK) return code;
     }
-    double smean = 0.0, dec = 0.0;
+    double smean = 0.0;
     for (int k = 0; k < K; k++) smean += step[k];
     smean /= K;
+    *dec = 0.0;
     for (int k = 0; k < K; k++) {
         step[k] -= smean;
-        dec -= g[k] * step[k];
+        *dec -= g[k] * step[k];
     }
-    return dec;
+    return NEWTON_OK;
 }
 
-/* Problems start:stop: the loop of fastnewton._solve_queue for one problem at a time.
- * Returns 0 on success, -1 when scratch memory could not be allocated. */
+/* Problems start:stop: the loop of newton.py's _solve_queue for one problem at a time.
+ * Returns NEWTON_OK; NEWTON_NO_MEMORY (nothing solved) when scratch memory could not be
+ * allocated; NEWTON_NO_EIGEN when the eigen-solver gave up on some problems, whose status is
+ * then NEWTON_FAILED (the others are solved). */
 int solve_range(int64_t start, int64_t stop, int K, int M, const double *theta0,
-                double *theta, int8_t *status, const int64_t *cols,
-                const double *W, const double *Q, const double *LIN, const double *CONST,
-                const double *LREF, const double *kl, double a, double ridge,
-                const int64_t *pi, const int64_t *pj, int max_iter, double max_step,
-                double near, double quadratic, double tol) {
+                double *theta, int8_t *status, const int64_t *cols, const double *W,
+                const double *Q, const double *LIN, const double *CONST, const double *LREF,
+                const double *kl, double a, double ridge, const int64_t *pi,
+                const int64_t *pj, const newton_rules *rules) {
     const Shape s = {K, M, pi, pj, a, ridge};
+    const newton_rules *r = rules;
     Scratch w;
-    w.max_rot = 64 * K * K;
+    w.max_rot = NEWTON_MAX_ROT(K, r->ql_sweeps);
     double *mem = malloc(sizeof(double) * (3 * K * K + 12 * K + 2 * w.max_rot));
     w.rot_i = malloc(sizeof(int) * w.max_rot);
     if (!mem || !w.rot_i) {
         free(mem);
         free(w.rot_i);
-        return -1;
+        return NEWTON_NO_MEMORY;
     }
+    int result = NEWTON_OK;
     double *cur = mem;
     double **slots[] = {&w.g, &w.step, &w.inv, &w.tmp, &w.d, &w.e, &w.y, &w.th, &w.trial,
                         &w.E, &w.p, &w.h};
@@ -235,23 +242,29 @@ int solve_range(int64_t start, int64_t stop, int K, int M, const double *theta0,
         int its = 0;
         for (;;) {
             grad_hess(&s, th, wt, q, lref, c, w.g, w.H, w.E, w.p, w.h);
-            const double dec = newton_step(K, &w);
-            const int stalled = dec < 1e-12 && dec > 0.25 * dec_prev;
-            if (dec < quadratic && !stalled) { /* one more full step: theta exact to ~dec */
-                for (int k = 0; k < K; k++) out[k] = th[k] + step[k];
-                status[pr] = CONVERGED;
+            double dec;
+            if (newton_step(K, &w, r, &dec) != NEWTON_OK) { /* numpy's solver takes it */
+                memcpy(out, th, sizeof(double) * K);
+                status[pr] = NEWTON_FAILED;
+                result = NEWTON_NO_EIGEN;
                 break;
             }
-            if (stalled || !(dec >= tol)) {
+            const int stalled = dec < r->stall_decrement && dec > r->stall_ratio * dec_prev;
+            if (dec < r->quadratic && !stalled) { /* one more full step: theta exact to ~dec */
+                for (int k = 0; k < K; k++) out[k] = th[k] + step[k];
+                status[pr] = NEWTON_CONVERGED;
+                break;
+            }
+            if (stalled || !(dec >= r->tol)) {
                 memcpy(out, th, sizeof(double) * K);
-                status[pr] = stalled ? STALLED : CONVERGED;
+                status[pr] = stalled ? NEWTON_STALLED : NEWTON_CONVERGED;
                 break;
             }
             double big = 0.0;
             for (int k = 0; k < K; k++) big = fabs(step[k]) > big ? fabs(step[k]) : big;
-            const double cap = max_step / (big > max_step ? big : max_step); /* trust cap */
+            const double cap = r->max_step / (big > r->max_step ? big : r->max_step); /* trust */
             for (int k = 0; k < K; k++) step[k] *= cap;
-            if (dec > near) { /* Armijo backtracking, quadratic interpolation */
+            if (dec > r->near) { /* Armijo backtracking, quadratic interpolation */
                 if (isnan(F)) F = value(&s, th, wt, lin, cst, lref, c, w.E, w.p, w.h);
                 double slope = 0.0, t = 1.0;
                 for (int k = 0; k < K; k++) {
@@ -259,13 +272,13 @@ int solve_range(int64_t start, int64_t stop, int K, int M, const double *theta0,
                     w.trial[k] = th[k] + step[k];
                 }
                 double Ft = value(&s, w.trial, wt, lin, cst, lref, c, w.E, w.p, w.h);
-                for (int r = 0; r < 30; r++) {
-                    if (Ft <= F - 1e-4 * t * slope) break;
+                for (int b = 0; b < r->backtracks; b++) {
+                    if (Ft <= F - r->armijo * t * slope) break;
                     double curv = Ft - F + t * slope;
-                    curv = curv > 1e-300 ? curv : 1e-300;
+                    curv = curv > r->tiny ? curv : r->tiny;
                     double tn = slope * t * t / (2 * curv);
-                    tn = tn > 0.1 * t ? tn : 0.1 * t;
-                    t = tn < 0.5 * t ? tn : 0.5 * t;
+                    tn = tn > r->shrink_min * t ? tn : r->shrink_min * t;
+                    t = tn < r->shrink_max * t ? tn : r->shrink_max * t;
                     for (int k = 0; k < K; k++) w.trial[k] = th[k] + t * step[k];
                     Ft = value(&s, w.trial, wt, lin, cst, lref, c, w.E, w.p, w.h);
                 }
@@ -278,33 +291,33 @@ int solve_range(int64_t start, int64_t stop, int K, int M, const double *theta0,
                 F = NAN;
             }
             dec_prev = dec;
-            if (++its >= max_iter) {
+            if (++its >= r->max_iter) {
                 memcpy(out, th, sizeof(double) * K);
-                status[pr] = UNCONVERGED;
+                status[pr] = NEWTON_UNCONVERGED;
                 break;
             }
         }
     }
     free(mem);
     free(w.rot_i);
-    return 0;
+    return result;
 }
 
-/* F at theta (one row per problem) for problems 0..P-1 */
+/* F at theta (one row per problem) for problems 0..P-1; NEWTON_NO_MEMORY if no scratch */
 int values(int64_t P, int K, int M, const double *theta, const int64_t *cols,
            const double *W, const double *LIN, const double *CONST, const double *LREF,
            const double *kl, double a, double ridge, const int64_t *pi, const int64_t *pj,
            double *out) {
     const Shape s = {K, M, pi, pj, a, ridge};
     double *mem = malloc(sizeof(double) * 3 * K);
-    if (!mem) return -1;
+    if (!mem) return NEWTON_NO_MEMORY;
     for (int64_t pr = 0; pr < P; pr++) {
         const int64_t col = cols[pr];
         out[pr] = value(&s, theta + pr * K, W + col * M, LIN + col * K, CONST[col],
                         LREF + col * K, kl[pr], mem, mem + K, mem + 2 * K);
     }
     free(mem);
-    return 0;
+    return NEWTON_OK;
 }
 
 /* an importable (empty) module, so that setuptools builds and installs it like any other

@@ -20,7 +20,9 @@ The same experiment as :mod:`distalign.tabular.reference.experiment` and the sam
 
 from __future__ import annotations
 
+import functools
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator
 from types import ModuleType
@@ -115,12 +117,24 @@ class Grid:
 
 
 def _compiled() -> ModuleType | None:
-    """:mod:`.compiled` where its extension was built (and may be used), else None."""
+    """:mod:`.compiled` where its extension was built and may be used, else None (then
+    numpy's solver runs: the same steps)."""
     if os.environ.get("DISTALIGN_TOY_COMPILED", "1") == "0":
         return None
+    return _load_compiled()
+
+
+@functools.cache
+def _load_compiled() -> ModuleType | None:
+    """Import :mod:`.compiled` once: a failed import would otherwise be retried (and
+    reported) at every solve."""
     try:
         from distalign.tabular.fast import compiled
-    except (ImportError, OSError):  # not built, or not loadable: numpy's solver, same steps
+    except ModuleNotFoundError:  # not built: the CLI says so in its summary
+        return None
+    except (ImportError, OSError, AttributeError) as exc:  # stale or unloadable: say it once
+        print(f"distalign: {exc}; using numpy's Newton solver (the same results, slower); "
+              "rebuild with `pip install -e .`", file=sys.stderr)
         return None
     return compiled
 
