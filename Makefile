@@ -10,7 +10,7 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-$(VENV)/.installed: $(BIN)/python pyproject.toml setup.py distalign/tabular/_newton.c distalign/tabular/_abs_step.c
+$(VENV)/.installed: $(BIN)/python pyproject.toml setup.py distalign/tabular/fast/_newton.c distalign/tabular/fast/_abs_step.c distalign/tabular/fast/_newton.h
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
 	$(BIN)/pip install -q -e .
 	touch $@

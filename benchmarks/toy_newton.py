@@ -2,7 +2,7 @@
 
 PMLE's and distillation's problems of ``distalign toy --preset paper`` (every n, fit, seed, β
 and context, from both starts: 157,440 ten-response problems each), solved by
-``fastnewton.solve`` (numpy) and ``cnewton.solve`` (tabular/_newton.c), one thread and two,
+``fastnewton.solve`` (numpy) and ``cnewton.solve`` (tabular/fast/_newton.c), one thread and two,
 in one process; prints the seconds, the ratio and the largest difference of the optima
 (centred logits). Then PMLE's two-start solve without and with the one-start certificate.
 Run: ``python benchmarks/toy_newton.py [--preset paper]``.
@@ -17,8 +17,10 @@ import time
 import numpy as np
 
 from distalign.hostspeed import describe, host_speed
-from distalign.tabular import cnewton, fast, fastnewton
 from distalign.tabular.config import ToyConfig
+from distalign.tabular.fast import compiled as cnewton
+from distalign.tabular.fast import engine as fast
+from distalign.tabular.fast import newton as fastnewton
 
 
 def timed(fn, *args, **kw) -> tuple[float, object]:

@@ -84,7 +84,7 @@ def main() -> None:
              "io_plot": "I/O and plot"}
     for key in ("startup", "newton", "closed_forms", "selection", "io_plot"):
         print(f"  {names[key]:<34} {best[key]:6.2f} s")
-    print(f"Newton solver: {best['solver']} (tabular/_newton.c when built, else numpy)")
+    print(f"Newton solver: {best['solver']} (tabular/fast/_newton.c when built, else numpy)")
     print("forward KL at n = 2^16 (oracle β): "
           + ", ".join(f"{m} {v:.3g}" for m, v in best["fkl"].items()))  # type: ignore[union-attr]
 

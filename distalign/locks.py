@@ -17,8 +17,10 @@ from distalign.errors import ConfigError
 
 
 def run_dir_lock(run_dir: str | Path) -> contextlib.AbstractContextManager[None]:
-    """The lock of a run directory (``DIR/.lock``), held while a process trains into it."""
-    return _exclusive(Path(run_dir) / ".lock", f"run directory {run_dir}")
+    """The lock of a run directory, held while a process trains into it: ``.NAME.lock``
+    beside it, so that taking it writes nothing into a run that may yet fail to start."""
+    d = Path(run_dir)
+    return _exclusive(d.with_name(f".{d.name}.lock"), f"run directory {run_dir}")
 
 
 def file_lock(path: str | Path) -> contextlib.AbstractContextManager[None]:

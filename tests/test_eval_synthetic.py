@@ -107,7 +107,7 @@ def test_kl_estimate_matches_exact_within_se(world_run):
 
 
 def test_oracle_rules_outside_the_response_space(tmp_path):
-    from distalign.eval.judges.oracle import OracleJudge
+    from distalign.synthetic.oracle import OracleJudge
 
     judge = OracleJudge()
     w = judge.world

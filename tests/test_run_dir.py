@@ -28,6 +28,17 @@ def test_config_difference_ignores_only_horizon_and_logging_keys():
     assert config_difference(old, {**old, "run": {"max_steps": 50, "batch_size": 4}}) == []
 
 
+def test_a_setting_added_since_an_old_run_counts_as_its_default():
+    # a run made before AlgoConfig.update_epochs existed continues (same maths)...
+    old = {"method": "dpo", "algo": {"gamma": 0.1}}
+    assert config_difference(old, {"method": "dpo", "algo": {"gamma": 0.1,
+                                                             "update_epochs": 1}}) == []
+    # ...but not if the new value is not the default the old run implied
+    assert config_difference(old, {"method": "dpo", "algo": {"gamma": 0.1,
+                                                             "update_epochs": 2}}) == [
+        "algo.update_epochs: 1 → 2"]
+
+
 def test_another_config_in_the_same_run_dir_is_refused(make_config, tmp_path):
     run_dir = tmp_path / "run"
     train(make_config("dpo", run_dir, "run.save_every=1"))

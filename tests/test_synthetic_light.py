@@ -102,3 +102,35 @@ def test_engine_trains_the_light_class_to_a_small_exact_rm_kl(tmp_path):
     assert isinstance(again, LightRewardModel)
     m = reward_metrics(ev.reward_scores(again), world.logp_star(), world.gamma)
     assert m["rm_kl_fwd"] == pytest.approx(last["synthetic/rm_kl_fwd"], abs=1e-6)
+
+
+def test_a_fresh_distalign_eval_process_loads_a_saved_light_reward_model(tmp_path):
+    # the type is registered at load time (entry point), not by some earlier import
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from distalign.synthetic.lm import save_policy, world_policy
+
+    world = build_world()
+    tok = world_tokenizer(world)
+    light = save_light_init(world, tok, tmp_path / "light")
+    policy = save_policy(world_policy(tok), tok, tmp_path / "pi")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in world.prompts[:3]))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    gens = tmp_path / "g.jsonl"
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "distalign", *args], capture_output=True,
+                              text=True, env=env, timeout=300)
+
+    made = cli("generate", str(policy), "--prompts", str(prompts), "--out", str(gens),
+               "gen.max_new_tokens=4", "--no-progress")
+    assert made.returncode == 0, made.stderr
+    ev = cli("eval", str(gens), "--reward-model", str(light), "--no-progress")
+    assert ev.returncode == 0, ev.stderr
+    result = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    # the untrained light scorer: 0 on reachable features, −10 per unreachable one
+    assert math.isfinite(result["metrics"]["eval/rm_score"])

@@ -186,6 +186,6 @@ def toy(
     console.print(f"ran in {results.seconds:.1f} s; table: {paths['json']} and {paths['csv']}; "
                   f"plot: {paths['figure']}")
     if results.solver == "numpy":
-        console.print("note: the compiled Newton solver (tabular/_newton.c) is not built, so "
+        console.print("note: the compiled Newton solver (tabular/fast/_newton.c) is not built, so "
                       "numpy's ran (the same results, about 2x slower); reinstall with a C "
                       "compiler, e.g. `pip install -e .`")

@@ -4,9 +4,12 @@ checkpoint is of the right kind. The reference π₀ is :mod:`distalign.lm.refer
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -137,6 +140,30 @@ def _check_local(path: str, what: str) -> None:
         raise ConfigError(f"cannot load {what} from {path!r}: no such directory")
 
 
+MODEL_TYPES = "distalign.model_types"
+
+
+def register_model_type(path: str) -> None:
+    """Register a model type that transformers does not know but a distalign package defines
+    (the synthetic world's light reward model), through the ``distalign.model_types`` entry
+    point named by the checkpoint's ``model_type``: explicit at every load, so a fresh
+    ``distalign eval`` process loads what a training process saved."""
+    config = Path(os.path.expanduser(path)) / "config.json"
+    if not config.is_file():
+        return
+    try:
+        model_type = json.loads(config.read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return  # transformers reports an unreadable config itself
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if not model_type or model_type in CONFIG_MAPPING:
+        return
+    for ep in entry_points(group=MODEL_TYPES):
+        if ep.name == model_type:
+            ep.load()()
+
+
 def _from_pretrained(
     auto_cls: Any, path: str, cfg: ModelConfig, what: str, head: str = "new-ok", **extra: Any
 ) -> Any:
@@ -145,6 +172,7 @@ def _from_pretrained(
     wrong), "warn" (a trained head starts from scratch) or "new-ok" (expected: a new RM)."""
     kwargs = _common_kwargs(cfg) | extra | {"output_loading_info": True}
     _check_local(path, what)
+    register_model_type(path)
     if cfg.gguf_file and path == cfg.name_or_path:
         kwargs["gguf_file"] = cfg.gguf_file
     try:

@@ -1,6 +1,4 @@
-"""A ground-truth language world: known π*, enumerable responses, exact metrics (DESIGN.md).
-
-Importing it registers the light reward class (``light.py``) with transformers' Auto classes.
+"""A ground-truth language world: known π*, enumerable responses, exact metrics.
 
 >>> from distalign.synthetic import build_world
 >>> world = build_world()

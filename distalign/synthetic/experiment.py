@@ -132,6 +132,9 @@ def _target(ev: ExactEvaluator, job: dict[str, Any]) -> torch.Tensor | None:
         return None
     from transformers import AutoModelForSequenceClassification
 
+    from distalign.lm.models import register_model_type
+
+    register_model_type(rm)  # a light reward model's type
     table = ev.reward_scores(AutoModelForSequenceClassification.from_pretrained(rm))
     return fixed_point(job["method"], job["params"], table, ev.logp_ref, ev.world.gamma)
 

@@ -13,8 +13,10 @@ that linear class, R̂(x, a) = b[x] + Σ_k w[x, k, prev_k, a_k] (the sum include
 Bradley–Terry cannot see; it lets the same class serve as a PPO value model (V(s_t) is the
 partial sum up to token t, which telescopes to any function of the Markov state).
 
-It is an ordinary ``transformers`` sequence classifier (registered with the Auto classes on
-import), so the engine trains, saves, reloads and scores it like any reward model:
+It is an ordinary ``transformers`` sequence classifier, registered with the Auto classes by
+:func:`register`, which ``distalign.lm.models`` calls (entry point ``distalign.model_types``)
+in any process that loads a saved one, so the engine trains, saves, reloads and scores it like
+any reward model:
 ``distalign.lm.scoring`` applies the head ``score`` to the backbone's per-position output and
 reads it at the last real token, which is the full sum.
 """
@@ -145,8 +147,11 @@ class LightRewardModel(PreTrainedModel):
         return SequenceClassifierOutput(logits=logits)
 
 
-AutoConfig.register(LightRewardConfig.model_type, LightRewardConfig, exist_ok=True)
-AutoModelForSequenceClassification.register(LightRewardConfig, LightRewardModel, exist_ok=True)
+def register() -> None:
+    """Make ``AutoModelForSequenceClassification`` load saved light scorers (idempotent)."""
+    AutoConfig.register(LightRewardConfig.model_type, LightRewardConfig, exist_ok=True)
+    AutoModelForSequenceClassification.register(LightRewardConfig, LightRewardModel,
+                                                exist_ok=True)
 
 
 def light_reward_model(world: World, tokenizer: Any) -> LightRewardModel:

@@ -117,7 +117,8 @@ class World:
         """Write ``world.json`` (the config suffices: the world is deterministic in it)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"world": asdict(self.config)}, indent=2) + "\n")
+        data = {"kind": "synthetic", "world": asdict(self.config)}
+        path.write_text(json.dumps(data, indent=2) + "\n")
         return path
 
     @classmethod

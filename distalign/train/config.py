@@ -85,6 +85,12 @@ def _schema(method: str) -> Any:
     return OmegaConf.structured(TrainConfig(method=method, algo=_algo_class(method)()))
 
 
+def default_config(method: str) -> dict[str, Any]:
+    """Every setting of ``method`` at its default, as a plain dict (what a key missing from an
+    older run's config.yaml meant when that run was made)."""
+    return OmegaConf.to_container(_schema(method), resolve=False)  # type: ignore[return-value]
+
+
 def load_config(
     method: str,
     config: str | Path | dict | None = None,

@@ -22,9 +22,10 @@ from typing import Any
 
 import yaml
 
-from distalign.errors import ConfigError, DataError
+from distalign.errors import ConfigError, DataError, DistalignError
 from distalign.lm.fingerprint import weights_fingerprint
 from distalign.train.checkpoint import latest_checkpoint
+from distalign.train.config import default_config
 
 log = logging.getLogger("distalign")
 
@@ -106,8 +107,15 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def config_difference(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """``["key: old → new", ...]`` for settings that change what a run computes."""
+    """``["key: old → new", ...]`` for settings that change what a run computes. A setting that
+    the old run's config lacks (added to distalign since) counts as its default."""
     a, b = _flat(old), _flat(new)
+    if isinstance(new.get("method"), str):
+        try:
+            defaults = _flat(default_config(new["method"]))
+        except DistalignError:  # an unknown method: nothing to fill in
+            defaults = {}
+        a = {**{k: v for k, v in defaults.items() if k in b}, **a}
     keys = sorted(set(a) | set(b), key=lambda k: (k != "method", k))
     return [f"{k}: {a.get(k, '<unset>')!r} → {b.get(k, '<unset>')!r}"
             for k in keys if k not in HORIZON_KEYS and a.get(k) != b.get(k)]

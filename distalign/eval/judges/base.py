@@ -6,7 +6,8 @@ the paper's preference model, eq. (3), as seen by the judge). Specs (``--judge``
 - ``reward:DIR``: σ(R̂(a) − R̂(ref)) under a trained reward model (:mod:`.reward`);
 - ``hf:DIR`` or ``hf:DIR@FILE.gguf``: a local causal LM reading P("A") vs P("B") (:mod:`.hf`);
 - ``openai:MODEL`` with ``judge_url``: any OpenAI-compatible server (:mod:`.openai`);
-- ``oracle`` or ``oracle:WORLD.json``: the synthetic world's exact π* (:mod:`.oracle`).
+- ``oracle`` or ``oracle:WORLD.json``: a world's exact π* (the synthetic world by default;
+  each world registers its oracle, see :mod:`.factory`).
 
 LLM judges see a pair in **both orders** (output as A, then as B): position bias cancels in the
 average, and the flip rate (the verdict changes with the order) measures it. Single-order

@@ -4,6 +4,7 @@ P(a ≻ b | x) = σ(γ · ln π*(a|x)/π*(b|x)), with π* the world's known targ
 the response space 𝒜 have π* = 0, so (as in ``distalign.synthetic.metrics``) a valid response
 beats an invalid one with probability 1 and two invalid ones tie at ½. ``oracle`` uses the
 default world; ``oracle:PATH`` reads a ``world.json`` (as written next to a synthetic grid).
+Eval finds it through the ``distalign.oracles`` entry point ``synthetic`` (:func:`oracle_judge`).
 """
 
 from __future__ import annotations
@@ -11,18 +12,18 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from distalign.errors import ConfigError, DataError
 from distalign.eval.judges.base import Pair, Verdict
 from distalign.eval.judges.reward import sigmoid
+from distalign.synthetic.world import World, build_world
 
 
 class OracleJudge:
     template_id = None
 
     def __init__(self, world_path: str | None = None) -> None:
-        from distalign.synthetic.world import World, build_world
-
         if world_path is None:
             self.world = build_world()
             self.id = "oracle"
@@ -57,3 +58,9 @@ class OracleJudge:
     def judge(self, pairs: Sequence[Pair], progress: bool = True) -> list[Verdict]:
         self.calls += len(pairs)
         return [Verdict(self.prob(p.prompt, p.output, p.reference)) for p in pairs]
+
+
+def oracle_judge(world_path: str | None, **kwargs: Any) -> OracleJudge:
+    """Entry point ``distalign.oracles: synthetic`` (eval's other keyword arguments, such as
+    its cache, do not concern an exact judge)."""
+    return OracleJudge(world_path)
