@@ -178,3 +178,44 @@ def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, tor
             ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
             mask[i, width - len(s) :] = 1
     return ids, mask
+
+
+# Preference rows in the tiny vocabulary, for `python -m distalign.testing DIR` (a starting point
+# for trying the CLI: the README's walk-through).
+EXAMPLE_PAIRS = (
+    ("what is a good name for a cat", "the cat is good", "no"),
+    ("the dog is", "a good dog", "bad bad"),
+    ("how was your day", "it was a great day", "day"),
+    ("my house is big", "yes it is", "no it is not big at all"),
+    ("where is the moon", "the moon is there", "i do not"),
+    ("you are good", "thank you", "you"),
+    ("who is that man", "he is my first man", "no one"),
+    ("what can i do", "you can do it", "nothing"),
+)
+
+
+def write_example(directory: str | Path) -> dict[str, Path]:
+    """A tiny policy, a tiny reward model, preference pairs and held-out prompts in
+    ``directory``: everything the CLI needs, built in a second with no download."""
+    import json
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Writing model shards" bars, for two tiny files
+    root = Path(directory)
+    paths = {"policy": save_tiny_checkpoint(root / "tiny-policy", seed=0),
+             "reward": save_tiny_checkpoint(root / "tiny-reward", seed=2, reward=True)}
+    pairs = [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in EXAMPLE_PAIRS]
+    paths["pairs"] = root / "pairs.jsonl"
+    paths["pairs"].write_text("".join(json.dumps(r) + "\n" for r in pairs))
+    paths["prompts"] = root / "heldout.jsonl"
+    paths["prompts"].write_text("".join(
+        json.dumps({"prompt": r["prompt"], "reference": r["chosen"]}) + "\n" for r in pairs))
+    return paths
+
+
+if __name__ == "__main__":
+    import sys
+
+    for name, path in write_example(sys.argv[1] if len(sys.argv) > 1 else "example").items():
+        print(f"{name}: {path}")

@@ -12,7 +12,8 @@ import typer
 from distalign.cli._app import app
 from distalign.errors import DistalignError, Interrupted
 
-_COMMAND_MODULES = ("toy", "train", "generate", "eval", "report", "synthetic", "pipeline")
+_COMMAND_MODULES = ("toy", "train", "generate", "eval", "report", "synthetic", "tilted",
+                    "pipeline")
 
 
 def _register(argv: list[str]) -> None:
