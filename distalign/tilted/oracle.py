@@ -113,6 +113,26 @@ class TiltedOracleJudge:
         tilt = log_tilt(lp, r, self.world.beta_star).tolist()
         return tilt[: len(pairs)], tilt[len(pairs):]
 
+    def measure(self, rows: Sequence[dict[str, Any]], base_rows: Sequence[dict[str, Any]],
+                policy_model: str | None = None, meta: dict[str, Any] | None = None,
+                base_meta: dict[str, Any] | None = None) -> dict[str, float]:
+        """The world's ``tilted/*`` metrics of a generations file (``rows``, π̂'s samples with
+        ``output_logprob``) against π₀'s generations on the same prompts (``base_rows``): see
+        :func:`distalign.tilted.evaluate.generation_measures`. ``policy_model`` (π̂'s
+        directory) adds the forward KL; the sidecars' ``gen`` are checked against the world's
+        sampling settings."""
+        from distalign.tilted.evaluate import check_sampling, generation_measures
+        from distalign.tilted.pi0 import load_pi0
+
+        check_sampling(self.world, (meta or {}).get("gen"), "the policy's generations")
+        check_sampling(self.world, (base_meta or {}).get("gen"), "π₀'s generations")
+        policy = None
+        if policy_model is not None:
+            policy = self.model if policy_model == self.world.pi0_spec else load_pi0(
+                policy_model)[0]
+        return generation_measures(self.world, self.model, self.tok, self.gold, rows, base_rows,
+                                   policy, batch_size=self.batch_size)
+
     def judge(self, pairs: Sequence[Pair], progress: bool = True) -> list[Verdict]:
         from distalign.eval.judges.reward import sigmoid
 
