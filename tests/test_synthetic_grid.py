@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from distalign.pipeline.synthetic_grid import run_grid
 from distalign.synthetic.adapt import selection_keys
 from distalign.synthetic.config import Convergence, Stage, SyntheticConfig
-from distalign.synthetic.experiment import run_grid
+from distalign.synthetic.experiment import cell_data, make_job, prepare_world, run_job
 from distalign.synthetic.world import WorldConfig
 
 TINY = SyntheticConfig(
@@ -40,9 +41,16 @@ TINY = SyntheticConfig(
 )
 
 
-def test_miniature_grid_adapts_writes_results_and_reuses_finished_runs(tmp_path):
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, list[str]]:
+    """The miniature grid, run once for the module: (output directory, results, log lines)."""
+    out = tmp_path_factory.mktemp("grid")
     logs: list[str] = []
-    res = run_grid(TINY, tmp_path, log=logs.append)
+    return out, run_grid(TINY, out, log=logs.append), logs
+
+
+def test_miniature_grid_adapts_writes_results_and_reuses_finished_runs(grid):
+    tmp_path, res, logs = grid
     runs = res["runs"]
     assert {r["variant"] for r in runs} == {"offline", "standard", "light"}
     for r in runs:
@@ -100,6 +108,30 @@ def test_miniature_grid_adapts_writes_results_and_reuses_finished_runs(tmp_path)
     assert all(r["seconds"] == 0.0 for r in again["runs"])
     assert len(again["runs"]) == len(runs)
     assert json.dumps(again["methods"]) == json.dumps(res["methods"])
+
+
+def test_run_job_reuses_a_finished_run_and_overwrite_trains_it_again(grid):
+    """run_job reads a finished run through distalign.train.rundir; --overwrite retrains it
+    (the engine alone would keep a run finished with this very config) without leaving
+    ``run.overwrite`` in its config.yaml, so a later plain call reuses it again."""
+    out, res, _ = grid
+    setup = prepare_world(TINY, out, log=lambda _: None)
+    cells = cell_data(TINY, setup["world"], setup["logp_ref"], out, seed=0)
+    old = next(r for r in res["runs"]
+               if r["method"] == "pmle" and r["n"] == 64 and r["params"] == {"beta": 1.0})
+    job = make_job(TINY, setup, cells[(64, 0)], ("offline", "pmle", 64, 0), old["params"], 0,
+                   out)
+    again = run_job(job)
+    assert again["reused"] and again["seconds"] == 0.0
+    assert again["metrics"] == pytest.approx(old["metrics"], rel=1e-12)
+    summary = Path(again["run_dir"]) / "summary.json"
+    before = summary.stat().st_mtime_ns
+    fresh = run_job({**job, "overwrite": True})
+    assert not fresh["reused"] and summary.stat().st_mtime_ns > before
+    # same seed, data and config on CPU: the retrained run reproduces the first one
+    assert fresh["metrics"]["kl_fwd"] == pytest.approx(old["metrics"]["kl_fwd"], rel=1e-6)
+    assert "overwrite: true" not in (summary.parent / "config.yaml").read_text()
+    assert run_job(job)["reused"]
 
 
 def test_cli_rejects_bad_arguments(tmp_path):

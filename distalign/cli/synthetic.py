@@ -51,8 +51,8 @@ def synthetic(
         bool, typer.Option("--overwrite", help="retrain runs that already finished in --out")
     ] = False,
 ) -> None:
+    from distalign.pipeline.synthetic_grid import run_grid
     from distalign.synthetic.config import default_config, quick_config
-    from distalign.synthetic.experiment import run_grid
 
     kwargs: dict = {}
     if methods:

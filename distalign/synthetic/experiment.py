@@ -1,4 +1,4 @@
-"""``distalign synthetic``: train every method through the ordinary engine in the known world.
+"""One engine run of ``distalign synthetic`` and the world's side of its grid.
 
 Layout of the output directory ``out``::
 
@@ -9,12 +9,10 @@ Layout of the output directory ``out``::
     runs/n{n}-s{seed}/light/   the light variant's reward/ and on-policy runs
     synthetic_results.json, synthetic_table.md, claims.md, synthetic_kl.png, ...
 
-Order: π₀ by SFT (once); then per (n, seed) the reward models and the offline methods; each
-on-policy run starts as soon as its cell's reward model is done. Runs are independent engine
-calls (``load_config`` + ``train``) scheduled by the pipeline runner over ``workers`` processes
-with one torch thread each. Then up to ``1 + max(max_raises, max_extensions)`` rounds: after
-each, ``adapt`` raises the step budget of on-policy runs that did not converge and extends
-grids whose selected point is on an edge; finished runs are reused, new ones trained.
+Here: π₀ by SFT and the nested data (:func:`prepare_world`, :func:`cell_data`), the spec of
+each engine run (:func:`make_job`) and the run itself (:func:`run_job`: ``load_config`` +
+``train`` with the exact-metrics callback). Scheduling the runs and adapting the grid between
+rounds is a pipeline plan: ``distalign.pipeline.synthetic_grid``.
 """
 
 from __future__ import annotations
@@ -29,10 +27,7 @@ from typing import Any
 
 import torch
 
-from distalign.pipeline.runner import Outcome, run_stages
-from distalign.pipeline.runner import Stage as RunStage
 from distalign.synthetic import adapt
-from distalign.synthetic.adapt import adapt_plan, current
 from distalign.synthetic.adapt import tag as _tag
 from distalign.synthetic.config import ONLINE, Stage, SyntheticConfig
 from distalign.synthetic.labels import (
@@ -53,11 +48,14 @@ from distalign.synthetic.metrics import (
     rlhf_floor,
 )
 from distalign.synthetic.world import World, WorldConfig, build_world
+from distalign.train import load_config, train
+from distalign.train.config import to_yaml
+from distalign.train.rundir import clear_run, is_finished, read_metrics
 
 Log = Callable[[str], None]
 
 
-def _quiet(threads: int | None = None) -> None:
+def quiet(threads: int | None = None) -> None:
     """Silence per-run progress bars (hundreds of runs) and pin torch threads."""
     import datasets
     import transformers
@@ -83,7 +81,8 @@ def _stage_run(stage: Stage, n: int, level: int, factor: int) -> dict[str, Any]:
     return run
 
 
-def _engine_config(cfg: SyntheticConfig, stage_run: dict, stage: Stage, **sections: Any):
+def _engine_config(cfg: SyntheticConfig, stage_run: dict, stage: Stage,
+                   **sections: Any) -> dict[str, Any]:
     """A config dict for ``load_config``: the world's generation and length settings, the
     stage's run/optim settings, then the per-run sections (model, data, run, algo)."""
     L = cfg.world.max_len
@@ -146,32 +145,30 @@ def _convergence(job: dict[str, Any], curve: list[float]) -> dict[str, Any]:
 
 
 def run_job(job: dict[str, Any]) -> dict[str, Any]:
-    """One engine run with the exact-metrics callback; reuses a finished run directory."""
-    from distalign.train import load_config, train
-
-    run_dir = Path(job["config"]["run"]["output_dir"]) / job["config"]["run"]["name"]
+    """One engine run with the exact-metrics callback. A run directory that finished this very
+    config is reused (read through ``distalign.train.rundir``); a raised budget continues its
+    run from the last checkpoint (the engine resumes under a longer horizon)."""
+    config = load_config(job["method"], job["config"])
+    run_dir = config.run_dir
     record = {k: job[k] for k in ("method", "variant", "n", "seed", "tag", "params", "level")}
     record["run_dir"] = str(run_dir)
-    summary = run_dir / "summary.json"
-    steps = job["config"]["run"].get("max_steps")
-    done = summary.exists() and not job.get("overwrite") and (
-        steps is None or json.loads(summary.read_text()).get("step", 0) >= steps)
-    if done:
-        metrics = json.loads(summary.read_text())["metrics"]
-        record.update(metrics=_synthetic(metrics), seconds=0.0, reused=True)
+    if not job.get("overwrite") and is_finished(run_dir, to_yaml(config)):
+        last = read_metrics(run_dir)[-1]  # the final step is always evaluated and logged
+        record.update(metrics=_synthetic(last), seconds=0.0, reused=True)
     else:
-        _quiet(job.get("threads"))
+        if job.get("overwrite"):  # not run.overwrite: config.yaml must stay this job's config
+            clear_run(run_dir, "distalign synthetic --overwrite")
+        quiet(job.get("threads"))
         ev = _evaluator(job["world"], job["pi0"], job["logp_ref"])
         val = PairSet(*(torch.tensor(job["val"][k]) for k in ("x", "chosen", "rejected")))
         callback = ExactMetricsCallback(ev, val, target=_target(ev, job))
         t0 = time.perf_counter()
-        train(load_config(job["method"], job["config"]), callbacks=[callback])
+        train(config, callbacks=[callback])
         last = {k: v for k, v in callback.history[-1].items() if k != "step"}
         record.update(metrics=_synthetic(last), seconds=time.perf_counter() - t0, reused=False)
     if job["method"] in ONLINE:  # the whole curve, across a continued run's two parts
-        rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        record.update(_convergence(job, [r["synthetic/obj_gap"] for r in rows
-                                         if "synthetic/obj_gap" in r]))
+        curve = [r["synthetic/obj_gap"] for r in read_metrics(run_dir) if "synthetic/obj_gap" in r]
+        record.update(_convergence(job, curve))
     return record
 
 
@@ -192,9 +189,7 @@ def prepare_world(cfg: SyntheticConfig, out: Path, log: Log = print) -> dict[str
         sft_records(world, world.logp_sft(), cfg.sft_samples, cfg.world.seed),
     )
     pi0 = out / "pi0" / "final"
-    if not (out / "pi0" / "summary.json").exists():
-        from distalign.train import load_config, train
-
+    if not is_finished(out / "pi0"):
         log(f"π₀: SFT on {cfg.sft_samples} samples of π_sft")
         econf = _engine_config(
             cfg, _stage_run(cfg.sft, cfg.sft_samples, 0, 1), cfg.sft,
@@ -222,7 +217,8 @@ def prepare_world(cfg: SyntheticConfig, out: Path, log: Log = print) -> dict[str
     }
 
 
-def _cell_data(cfg: SyntheticConfig, world: World, logp_ref: torch.Tensor, out: Path, seed: int):
+def cell_data(cfg: SyntheticConfig, world: World, logp_ref: torch.Tensor, out: Path,
+              seed: int) -> dict[tuple[int, int], dict[str, Any]]:
     """Nested data for one seed: D_n is the first n of one draw, so sizes share their pairs."""
     n_max = max(cfg.sizes)
     train_pairs = sample_pairs(world, logp_ref, n_max, seed=10_000 + seed)
@@ -239,19 +235,21 @@ def _cell_data(cfg: SyntheticConfig, world: World, logp_ref: torch.Tensor, out: 
     return cells
 
 
-def _cell_dir(out: Path, n: int, seed: int, variant: str) -> Path:
-    base = out / "runs" / f"n{n}-s{seed}"
-    return base / "light" if variant == "light" else base
+def cell_name(variant: str, n: int, seed: int) -> str:
+    """A cell's runs folder below ``out/runs`` (the light variant's runs sit in light/)."""
+    return f"n{n}-s{seed}" + ("/light" if variant == "light" else "")
 
 
-def _job(cfg, setup, cell, key, params, level, out, overwrite=False, threads=1):
+def make_job(cfg: SyntheticConfig, setup: dict[str, Any], cell: dict[str, Any],
+             key: tuple[str, str, int, int], params: dict[str, float], level: int, out: Path,
+             overwrite: bool = False, threads: int | None = 1) -> dict[str, Any]:
     """The runner spec of one engine run; ``key`` = (variant, method, n, seed)."""
     variant, method, n, seed = key
     stage = (cfg.reward_stage(variant) if method == "reward"
              else cfg.online if method in ONLINE else cfg.offline)
     factor = cfg.convergence.raise_factor
     tag = "reward" if method == "reward" else f"{method}-{_tag(params)}"
-    cdir = _cell_dir(out, n, seed, variant)
+    cdir = out / "runs" / cell_name(variant, n, seed)
     if method == "reward":
         model = {"name_or_path": setup["light_init"] if variant == "light" else setup["pi0"]}
     else:
@@ -287,117 +285,3 @@ def initial_plan(cfg: SyntheticConfig) -> dict[tuple, dict[str, Any]]:
                     plan[(v, m, n, s)] = {"points": [[dict(p), 0] for p in cfg.grids[m]],
                                           "ext": {"low": 0, "high": 0}}
     return plan
-
-
-def run_grid(
-    cfg: SyntheticConfig, out: str | Path, overwrite: bool = False, log: Log = print
-) -> dict[str, Any]:
-    """Run the grid in adaptive rounds (at most 1 + raises + 2·extensions); returns (and
-    writes) the results."""
-    from distalign.synthetic.results import summarise, write_outputs
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    t_start = time.perf_counter()
-    _quiet()
-    setup = prepare_world(cfg, out, log)
-    cells: dict[tuple[int, int], Any] = {}
-    for seed in cfg.seeds:
-        cells.update(_cell_data(cfg, setup["world"], setup["logp_ref"], out, seed))
-    threads = 1 if cfg.workers > 1 else None
-    plan, events = _load_plan(cfg, out / "plan.json")
-    # every raise and every extension needs a round; the last round's runs are final
-    rounds = 1 + cfg.convergence.max_raises + 2 * cfg.max_extensions
-    for r in range(rounds):
-        stages = _stages(cfg, setup, cells, plan, out, overwrite, threads)
-        records = _execute(stages, cfg.workers, overwrite and r == 0, log)
-        new = adapt_plan(cfg, plan, records) if r < rounds - 1 else []
-        for e in new:
-            e["round"] = r + 1
-            log(f"after round {r + 1}: {e['what']} for {e['variant']} {e['method']} n={e['n']}"
-                f" seed={e['seed']}: {e['detail']}")
-        events += new
-        _save_plan(cfg, out / "plan.json", plan, events)
-        if not new:
-            break
-    results = summarise(cfg, setup, current(plan, records), events, records,
-                        time.perf_counter() - t_start)
-    write_outputs(results, out)
-    log(f"elapsed: {results['seconds']:.0f} s wall for {len(records)} engine runs")
-    return results
-
-
-def _fingerprint(cfg: SyntheticConfig) -> str:
-    return json.dumps({k: v for k, v in asdict(cfg).items() if k != "workers"}, sort_keys=True,
-                      default=str)
-
-
-def _load_plan(cfg: SyntheticConfig, path: Path) -> tuple[dict, list[dict]]:
-    """The adapted grid of an earlier call with the same config (so a rerun reuses its runs
-    instead of re-deciding from longer-trained ones), else the initial grid."""
-    if path.exists():
-        saved = json.loads(path.read_text())
-        if saved.get("config") == _fingerprint(cfg):
-            return {tuple(k): g for k, g in saved["plan"]}, saved["events"]
-    return initial_plan(cfg), []
-
-
-def _save_plan(cfg: SyntheticConfig, path: Path, plan: dict, events: list[dict]) -> None:
-    data = {"config": _fingerprint(cfg), "plan": [[list(k), g] for k, g in plan.items()],
-            "events": events}
-    path.write_text(json.dumps(data, indent=1) + "\n")
-
-
-def _stages(cfg, setup, cells, plan, out, overwrite, threads) -> list[RunStage]:
-    def job(key, params, level=0):
-        return _job(cfg, setup, cells[key[2:]], key, params, level, out, overwrite, threads)
-
-    # biggest cells first: their runs are the longest, so they should not start last
-    order = sorted(cells, key=lambda c: (-c[0], c[1]))
-    needs_rm = any(m in ONLINE for m in cfg.methods)
-    stages = [_stage(job((v, "reward", n, s), {})) for n, s in order
-              if needs_rm and n >= cfg.online_min_n
-              for v in cfg.reward_classes]
-    for n, s in order:
-        for (v, m, gn, gs), group in plan.items():
-            if (gn, gs) != (n, s):
-                continue
-            deps = (f"{_cell_name(v, n, s)}/reward",) if m in ONLINE else ()
-            for params, level in group["points"]:
-                stages.append(_stage(job((v, m, n, s), params, level), deps))
-    return stages
-
-
-def _cell_name(variant: str, n: int, seed: int) -> str:
-    return f"n{n}-s{seed}" + ("/light" if variant == "light" else "")
-
-
-def _stage(job: dict[str, Any], deps: tuple[str, ...] = ()) -> RunStage:
-    run = job["config"]["run"]
-    return RunStage(name=f"{_cell_name(job['variant'], job['n'], job['seed'])}/{job['tag']}",
-                    kind="train", target="distalign.synthetic.experiment:run_job",
-                    spec={"job": job}, out=Path(run["output_dir"]) / run["name"], deps=deps)
-
-
-def _execute(stages: list[RunStage], workers: int, overwrite: bool, log: Log) -> list[dict]:
-    """Run the grid's stages through the pipeline runner (one scheduler in the codebase)."""
-    records: list[dict] = []
-    fresh = [0]
-
-    def done(outcome: Outcome) -> None:
-        rec = dict(outcome.result)
-        if outcome.reused:
-            rec.update(seconds=0.0, reused=True)
-        records.append(rec)
-        if rec.get("reused"):
-            return
-        fresh[0] += 1
-        m = rec["metrics"]
-        kl = m.get("kl_fwd", m.get("rm_kl_fwd", float("nan")))
-        conv = "" if "converged" not in rec else (
-            ", converged" if rec["converged"] else ", NOT converged")
-        log(f"[{len(records)}/{len(stages)}] {rec['variant']} n={rec['n']} seed={rec['seed']} "
-            f"{rec['tag']}: KL(π*‖·)={kl:.4f} ({rec['seconds']:.0f}s{conv})")
-
-    run_stages(stages, workers=workers, force=overwrite, log=lambda _: None, on_done=done)
-    return records

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from distalign.synthetic.results import NAMES
+from distalign.eval.report import METHOD_NAMES
 
 
 def _curves(ax: Any, rows: dict[str, Any], metric: str) -> None:
@@ -17,7 +17,7 @@ def _curves(ax: Any, rows: dict[str, Any], metric: str) -> None:
         for kind, style in (("leak_aware", "-o"), ("oracle", ":")):
             mu = [row["by_n"][str(n)][kind][metric]["mean"] for n in ns]
             sd = [row["by_n"][str(n)][kind][metric]["std"] for n in ns]
-            label = NAMES.get(m, m) if kind == "leak_aware" else None
+            label = METHOD_NAMES.get(m, m) if kind == "leak_aware" else None
             ax.errorbar(ns, mu, yerr=sd, fmt=style, color=f"C{i}", capsize=3, label=label,
                         alpha=1.0 if kind == "leak_aware" else 0.6, ms=4)
     ax.set_xscale("log", base=2)

@@ -16,20 +16,15 @@ from pathlib import Path
 from statistics import mean, stdev
 from typing import Any
 
+from distalign.eval.report import METHOD_NAMES
 from distalign.synthetic.adapt import at_edge, selection_keys
+from distalign.synthetic.claims import claims, claims_markdown, slope_text
 from distalign.synthetic.config import ONLINE, SEARCHED
+from distalign.synthetic.plots import plot
 
 METRICS = ("kl_fwd", "kl_fwd_cond", "kl_rev", "kl_ref", "entropy", "leak", "win_ref", "win_star",
            "obj_gap")
 RULES = ("val", "leak_aware", "oracle")
-NAMES = {
-    "pmle": "PMLE",
-    "dpo": "DPO",
-    "distill": "Pref. distill.",
-    "rebel": "REBEL",
-    "rlhf": "RLHF",
-    "rkl": "Reverse KL",
-}
 
 
 def _ms(values: list[float | None]) -> dict[str, float]:
@@ -68,8 +63,6 @@ def _variants(cfg: Any) -> list[str]:
 
 def summarise(cfg: Any, setup: dict, groups: dict[tuple, list[dict]], events: list[dict],
               records: list[dict], seconds: float) -> dict[str, Any]:
-    from distalign.synthetic.claims import claims
-
     chosen = select(groups)
     table: dict[str, dict[str, Any]] = {}
     for variant in _variants(cfg):
@@ -141,8 +134,6 @@ def markdown_table(results: dict[str, Any]) -> str:
     """Per variant: forward KL (strict and on 𝒜) of the three choices, and the choices.
 
     Cells are the leak-aware choice's mean ± std over seeds, then [val choice; oracle]."""
-    from distalign.synthetic.claims import slope_text
-
     sizes = results["grid"]["sizes"]
     ref = results["reference"]
     head = "| method | " + " | ".join(f"n = {n}" for n in sizes) + " | slope (95% CI) |"
@@ -160,7 +151,7 @@ def markdown_table(results: dict[str, Any]) -> str:
                                  f"{_fmt(c['leak_aware'][metric])} [{c['val'][metric]['mean']:.3f}"
                                  f"; {c['oracle'][metric]['mean']:.3f}]")
                 slope = slope_text(results, variant, m, metric)
-                lines.append(f"| {NAMES.get(m, m)} | " + " | ".join(cells) + f" | {slope} |")
+                lines.append(f"| {METHOD_NAMES.get(m, m)} | " + " | ".join(cells) + f" | {slope} |")
             lines.append("")
         lines += [f"**{variant}: chosen grid points per seed** (val / leak-aware / oracle; "
                   "* = on a grid edge)", "", "| method | n | val | leak-aware | oracle |",
@@ -171,7 +162,8 @@ def markdown_table(results: dict[str, Any]) -> str:
                 parts = [", ".join(f"{p[name]:g}{'*' if e else ''}" for p, e in
                                    zip(c[f"{r}_params"], c[f"{r}_at_edge"], strict=True))
                          for r in RULES]
-                lines.append(f"| {NAMES.get(m, m)} ({name}) | {n} | " + " | ".join(parts) + " |")
+                lines.append(f"| {METHOD_NAMES.get(m, m)} ({name}) | {n} | "
+                             + " | ".join(parts) + " |")
         lines.append("")
     floor = ref["rlhf_floor_true_reward"]["kl_fwd"]
     lines += [f"Reference points: π₀ {ref['pi0']['kl_fwd']:.3f} (on 𝒜: "
@@ -188,16 +180,7 @@ def markdown_table(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def rewrite_outputs(out: str | Path) -> None:
-    """Regenerate the tables, claims and plots from an existing ``synthetic_results.json``."""
-    out = Path(out)
-    write_outputs(json.loads((out / "synthetic_results.json").read_text()), out)
-
-
 def write_outputs(results: dict[str, Any], out: Path) -> None:
-    from distalign.synthetic.claims import claims_markdown
-    from distalign.synthetic.plots import plot
-
     (out / "synthetic_results.json").write_text(json.dumps(results, indent=1) + "\n")
     (out / "synthetic_table.md").write_text(markdown_table(results))
     (out / "claims.md").write_text(claims_markdown(results))
