@@ -1,6 +1,6 @@
 """Collators: rows of token ids (from :func:`distalign.lm.data.prepare`) → padded torch batches.
 
-Batch conventions (shared/DESIGN.md, plan/INTERFACES.md): sequence batches are right-padded
+Batch conventions (every method and the engine rely on them): sequence batches are right-padded
 ``input_ids``/``attention_mask``/``response_mask`` with ``response_mask`` = 1 exactly on the
 response tokens (terminal EOS included); pair batches stack all chosen rows, then all rejected
 rows, in ONE ``[2B, L]`` tensor so that a single forward pass gives ln π(a|x) and ln π(b|x) for

@@ -116,16 +116,6 @@ class _Engine:
 _ENGINES: dict[str, _Engine] = {}
 
 
-def close_engines() -> None:
-    """Drop every cached engine (frees its KV cache and weights)."""
-    import gc
-
-    _ENGINES.clear()
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 def policy_weights(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
     """(checkpoint name, tensor) of the model π samples from; LoRA layers merged out of place.
 

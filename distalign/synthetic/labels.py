@@ -1,4 +1,4 @@
-"""Data of the synthetic world: oracle preference labels (SPEC §1.2) and SFT samples.
+"""Data of the synthetic world: oracle preference labels (eq. (3)) and SFT samples.
 
 Pairs follow the paper's generative story exactly: x ∼ Uniform(𝒳); a, b ∼ μ(·|x) i.i.d.; a wins
 with probability P_*(a ≻ b | x) = σ(γ · (ln π*(a|x) − ln π*(b|x))) computed from π*'s exact
@@ -38,7 +38,7 @@ class PairSet:
 
 
 def bt_probability(world: World, x: Tensor, a: Tensor, b: Tensor) -> Tensor:
-    """P_*(a ≻ b | x) = σ(γ · ln[π*(a|x)/π*(b|x)]), SPEC eq. (3)."""
+    """P_*(a ≻ b | x) = σ(γ · ln[π*(a|x)/π*(b|x)]), eq. (3)."""
     ls = world.logp_star()
     return torch.sigmoid(world.gamma * (ls[x, a] - ls[x, b]))
 
@@ -66,7 +66,7 @@ def pair_records(world: World, pairs: PairSet) -> list[dict[str, str]]:
 
 
 def prompt_records(world: World, pairs: PairSet) -> list[dict[str, str]]:
-    """The prompts of D_n alone, for the on-policy methods (SPEC eq. 15 uses only these)."""
+    """The prompts of D_n alone, for the on-policy methods (eq. (15) uses only these)."""
     return [{"prompt": world.prompts[int(x)]} for x in pairs.x]
 
 
@@ -86,7 +86,7 @@ def preference_loglik(logp_table: Tensor, pairs: PairSet, gamma: float) -> float
 
     This is the validation criterion of ``distalign synthetic``: it needs only labelled pairs and
     the known γ (never π*), and it is the population objective PMLE's consistency rests on
-    (SPEC Prop. 12), so it ranks every method on the same scale.
+    (Proposition 12), so it ranks every method on the same scale.
     """
     lq = logp_table.double()
     margin = gamma * (lq[pairs.x, pairs.chosen] - lq[pairs.x, pairs.rejected])

@@ -20,7 +20,7 @@
   fixed point under R̂ (RLHF/REBEL: π₀·exp(R̂/β); RKL/distill: (π₀^β·exp(R̂))^{1/(β+γ)}). It is
   the run's objective suboptimality divided by its temperature, evaluated exactly over the
   prompt distribution rather than on training batches; its plateau is the convergence rule.
-- ``win_ref`` / ``win_star``: the oracle win-rate Σ π̂(a) π₀(b) σ(γ Δ ln π*) of SPEC eq. (3),
+- ``win_ref`` / ``win_star``: the oracle win-rate Σ π̂(a) π₀(b) σ(γ Δ ln π*) of eq. (3),
   extended to all strings by the oracle's own rule: π*(a) = 0 outside 𝒜, so a valid response
   beats an invalid one with probability σ(+∞) = 1, and two invalid ones tie (½).
 
@@ -79,7 +79,7 @@ def exact_metrics(
 
 def reward_metrics(scores: Tensor, logp_star: Tensor, gamma: float) -> dict[str, float]:
     """Exact quality of a reward model R̂ through the LM it induces, π̃ ∝ exp(R̂/γ) on 𝒜
-    (SPEC eq. 8 and the preference simulator). ``rm_kl_fwd`` = E_x KL(π*‖π̃) is the error the
+    (eq. (8) and the paper's preference simulator). ``rm_kl_fwd`` = E_x KL(π*‖π̃) is the error the
     on-policy methods inherit (Thm 6/7's C_ℛ term); ``rm_corr`` is the per-prompt Pearson
     correlation of R̂ with ln π*, averaged over prompts."""
     r, ls = scores.double(), logp_star.double()
@@ -259,7 +259,7 @@ class ExactMetricsCallback:
 def rlhf_floor(logp_ref: Tensor, logp_star: Tensor, gamma: float) -> dict[str, float]:
     """The best forward KL reachable by the RLHF family with the *true* reward γ ln π*.
 
-    RLHF (1) with KL weight β has optimum π_β ∝ π₀ · π*^{γ/β} (SPEC §2, closed forms), so
+    RLHF (1) with KL weight β has optimum π_β ∝ π₀ · π*^{γ/β} (closed form, the paper's App. B), so
     min_β E_x KL(π*‖π_β) is a floor no data size removes (the paper's "dilemma"); RKL's
     optimum π₀^{β/(β+γ)} π*^{γ/(β+γ)} instead reaches π* as β → 0. Searched over c = γ/β on a
     fine log grid (plus c = 0, i.e. β = ∞: stay at π₀), with π₀ conditioned on 𝒜.

@@ -20,12 +20,12 @@ empty response, which the data pipeline rejects) and forced at k = ``max_len``, 
 proper distribution on 𝒜 and ln π*(a|x) is an exact finite sum. Why a table rather than a
 random transformer: it is exact in closed form (no float or torch-version drift), small, and its
 first-order structure is easily learnable by the 2-layer transformer policy, so the policy class
-is (close to) realisable, SPEC Assumption 1.
+is (close to) realisable, the paper's Assumption 1.
 
 π_sft, the distribution π₀ is fine-tuned on, has logits ``sft_temper``·θ* + N(0, ``sft_noise``²)
 noise: a *flatter, noisy* π*. Flatter, because an SFT model is broader than the aligned target
 and alignment sharpens it; noisy, because without noise π_sft ∝ π*^τ and RLHF's family
-π₀·π*^{γ/β} (SPEC §2, closed forms) would contain π* exactly. With both, RLHF with the *true*
+π₀·π*^{γ/β} (closed form, App. B) would contain π* exactly. With both, RLHF with the *true*
 reward can close part of the gap to π* but stops at a floor (``rlhf_floor``), as in the paper's
 Figure 1, where π₀ and π* are drawn independently. Sizes were chosen with a tabular
 simulation *before* any LM was trained, so that the consistent methods can get well below

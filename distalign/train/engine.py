@@ -2,7 +2,7 @@
 
 Offline methods "collect" by reading a dataset batch; online ones sample and score. The loop
 owns the optimiser and schedule, gradient accumulation, checkpoint/resume, NaN guard,
-trackers, progress and the run directory (DESIGN.md).
+trackers, progress and the run directory (``distalign.train.rundir``).
 """
 
 from __future__ import annotations
