@@ -21,7 +21,6 @@ with a judge, ``annotations.json`` in AlpacaEval's schema (baseline = the refere
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from distalign.eval.judges.cache import JudgeCache
 from distalign.eval.judges.reward import resolve_model_dir
 from distalign.eval.measures import kl_estimates, rm_scores
 from distalign.eval.stats import bootstrap_ci, cluster_bootstrap_ci, winrate
+from distalign.jsonsafe import json_safe
 
 REQUIRED = {"prompt_id": str, "prompt": str, "output": str, "prompt_token_ids": list,
             "output_token_ids": list, "ended": bool}
@@ -137,20 +137,9 @@ def _pairs(rows: list[dict[str, Any]], path: Path, text_judge: bool) -> list[Pai
     return pairs
 
 
-def _finite(obj: Any) -> Any:
-    """NaN/inf → null, so that eval.json is strict JSON."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_finite(v) for v in obj]
-    return obj
-
-
 def _write_json(path: Path, obj: dict[str, Any]) -> None:
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(_finite(obj), indent=2) + "\n")
+    tmp.write_text(json.dumps(json_safe(obj), indent=2) + "\n")  # eval.json: strict JSON
     tmp.replace(path)
 
 

@@ -36,6 +36,7 @@ from transformers import (
 )
 from transformers.modeling_outputs import BaseModelOutput, SequenceClassifierOutput
 
+from distalign.lm.logprobs import position_ids_from_mask
 from distalign.synthetic.world import World
 
 # Structural entries no data can reach (EOS at k = 0: the empty response; a content token
@@ -90,7 +91,7 @@ class LightFeatures(nn.Module):
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         real = mask.bool()
         if position_ids is None:  # positions over real tokens, so left padding is harmless
-            position_ids = (mask.long().cumsum(-1) - 1).clamp_min(0)
+            position_ids = position_ids_from_mask(mask)
         pos = position_ids
         # the prompt's index: its tokens at positions 0..prompt_len-1, base num_content
         x = torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)

@@ -29,12 +29,13 @@ Every expectation over x is uniform over the world's prompts (the data are drawn
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from distalign.lm.logprobs import token_logprobs
+from distalign.lm.logprobs import sequence_logprobs
 from distalign.lm.scoring import sequence_scores
 from distalign.stats import rkl_logits, rlhf_logits
 from distalign.synthetic.world import World
@@ -131,7 +132,8 @@ class ExactEvaluator:
     """Holds the P·N enumerated sequences of a world, tokenised once, and scores policies.
 
     ``policy_logprobs(model)`` runs ⌈P·N / chunk_size⌉ forwards (one for the default world) of
-    ``distalign.lm.logprobs.token_logprobs`` and returns ln π̂(a|x) as ``[P, N]``.
+    ``distalign.lm.logprobs.sequence_logprobs`` and returns ln π̂(a|x) as ``[P, N]``;
+    ``reward_scores`` does the same with ``distalign.lm.scoring.sequence_scores``.
     """
 
     def __init__(
@@ -162,39 +164,25 @@ class ExactEvaluator:
     @torch.no_grad()
     def policy_logprobs(self, model: torch.nn.Module) -> Tensor:
         """ln π̂(a|x) for every prompt × enumerated response, ``[P, N]`` float64."""
-        was_training = model.training
-        model.eval()
-        device = next(model.parameters()).device
-        out = []
-        try:
-            for s in range(0, self.input_ids.shape[0], self.chunk_size):
-                ids = self.input_ids[s : s + self.chunk_size].to(device)
-                attn = self.attention_mask[s : s + self.chunk_size].to(device)
-                mask = self.response_mask[s : s + self.chunk_size].to(device)
-                tok = token_logprobs(model, ids, attn)
-                out.append((tok.double() * mask).sum(-1).cpu())
-        finally:
-            model.train(was_training)
-        return torch.cat(out).view(self.world.num_prompts, self.world.num_responses)
+        return self._table(model, sequence_logprobs)
 
     @torch.no_grad()
     def reward_scores(self, model: torch.nn.Module) -> Tensor:
         """R̂(x, a) of a scorer for every prompt × enumerated response, ``[P, N]``."""
+        return self._table(model, sequence_scores)
+
+    def _table(self, model: torch.nn.Module, score: Callable[..., Tensor]) -> Tensor:
+        """``score(model, input_ids, attention_mask, response_mask) → [B]`` over every
+        enumerated sequence in chunks, with dropout off, as a ``[P, N]`` float64 table."""
         was_training = model.training
         model.eval()
         device = next(model.parameters()).device
         out = []
         try:
             for s in range(0, self.input_ids.shape[0], self.chunk_size):
-                sl = slice(s, s + self.chunk_size)
-                out.append(
-                    sequence_scores(
-                        model,
-                        self.input_ids[sl].to(device),
-                        self.attention_mask[sl].to(device),
-                        self.response_mask[sl].to(device),
-                    ).double().cpu()
-                )
+                batch = (t[s : s + self.chunk_size].to(device)
+                         for t in (self.input_ids, self.attention_mask, self.response_mask))
+                out.append(score(model, *batch).double().cpu())
         finally:
             model.train(was_training)
         return torch.cat(out).view(self.world.num_prompts, self.world.num_responses)

@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from distalign.jsonsafe import json_safe
 from distalign.tabular.config import ToyResults
 
 LABELS = {
@@ -29,19 +30,8 @@ STYLE = {  # distribution-learning methods solid, their RLHF-side analogues dash
 }
 
 
-def _json_safe(obj: object) -> object:
-    """NaN/inf are not JSON: write them as null."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_json_safe(v) for v in obj]
-    return obj
-
-
 def write_json(results: ToyResults, path: Path) -> None:
-    path.write_text(json.dumps(_json_safe(results.to_dict()), indent=1))
+    path.write_text(json.dumps(json_safe(results.to_dict()), indent=1))
 
 
 def write_csv(results: ToyResults, path: Path) -> None:

@@ -1,0 +1,24 @@
+"""Strict JSON for results files: Python's ``json`` writes NaN and ±inf as bare ``NaN`` and
+``Infinity``, which other JSON readers reject. Below every layer, so that every writer of a
+results file (eval.json, the toy's results.json) uses this one rule.
+
+>>> json_safe({"kl": float("nan"), "xs": (1.0, float("inf")), "n": 3})
+{'kl': None, 'xs': [1.0, None], 'n': 3}
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every non-finite float replaced by None (JSON null), recursively through
+    dicts, lists and tuples (tuples become lists, as ``json`` writes them anyway)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_safe(v) for v in obj]
+    return obj
