@@ -37,6 +37,7 @@ from transformers import (
 from transformers.modeling_outputs import BaseModelOutput, SequenceClassifierOutput
 
 from distalign.lm.logprobs import position_ids_from_mask
+from distalign.lm.scoring import gather_last
 from distalign.synthetic.world import World
 
 # Structural entries no data can reach (EOS at k = 0: the empty response; a content token
@@ -142,10 +143,7 @@ class LightRewardModel(PreTrainedModel):
     ) -> SequenceClassifierOutput:
         hidden = self.light(input_ids, attention_mask, position_ids).last_hidden_state
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-        cols = torch.arange(mask.shape[-1], device=mask.device)
-        last = (mask.bool() * (cols + 1)).argmax(-1)
-        logits = self.score(hidden)[torch.arange(hidden.shape[0]), last]
-        return SequenceClassifierOutput(logits=logits)
+        return SequenceClassifierOutput(logits=gather_last(self.score(hidden), mask))
 
 
 def register() -> None:
