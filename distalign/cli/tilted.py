@@ -113,3 +113,27 @@ def build(
                        pairs_per_prompt=pairs_per_prompt, seed=seed)
     path = build_world(cfg, out, log=typer.echo)
     typer.echo(f"wrote {path}")
+
+
+@tilted_app.command(help="Measure a policy in a built world on its held-out prompts: forward "
+                    "KL(π*‖π̂) by importance sampling (± SE, ESS) cross-checked by rejection "
+                    "samples of π* from fresh π₀ proposals, reverse KL, gold reward, KL(π̂‖π₀), "
+                    "entropy, length and the oracle win probability against π₀.")
+def measure(
+    world: Annotated[Path, typer.Argument(help="world.json or its directory")],
+    policy: Annotated[str | None, typer.Option("--policy", help="π̂ (a model or run directory; "
+                                               "default: π₀ itself)")] = None,
+    limit: Annotated[int, typer.Option("--limit", help="held-out prompts")] = 8,
+    n: Annotated[int, typer.Option("--n", help="replies per prompt of π₀ and of π̂")] = 16,
+    proposals: Annotated[int, typer.Option("--proposals", help="fresh π₀ proposals per prompt "
+                                           "for rejection sampling")] = 64,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+) -> None:
+    from distalign.tilted.evaluate import measure_policy
+
+    if min(limit, n, proposals) < 1 or n < 2:
+        raise ConfigError("need --limit >= 1, --n >= 2 and --proposals >= 1")
+    out = measure_policy(str(world), policy, limit=limit, n=n, proposals=proposals, seed=seed)
+    width = max(len(k) for k in out)
+    for key, value in out.items():
+        typer.echo(f"{key:<{width}}  {value:.4g}")
