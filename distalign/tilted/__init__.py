@@ -12,7 +12,9 @@ samples of π*. One module per concern:
 - :mod:`.space`: the L-token response space, sampling and scoring replies in it;
 - :mod:`.world`, :mod:`.build`: world.json and building a world's labelled pairs;
 - :mod:`.probe`: choosing β*, γ, L by measurement;
-- :mod:`.oracle`: the exact judge, found by eval through the ``distalign.oracles`` entry point.
+- :mod:`.oracle`: the exact judge, found by eval through the ``distalign.oracles`` entry point;
+  its ``measure`` method gives eval the world's metrics of a generations file (:mod:`.evaluate`);
+- :mod:`.residual`: the residual reward class R̂ = γ ln π₀ + f_θ.
 
 Importing the package loads only numpy-level code; models load in the functions that need them.
 """
