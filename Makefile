@@ -33,6 +33,13 @@ test: dev
 	$(BIN)/ruff check distalign tests benchmarks
 	$(BIN)/python -m pytest
 
+# The edit loop: lint, then every test but those marked slow (tests/conftest.py), doctests
+# included; about a minute on 2 idle cores. `make test` stays the whole suite.
+.PHONY: test-fast
+test-fast: dev
+	$(BIN)/ruff check distalign tests benchmarks
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -m "not slow"
+
 lint: dev
 	$(BIN)/ruff check distalign tests benchmarks
 

@@ -21,6 +21,48 @@ from distalign.testing import save_tiny, tiny_causal_lm, tiny_reward_model, tiny
 # for a couple of shared CI cores (measured ~20x on the engine tests).
 torch.set_num_threads(1)
 
+# ``make test-fast`` (pytest -m "not slow") is the edit loop: it leaves out what is marked slow
+# here, chosen from ``pytest --durations=0`` (a test over ~1 s on two idle cores: a fresh
+# Python process, a multi-process launch, a training grid or a long convergence check).
+# ``make test`` runs everything. A new test that takes seconds belongs in one of these lists.
+SLOW_MODULES = frozenset({
+    "test_cli_as_user.py", "test_cli_pipeline_user.py", "test_cli_provenance.py",
+    "test_engine_ddp.py", "test_engine_resume.py", "test_eval_synthetic.py", "test_fsdp.py",
+    "test_pipeline.py", "test_synthetic_grid.py", "test_synthetic_train.py", "test_toy_cli.py",
+    "test_train_cli.py", "test_vllm_server.py",
+})
+SLOW_TESTS = frozenset({  # module::function (every parametrisation) in otherwise quick modules
+    "test_alpaca_annotations.py::test_cli_annotations_subprocess",
+    "test_data.py::test_num_proc_counts_and_errors_survive_workers",
+    "test_evaluate.py::test_cli_eval_subprocess_output_to_file",
+    "test_fuzz_inputs.py::test_config_values_are_accepted_or_refused_with_the_key_named",
+    "test_generate.py::test_cli_subprocess_with_output_to_a_file",
+    "test_generate.py::test_kill_9_then_rerun_equals_one_run",
+    "test_judge_registry.py::test_a_fresh_process_finds_the_synthetic_oracle_and_eval_imports_no_world",
+    "test_judges.py::test_cache_shared_by_two_processes",
+    "test_recipes.py::test_paper_pipelines_carry_tables_5_and_6",
+    "test_report.py::test_cli_report_subprocess_output_to_file",
+    "test_report.py::test_cli_report_to_an_unwritable_place_is_one_line",
+    "test_synthetic_light.py::test_a_fresh_distalign_eval_process_loads_a_saved_light_reward_model",
+    "test_synthetic_light.py::test_engine_trains_the_light_class_to_a_small_exact_rm_kl",
+    "test_tabular_certificate.py::test_certified_problems_have_no_better_second_start",
+    "test_tabular_cnewton.py::test_the_toy_command_says_which_solver_ran",
+    "test_tabular_fast.py::test_numpy_engine_equals_the_torch_engine",
+    "test_tabular_fast.py::test_the_toy_command_does_not_import_torch",
+    "test_tabular_solvers.py::test_closed_forms_are_the_optima_of_objectives_1_and_15",
+    "test_tilted_evaluate.py::test_measures_of_a_policy_match_the_exact_values",
+    "test_tilted_evaluate.py::test_pi0_against_itself",
+    "test_tilted_residual.py::test_f_learns_the_tilt_from_labels",
+    "test_tilted_space.py::test_the_space_is_a_distribution_for_every_model",
+})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        name = getattr(item, "originalname", item.name)  # without the [parameters]
+        if item.path.name in SLOW_MODULES or f"{item.path.name}::{name}" in SLOW_TESTS:
+            item.add_marker(pytest.mark.slow)
+
 # Prompt / chosen / rejected rows over the tiny tokenizer's vocabulary (no <unk> tokens).
 # 12 rows with varied lengths, so batches need padding and loss values depend on the rows.
 PROMPTS = [

@@ -37,22 +37,39 @@ def _check_run_dir(run_dir, method: str, steps: int) -> None:
     assert summary["metrics"]["loss"] == pytest.approx(rows[-1]["loss"])
 
 
+@torch.no_grad()
+def _logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    model.eval()
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
 @pytest.mark.parametrize("method", METHODS)
-def test_every_method_trains_and_writes_a_plain_hf_model(method, make_config, tmp_path):
+def test_every_method_trains_and_writes_a_plain_hf_model(method, make_config, tmp_path, tiny):
     extra = ONLINE_UPDATE if method in ("rebel", "distill", "rlhf", "rkl") else ()
-    run_dir = train(make_config(method, tmp_path / method, "run.max_steps=2", *extra))
+    trainer = Trainer(make_config(method, tmp_path / method, "run.max_steps=2", *extra))
+    run_dir = trainer.fit()
     assert run_dir == tmp_path / method
     _check_run_dir(run_dir, method, 2)
     final = run_dir / "final"
     auto = AutoModelForSequenceClassification if method == "reward" else AutoModelForCausalLM
-    model = auto.from_pretrained(final)
     tok = AutoTokenizer.from_pretrained(final)
-    ids = tok("the cat is good", return_tensors="pt").input_ids
-    out = model(input_ids=ids).logits
-    assert torch.isfinite(out).all()
+    batch = tok(["the cat is good", "where is the moon you are good"], return_tensors="pt",
+                padding=True)
+    # final/, reloaded by plain transformers, is the engine's trained model to float precision
+    saved, trained = auto.from_pretrained(final), trainer.acc.unwrap_model(trainer.trainables[0])
+    out = _logits(saved, batch)
+    torch.testing.assert_close(out, _logits(trained, batch), rtol=0, atol=1e-6)
+    if method != "reward":  # and not π₀: two steps moved it (reward's head starts fresh)
+        start = _logits(AutoModelForCausalLM.from_pretrained(tiny.policy), batch)
+        assert (out - start).abs().max() > 1e-4
     if method in ("rlhf", "rkl"):  # PPO's value model is saved next to the policy
-        assert AutoModelForSequenceClassification.from_pretrained(final / "value_model")
-    if method in ("rebel", "distill", "rlhf", "rkl", "pmle"):  # sampled, so samples logged
+        value = AutoModelForSequenceClassification.from_pretrained(final / "value_model")
+        torch.testing.assert_close(
+            _logits(value, batch), _logits(trainer.acc.unwrap_model(trainer.trainables[1]), batch),
+            rtol=0, atol=1e-6)
+    # sampled, so samples logged (PMLE samples for its KL term only when β > 0)
+    if method in ("rebel", "distill", "rlhf", "rkl") or (
+            method == "pmle" and trainer.cfg.algo.beta > 0):
         assert (run_dir / "samples.jsonl").read_text().strip()
 
 
