@@ -117,6 +117,7 @@ class HFSampler:
                 input_ids=ids,
                 attention_mask=attn,
                 generation_config=self._hf_config(own_cfg, eos_ids),
+                synced_gpus=_synced_gpus(model),
             )
         finally:
             hf.generation_config = own_cfg
@@ -139,6 +140,15 @@ class HFSampler:
             num_samples=num_samples,
             logprobs=logprobs,
         )
+
+
+def _synced_gpus(model: nn.Module) -> bool:
+    """A sharded (FSDP2) model gathers its weights in every rank's forward at once, so every
+    rank must keep stepping until all ranks' samples have ended (transformers' synced_gpus)."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return False
+    return any(type(p).__name__ == "DTensor" for p in model.parameters())
 
 
 def sampled_logprobs(step_logits: tuple[Tensor, ...], tokens: Tensor,

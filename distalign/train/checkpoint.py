@@ -12,7 +12,15 @@ import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
+
+
+class Shards(Protocol):
+    """Model and optimizer state kept outside accelerate (sharded runs: train/sharding.py)."""
+
+    def save(self, out: Path) -> None: ...
+
+    def load(self, ckpt: Path) -> None: ...
 
 
 @dataclass
@@ -55,14 +63,17 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 def save_checkpoint(
     accelerator: Any, run_dir: Path, state: TrainState, keep: int, tag: str | None = None,
-    config_yaml: str | None = None,
+    config_yaml: str | None = None, shards: Shards | None = None,
 ) -> Path:
     """Save everything needed to continue; the state file is written last, so a checkpoint
     interrupted mid-write is never picked up by ``latest_checkpoint``. ``config_yaml`` is kept
-    with it: a rerun may continue it only with the same config (``train/rundir.py``)."""
+    with it: a rerun may continue it only with the same config (``train/rundir.py``).
+    ``shards`` writes what accelerate does not hold (a sharded run's models and optimizer)."""
     out = run_dir / "checkpoints" / (tag or f"step-{state.step}")
     accelerator.wait_for_everyone()
     accelerator.save_state(str(out))
+    if shards is not None:
+        shards.save(out)
     if accelerator.is_main_process:
         if config_yaml is not None:
             (out / "config.yaml").write_text(config_yaml)
@@ -114,8 +125,10 @@ def keep_trainable_weights_only(accelerator: Any) -> None:
     accelerator.register_load_state_pre_hook(load)
 
 
-def load_checkpoint(accelerator: Any, ckpt: Path) -> TrainState:
+def load_checkpoint(accelerator: Any, ckpt: Path, shards: Shards | None = None) -> TrainState:
     accelerator.load_state(str(ckpt))
+    if shards is not None:
+        shards.load(ckpt)
     return TrainState.load(ckpt / "trainer_state.json")
 
 

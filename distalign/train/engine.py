@@ -45,10 +45,10 @@ from distalign.train.setup import (
     build_models,
     build_optimizer,
     build_sampler,
-    check_fsdp,
     launch_mismatch,
     sequence_tokens,
 )
+from distalign.train.sharding import start as start_layout
 from distalign.train.tracking import (
     RunLog,
     SampleRecorder,
@@ -86,16 +86,16 @@ class Trainer:
         )
         keep_trainable_weights_only(self.acc)
         set_seed(cfg.run.seed)
-        for why in (launch_mismatch(self.acc.num_processes),
-                    check_fsdp(str(self.acc.distributed_type), self.method_cls,
-                               cfg.model.lora.enabled)):
-            if why is not None:
-                log.warning(why)
+        if (why := launch_mismatch(self.acc.num_processes)) is not None:
+            log.warning(why)
+        # replicated (DDP, one process) or sharded (FSDP2): train/sharding.py
+        self.par = start_layout(self.acc, cfg, self.method_cls, bool(self.callbacks))
         self.config_yaml = to_yaml(cfg)
         # decided (read-only) before loading, applied after: a failed load changes nothing
         plan = plan_run(self.run_dir, yaml.safe_load(self.config_yaml), cfg.run.resume,
                            cfg.run.overwrite)
         self.models = build_models(cfg, self.method_cls)
+        self.par.place_models(self.models, self.method_cls)
         dev = self.acc.device
         loader, self.sampler, eval_loader, report = build_data(
             cfg, self.method_cls, self.models, dev
@@ -119,21 +119,17 @@ class Trainer:
         epochs_k = cfg.algo.update_epochs
         updates = self.total_steps * epochs_k * (cfg.run.batch_size // mini)
         optimizer, scheduler = build_optimizer(cfg, trainables, updates)
-        prepared = self.acc.prepare(*trainables, optimizer, loader, scheduler)
         n = len(trainables)
-        self.trainables = list(prepared[:n])
+        self.trainables, self.optimizer, self.loader, self.scheduler = self.par.prepare(
+            self.models, trainables, optimizer, loader, scheduler)
         for m in self.trainables:  # from_pretrained returns eval mode; updates run in train
             m.train()
-        self.optimizer, self.loader, self.scheduler = prepared[n:]
+        self.shards = self.par.checkpoint(self.trainables, self.optimizer)
         self.eval_loader = self.acc.prepare(eval_loader) if eval_loader is not None else None
         # All ranks used one seed so that every model starts identical; from here on each rank
         # samples its own responses (one stream on every rank would correlate them, as TRL's
         # per-process generation seed also avoids). One process: the seed is unchanged.
         set_seed(cfg.run.seed, device_specific=True)
-        if self.models.reward_model is not None:
-            self.models.reward_model.to(dev)
-        if self.models.ref is not None:
-            self.models.ref.to(dev)
         sampler = build_sampler(cfg, self.method_cls, self.models.tokenizer)
         self.recorder = SampleRecorder(sampler) if sampler is not None else None
         self.ctx = Context(
@@ -156,7 +152,7 @@ class Trainer:
         self.acc.wait_for_everyone()
         resume_from = plan.resume_from
         if resume_from is not None:
-            self.state = load_checkpoint(self.acc, resume_from)
+            self.state = load_checkpoint(self.acc, resume_from, self.shards)
             resync_lr(self.optimizer, self.scheduler)
             log.info("resumed from %s (step %d)", resume_from, self.state.step)
         self.log = RunLog(
@@ -186,7 +182,6 @@ class Trainer:
         g = torch.Generator().manual_seed(r.seed * 7_919 + step)
         sums: dict[str, float] = defaultdict(float)
         count, lr = 0, 0.0
-        params = [p for m in self.trainables for p in m.parameters() if p.requires_grad]
         for _ in range(self.method.update_epochs):
             order = torch.randperm(rows, generator=g) if self.method.update_epochs > 1 else None
             for start in range(0, rows, mini):
@@ -201,7 +196,7 @@ class Trainer:
                     sync = contextlib.ExitStack()
                     if not last:  # only the last micro-batch all-reduces gradients
                         for m in self.trainables:
-                            sync.enter_context(self.acc.no_sync(m))
+                            sync.enter_context(self.par.no_sync(m))
                     with sync:
                         loss, metrics = self.method.loss(mb)
                         self._guard(loss, step)
@@ -210,8 +205,11 @@ class Trainer:
                         sums[k] += float(v) * u / total
                     sums["loss"] += float(loss.detach()) * u / total
                 if self.cfg.optim.max_grad_norm > 0:
-                    norm = self.acc.clip_grad_norm_(params, self.cfg.optim.max_grad_norm)
-                    sums["grad_norm"] += float(norm)
+                    # read now: FSDP2 registers other (unsharded) tensors while gathered
+                    params = [p for m in self.trainables for p in m.parameters()
+                              if p.requires_grad]
+                    sums["grad_norm"] += self.par.clip_grad_norm(params,
+                                                                 self.cfg.optim.max_grad_norm)
                 # log the lr this update used (the scheduler then moves on to the next one)
                 lr = float(self.optimizer.param_groups[0]["lr"])
                 self.optimizer.step()
@@ -224,7 +222,8 @@ class Trainer:
     def _guard(self, loss: torch.Tensor, step: int) -> None:
         bad = torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0])
         if float(self.acc.reduce(bad.to(self.acc.device), "sum")) > 0:
-            path = save_checkpoint(self.acc, self.run_dir, self.state, 0, tag=f"nan-step-{step}")
+            path = save_checkpoint(self.acc, self.run_dir, self.state, 0, tag=f"nan-step-{step}",
+                                   shards=self.shards)
             hint = "Lower optim.lr or check the data."
             if self.cfg.model.dtype == "float16":
                 hint = ("model.dtype=float16 trains in pure fp16, which overflows: use "
@@ -277,7 +276,7 @@ class Trainer:
         r, st = self.cfg.run, self.state
         if r.save_every and not saved:
             save_checkpoint(self.acc, self.run_dir, st, r.keep_checkpoints,
-                            config_yaml=self.config_yaml)
+                            config_yaml=self.config_yaml, shards=self.shards)
         where = (f"checkpoint at step {st.step} saved; rerun the same command to resume"
                  if r.save_every else "no checkpoint (run.save_every=0): a rerun starts over")
         raise Interrupted(signum, f"{self.cfg.method}: interrupted at step {st.step}/"
@@ -355,10 +354,11 @@ class Trainer:
                 saved = bool(r.save_every and (st.step % r.save_every == 0 or final))
                 if saved:
                     save_checkpoint(self.acc, self.run_dir, st, r.keep_checkpoints,
-                                    config_yaml=self.config_yaml)
+                                    config_yaml=self.config_yaml, shards=self.shards)
                 if not final and self._stop_requested(stop):
                     self._stop(stop.signum or signal.SIGTERM, saved)
-        save_final(self.acc, self.run_dir, self.trainables, self.models.tokenizer)
+        save_final(self.acc, self.run_dir, self.par.plain_copies(self.trainables),
+                   self.models.tokenizer)
         if self.acc.is_main_process:
             data = {name: asdict(rep) for name, rep in zip(("train", "eval"), self.data_reports,
                                                             strict=True) if rep is not None}

@@ -18,16 +18,18 @@ def _export(model: nn.Module, out: Path) -> None:
     model.save_pretrained(out, safe_serialization=True)
 
 
-def save_final(accelerator: Any, run_dir: Path, trainables: list[nn.Module], tokenizer: Any):
+def save_final(accelerator: Any, run_dir: Path, models: list[nn.Module] | None, tokenizer: Any):
     """``final/`` holds the trained model and tokenizer; a PPO value model goes in
-    ``final/value_model``."""
+    ``final/value_model``. ``models`` are the trained models as plain (unwrapped, unsharded)
+    modules on the main process, None on the others (``train/sharding.py``: plain_copies)."""
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        assert models, "the main process needs the trained models"
         final = run_dir / "final"
-        _export(accelerator.unwrap_model(trainables[0]), final)
+        _export(models[0], final)
         tokenizer.save_pretrained(final)
-        if len(trainables) > 1:
-            _export(accelerator.unwrap_model(trainables[1]), final / "value_model")
+        if len(models) > 1:
+            _export(models[1], final / "value_model")
         weights_fingerprint(final)  # cached beside the weights for generate/eval/report
     accelerator.wait_for_everyone()
     return run_dir / "final"

@@ -128,33 +128,6 @@ def launch_mismatch(world_size: int) -> str | None:
             f"--num_processes {asked} -m distalign train ...` (--cpu runs one process)")
 
 
-def check_fsdp(distributed_type: str, method_cls: type[Method], lora: bool) -> str | None:
-    """FSDP support as far as it is known; returns a warning, or raises where a run would hang.
-
-    * accelerate enables FSDP only on accelerators: with ``ACCELERATE_USE_CPU`` it silently
-      runs DDP (MULTI_CPU), so a CPU "FSDP" run is DDP; say so.
-    * Under real FSDP the sampler's ``generate`` (no ``synced_gpus``) and the scorers' direct
-      backbone/head calls (they bypass the root module's all-gather) are untested and can
-      hang; refuse those methods and LoRA (merging sharded adapters) instead.
-    """
-    asked = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
-    active = distributed_type.endswith("FSDP")
-    if asked and not active:
-        return (f"FSDP was requested but accelerate runs {distributed_type} (it enables FSDP "
-                "on GPUs/accelerators only): this run is plain data parallel")
-    if not active:
-        return None
-    online = method_cls.data_kind == "prompts" or method_cls.uses_reward_model
-    if online or method_cls.trains_scorer or method_cls.uses_value_model or lora:
-        raise ConfigError(
-            f"FSDP is not supported for {method_cls.name}"
-            f"{' with LoRA' if lora else ''} yet (sampling and scorer forwards need gathered "
-            "parameters; untested); use DDP or DeepSpeed ZeRO-1/2 (`accelerate launch "
-            "--multi_gpu` or `--use_deepspeed`)"
-        )
-    return "FSDP is untested in distalign (offline methods only); compare with a DDP run"
-
-
 def build_models(cfg: TrainConfig, method_cls: type[Method]) -> Models:
     mc = cfg.model
     tokenizer = load_tokenizer(mc)
