@@ -134,6 +134,55 @@ def test_split_is_seeded_disjoint_and_complete(tmp_path):
         assert rows[int(r["id"])] == {k: r[k] for k in ("chosen", "rejected")}
 
 
+def test_split_writes_conversational_pairs_with_an_explicit_prompt(tmp_path):
+    """TRL's implicit-prompt message lists become prompt/chosen/rejected; a pair whose two
+    dialogues differ before the last turn has no common prompt and is left out, counted."""
+    def turn(role: str, text: str) -> dict:
+        return {"role": role, "content": text}
+
+    rows = [{"chosen": [turn("user", f"q{i}"), turn("assistant", f"a{i}")],
+             "rejected": [turn("user", f"q{i}"), turn("assistant", f"b{i}")]} for i in range(9)]
+    rows.append({"chosen": [turn("user", "x"), turn("assistant", "a")],
+                 "rejected": [turn("user", "y"), turn("assistant", "b")]})
+    src = tmp_path / "conv.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = split_pairs(str(src), str(tmp_path / "s"), seed=0, heldout=3, format="preference")
+    assert result["prompt_mismatch"] == 1 and result["source_rows"] == 10
+    held = [json.loads(x) for x in (tmp_path / "s" / "heldout.jsonl").read_text().splitlines()]
+    for r in held:
+        i = int(r["id"])
+        assert r["prompt"] == [turn("user", f"q{i}")]
+        assert r["chosen"] == [turn("assistant", f"a{i}")]
+        assert r["rejected"] == [turn("assistant", f"b{i}")]
+
+
+def test_an_hh_pipeline_keeps_its_stage_fingerprints():
+    """The data stage's layout is read from the file; an HH pipeline's specs stay as they were
+    (no format key), so its finished stages are not run again."""
+    from distalign.pipeline.config import load_pipeline
+    from distalign.pipeline.plan import plan
+
+    p = plan(load_pipeline(PIPELINES / "hh-smollm2-quick.yaml"), dry_run=True)
+    stages = {s.name: s for s in p.stages}
+    assert "format" not in stages["data"].spec
+    assert stages["dpo-s0"].spec["config"]["data"]["format"] == "hh"
+    assert stages["generate/base"].spec["fmt"] == "hh"
+
+
+def test_default_pmle_samples_nothing():
+    """β = 0 by default (Table 6): no sampler and no π₀; the TL;DR recipe keeps Table 5's."""
+    from distalign.methods.pmle import PMLE, PMLEConfig
+    from distalign.train import load_config
+    from distalign.train.setup import build_sampler
+
+    cfg = load_config("pmle", {"model": {"name_or_path": "x"}, "data": {"path": "y"}})
+    assert cfg.algo.beta == 0 and PMLEConfig().beta == 0
+    assert not PMLE.needs_reference(cfg.algo)
+    assert build_sampler(cfg, PMLE, tokenizer=None) is None
+    recipe = yaml.safe_load((REPO / "configs" / "paper" / "tldr" / "pmle.yaml").read_text())
+    assert recipe["algo"]["beta"] == 1e-5
+
+
 # ---------------------------------------------------------------------- tiny pipelines
 def _config(tiny, out: Path, **extra) -> dict:
     cfg = {

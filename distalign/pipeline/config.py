@@ -34,13 +34,14 @@ class BaseModel:
 
 @dataclass
 class SplitConfig:
-    """A seeded split of one HH-style pairs file (the ``data`` stage)."""
+    """A seeded split of one pairs file (the ``data`` stage): Anthropic HH transcripts or
+    TRL-style preference rows (:mod:`distalign.pipeline.data`)."""
 
-    source: str = ""  # jsonl(.gz) with chosen/rejected transcripts
+    source: str = ""  # jsonl(.gz): HH chosen/rejected, or prompt/chosen/rejected (text or chat)
     seed: int = 0
     heldout: int = 200  # rows whose prompts are generated from; chosen replies = references
     train: int | None = None  # training pairs (default: every other row)
-    format: str = "hh"
+    format: str = "auto"  # auto (read from the first row) | hh | preference
 
 
 @dataclass

@@ -16,6 +16,7 @@ one goes through ``load_config`` here, so a bad key fails in one line before any
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from omegaconf import OmegaConf
 
 from distalign.errors import ConfigError
 from distalign.pipeline.config import PipelineConfig, StageSection, gguf_from_package
+from distalign.pipeline.data import split_format
 from distalign.pipeline.runner import Stage, order, status
 
 STAGES = "distalign.pipeline.stages"
@@ -40,6 +42,17 @@ class Plan:
         rows = [f"{'stage':<28} {'kind':<9} {'status':<8} directory"]
         rows += [f"{s.name:<28} {s.kind:<9} {status(s):<8} {s.out}" for s in self.stages]
         return "\n".join(rows + self.notes)
+
+
+@dataclass
+class Trained:
+    """What the training stages hand to the later ones."""
+
+    init: str  # π₀: the model every method starts from (the SFT model when there is one)
+    runs: list[tuple[str, str, int, dict]]  # (name, method, seed, its gen section)
+    rm: str | None  # the reward model's directory (trained or given)
+    rm_dep: str | None  # the stage that trains it, if any
+    curves: list[str]  # the rollout-curve stages of online runs
 
 
 def _load_recipe(pc: PipelineConfig, section: StageSection, method: str, stage: str) -> dict:
@@ -64,7 +77,8 @@ class _Planner:
         self.stages: list[Stage] = []
         self.notes: list[str] = []
         self.split = self.out / "data" if pc.data.split else None
-        self.curves: list[str] = []
+        # the split file's layout (hh or preference), read from its first row by data()
+        self.split_fmt = "hh"
 
     def add(self, name: str, kind: str, func: str, spec: dict, out: Path, deps=(), **kw) -> str:
         self.stages.append(Stage(name, kind, f"{STAGES}:{func}", spec, out,
@@ -106,8 +120,11 @@ class _Planner:
         src = self.pc.resolve(s.source)
         if not Path(src).is_file():
             raise ConfigError(f"data.split.source: no such file: {s.source}")
+        self.split_fmt = split_format(src, s.format)
         spec = {"source": src, "out": str(self.split), "seed": s.seed, "heldout": s.heldout,
                 "train": s.train}
+        if self.split_fmt != "hh":  # HH pipelines keep the fingerprints they were run with
+            spec["format"] = self.split_fmt
         return self.add("data", "data", "split_pairs", spec, self.split)
 
     def data_for(self, kind: str) -> dict[str, Any]:
@@ -115,7 +132,7 @@ class _Planner:
         given = {"pairs": d.pairs, "prompts": d.prompts, "sft": d.sft}[kind]
         split = {}
         if self.split is not None:
-            split = {"path": str(self.split / "train.jsonl"), "format": self.pc.data.split.format}
+            split = {"path": str(self.split / "train.jsonl"), "format": self.split_fmt}
         return {**split, **given}
 
     # ------------------------------------------------------------------------ training
@@ -151,7 +168,7 @@ class _Planner:
                               "a `reward:` section (trained, or `model:` given)")
         return merged
 
-    def training(self, init: str, deps: list[str | None]) -> tuple[str, list[tuple]]:
+    def training(self, init: str, deps: list[str | None]) -> Trained:
         pc = self.pc
         if pc.sft is not None:
             cfg = self.train_config("sft", pc.sft, "sft", pc.seeds[0], init, None)
@@ -168,8 +185,7 @@ class _Planner:
             rm_dep = self.add("reward", "reward", "train_run", {"method": "reward", "config": cfg},
                               self.out / "reward", deps, launchable=True)
             rm = str(self.out / "reward" / "final")
-        self.rm = rm
-        runs = []
+        runs, curves = [], []
         for method, section in pc.methods.items():
             for seed in pc.seeds:
                 name = f"{method}-s{seed}"
@@ -178,11 +194,11 @@ class _Planner:
                 self.add(name, "train", "train_run", {"method": method, "config": cfg},
                          self.out / name, [*deps, rm_dep if uses_rm else None], launchable=True)
                 if self.get_method(method).data_kind == "prompts":  # rollout curves
-                    self.curves.append(self.add(f"curves/{name}", "curves", "curves_run",
-                                                {"run_dir": str(self.out / name)},
-                                                self.out / name, [name], resumable=False))
+                    curves.append(self.add(f"curves/{name}", "curves", "curves_run",
+                                           {"run_dir": str(self.out / name)},
+                                           self.out / name, [name], resumable=False))
                 runs.append((name, method, seed, cfg.get("gen", {})))
-        return init, runs
+        return Trained(init, runs, rm, rm_dep, curves)
 
     def check_tokenizers(self, policy: str, other: str) -> None:
         """The reward model must score the policy's token ids (skipped in a dry run, and
@@ -207,20 +223,20 @@ class _Planner:
         return ModelConfig(name_or_path=self.pc.resolve(self.pc.base.name_or_path or ""))
 
     # ------------------------------------------------------------------ generate / eval
-    def evaluation(self, base: str, runs: list[tuple], deps: list[str | None]) -> list[str]:
-        pc, g = self.pc, self.pc.generate
+    def evaluation(self, t: Trained, deps: list[str | None]) -> list[str]:
+        pc, g, base = self.pc, self.pc.generate, t.init
         if g is None:
-            return [r[0] for r in runs]
+            return [r[0] for r in t.runs]
         prompts, fmt = g.prompts, g.format
         if prompts is None:
             if self.split is None:
                 raise ConfigError("generate.prompts is required without data.split")
             prompts = str(self.split / "heldout.jsonl")
-            fmt = "hh" if pc.data.split.format == "hh" else "auto"  # generate's prompt formats
+            fmt = "hh" if self.split_fmt == "hh" else "auto"  # generate's prompt formats
         else:
             prompts = pc.resolve(prompts)
         rows = ([("base", "base", pc.seeds[0], pc.defaults.get("gen", {}))] if g.base else [])
-        rows += runs
+        rows += t.runs
         last = []
         for name, _method, _seed, run_gen in rows:
             run_dir = self.out / name
@@ -238,16 +254,16 @@ class _Planner:
                                  started="generations.jsonl")
             last.append(gen_stage)
             if pc.eval is not None:
-                last[-1:] = self.eval_stages(name, gens, base, gen_stage)
+                last[-1:] = self.eval_stages(name, gens, t, gen_stage)
         return last
 
-    def eval_stages(self, name: str, gens: Path, base: str, dep: str) -> list[str]:
+    def eval_stages(self, name: str, gens: Path, t: Trained, dep: str) -> list[str]:
         e = self.pc.eval
         assert e is not None
+        base = t.init
         subs = {"base": base}
-        if self.rm is not None:
-            subs["reward"] = self.rm
-        rm_dep = "reward" if any(s.name == "reward" for s in self.stages) else None
+        if t.rm is not None:
+            subs["reward"] = t.rm
 
         def fill(spec: str | None, what: str) -> str | None:
             if spec is None:
@@ -271,7 +287,7 @@ class _Planner:
             if label in e.judge_prompts:
                 spec["judge_prompts"] = e.judge_prompts[label]
             out.append(self.add(f"{sub}/{name}", "eval", "eval_run", spec,
-                                self.out / name / sub, [dep, rm_dep], clear=(".",)))
+                                self.out / name / sub, [dep, t.rm_dep], clear=(".",)))
         return out
 
 
@@ -280,33 +296,47 @@ def plan(pc: PipelineConfig, dry_run: bool = False) -> Plan:
     p = _Planner(pc, dry_run)
     base, base_dep = p.base()
     data_dep = p.data()
-    init, runs = p.training(base, [base_dep, data_dep])
-    pi0 = init  # π₀ is the model the methods start from (the SFT model when there is one)
-    ends = p.evaluation(pi0, runs, [base_dep, data_dep, "sft" if pc.sft else None])
+    t = p.training(base, [base_dep, data_dep])
+    ends = p.evaluation(t, [base_dep, data_dep, "sft" if pc.sft else None])
     rows = ([{"name": "base", "method": "base", "seed": pc.seeds[0]}]
             if pc.generate and pc.generate.base else [])
-    rows += [{"name": n, "method": m, "seed": s} for n, m, s, _ in runs]
+    rows += [{"name": n, "method": m, "seed": s} for n, m, s, _ in t.runs]
     judges = list(pc.eval.judges) if pc.eval and pc.eval.judges else ["main"]
     spec = {"out": str(pc.out), "rows": rows, "judges": judges,
-            "metrics": pc.report.metrics, "reward": p.rm if p.rm else None,
+            "metrics": pc.report.metrics, "reward": t.rm,
             "stages": [[s.name, str(s.marker)] for s in p.stages], "title": pc.name}
-    p.add("report", "report", "report_run", spec, pc.out, [*ends, *p.curves], resumable=False)
+    p.add("report", "report", "report_run", spec, pc.out, [*ends, *t.curves], resumable=False)
     order(p.stages)
-    return Plan(p.stages, pi0, p.notes)
+    return Plan(p.stages, t.init, p.notes)
+
+
+def _picks(stages: list[Stage], o: str) -> list[Stage]:
+    """The stages one ``--only`` word names. A stage's own name or a kind picks exactly those
+    (``base``: π₀'s export alone, ``dpo-s0``: that training run alone); otherwise a group
+    (``eval-rm``: the second judge's stages), a method (its training runs) or a row without
+    a stage of its own (``base`` when π₀ needs no export: its generate and eval stages)."""
+    exact = [s for s in stages if s.name == o or s.kind == o]
+    if exact:
+        return exact
+    return [s for s in stages if s.name.split("/")[0] == o or s.name.split("-s")[0] == o
+            or s.name.endswith("/" + o)]
 
 
 def select(stages: list[Stage], only: list[str]) -> list[Stage]:
     """Stages named (or of a kind, or of a method) in ``only``; every dependency outside the
-    selection must already be done."""
-    picked = [s for s in stages if any(
-        s.name == o or s.kind == o or s.name.split("/")[0] == o or s.name.split("-s")[0] == o
-        or s.name.endswith("/" + o) for o in only)]
-    unknown = [o for o in only if not any(
-        s.name == o or s.kind == o or s.name.split("/")[0] == o or s.name.split("-s")[0] == o
-        or s.name.endswith("/" + o) for s in stages)]
-    if unknown:
-        raise ConfigError(f"--only: unknown stage {unknown[0]!r} (stages: "
-                          f"{', '.join(s.name for s in stages)})")
+    selection must already be done. Checked by ``--dry-run`` too."""
+    picked: list[Stage] = []
+    for o in only:
+        found = _picks(stages, o)
+        if not found:
+            words = sorted({*KINDS, *(s.kind for s in stages), *(s.name for s in stages),
+                            *(s.name.split("/")[0] for s in stages),
+                            *(s.name.split("-s")[0] for s in stages if s.kind == "train")})
+            close = difflib.get_close_matches(o, words, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ConfigError(f"--only: unknown stage {o!r} ({hint}stages: "
+                              f"{', '.join(s.name for s in stages)})")
+        picked += [s for s in found if s not in picked]
     names = {s.name for s in picked}
     by_name = {s.name: s for s in stages}
     for s in picked:
@@ -314,4 +344,4 @@ def select(stages: list[Stage], only: list[str]) -> list[Stage]:
             if d not in names and status(by_name[d]) != "done":
                 raise ConfigError(f"--only: stage {s.name!r} depends on stage {d!r}, which is "
                                   "not done; add it to --only or run without --only")
-    return picked
+    return [s for s in stages if s.name in names]  # in the plan's order

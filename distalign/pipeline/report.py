@@ -9,6 +9,7 @@ summaries instead. Aggregation and the table are :mod:`distalign.eval.report`'s.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -72,11 +73,51 @@ def _online_table(root: Path, rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def reward_accuracy(reward: str | None) -> tuple[float, int | None, Path] | None:
+    """(held-out pair accuracy, pairs it was measured on, run dir) of a trained reward model
+    (its ``summary.json``), or None (no RM, a given one, or no held-out pairs)."""
+    if not reward:
+        return None
+    run_dir = Path(reward).parent
+    summary = _json(run_dir / "summary.json")
+    acc = summary.get("metrics", {}).get("eval/rm/accuracy")
+    if acc is None:
+        return None
+    n = (summary.get("data", {}).get("eval") or {}).get("rows_kept")
+    return float(acc), (int(n) if n else None), run_dir
+
+
+def accuracy_line(reward: str | None) -> str | None:
+    """``Reward model: held-out pair accuracy 0.545 on 200 pairs (95% interval 0.476–0.612:
+    at chance)``: an RM whose interval holds 0.5 ranks pairs no better than a coin, and every
+    RM-judged number of the report measures that RM, not preference."""
+    found = reward_accuracy(reward)
+    if found is None:
+        return None
+    acc, n, run_dir = found
+    text = f"Reward model: held-out pair accuracy {acc:.3f}"
+    if n:
+        lo, hi = wilson(acc, n)
+        verdict = "at chance" if lo <= 0.5 <= hi else ("below chance" if hi < 0.5 else
+                                                       "above chance")
+        text += f" on {n} pairs (95% interval {lo:.3f}–{hi:.3f}: {verdict})"
+    return text + f" (eval/rm/accuracy of {run_dir})."
+
+
+def wilson(p: float, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson's 95% interval of a proportion ``p`` observed on ``n`` trials (it stays inside
+    [0, 1] and is not degenerate at p = 0 or 1, unlike p ± z·SE)."""
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(centre - half, 0.0), min(centre + half, 1.0)
+
+
 def write_report(out: str, rows: list[dict[str, Any]], judges: list[str],
                  metrics: list[str] | None, reward: str | None,
                  stages: list[list[str]], title: str) -> dict[str, Any]:
     """Write ``report.md``, ``report.png`` and ``report.json`` under ``out``."""
     root = Path(out)
+    root.mkdir(parents=True, exist_ok=True)  # a pipeline of π₀ alone may have written nothing
     runs = []
     for r in rows:
         run_dir = root / r["name"]
@@ -85,26 +126,27 @@ def write_report(out: str, rows: list[dict[str, Any]], judges: list[str],
             m = load_run(run_dir).metrics
         runs.append(Run(path=run_dir, method=r["method"], name=r["name"], seed=r["seed"],
                         metrics=m))
-    cols = metrics or _columns(runs, judges)
-    table_rows = aggregate(runs, cols)
+    cols = metrics or (_columns(runs, judges) if runs else [])
+    table_rows = aggregate(runs, cols) if runs else []
     # π₀ first: every method is read against doing nothing
     table_rows.sort(key=lambda row: row.label != "base")
     for row in table_rows:
         if row.label == "base":
             row.label = "π₀ (base)"
     titles = [_label(c, judges) for c in cols]
-    lines = markdown(table_rows, cols).splitlines()
-    lines[0] = "| Algorithm | " + " | ".join(titles) + " | runs |"
-    table = "\n".join(lines) + "\n"
-    bar_plot(table_rows, cols, root / "report.png", titles)
+    if cols:
+        lines = markdown(table_rows, cols).splitlines()
+        lines[0] = "| Algorithm | " + " | ".join(titles) + " | runs |"
+        table = "\n".join(lines) + "\n"
+        bar_plot(table_rows, cols, root / "report.png", titles)
+    else:  # e.g. π₀ alone without an eval stage: no numbers, and no empty figure
+        table = ("Nothing to tabulate: no run has metrics (π₀ alone is evaluated by the "
+                 "`generate` and `eval` sections).\n")
+        (root / "report.png").unlink(missing_ok=True)
     notes = []
-    rm_acc = None
-    if reward and Path(reward).parent.joinpath("summary.json").is_file():
-        rm_metrics = _json(Path(reward).parent / "summary.json").get("metrics", {})
-        rm_acc = rm_metrics.get("eval/rm/accuracy")
-        if rm_acc is not None:
-            notes.append(f"Reward model: held-out pair accuracy {rm_acc:.3f} "
-                         f"(eval/rm/accuracy of {Path(reward).parent}).")
+    rm_acc = reward_accuracy(reward)
+    if (line := accuracy_line(reward)) is not None:
+        notes.append(line)
     online = _online_table(root, rows)
     if online:
         notes += ["", "Online training, last logged step (mean ± std over seeds; "
@@ -117,7 +159,8 @@ def write_report(out: str, rows: list[dict[str, Any]], judges: list[str],
         "rows": [{"label": row.label, "runs": [r.name for r in row.runs],
                   "stats": {k: {"mean": v[0], "std": v[1], "n": v[2]}
                             for k, v in row.stats.items()}} for row in table_rows],
-        "reward_accuracy": rm_acc, "table": table,
+        "reward_accuracy": rm_acc[0] if rm_acc else None,
+        "reward_accuracy_pairs": rm_acc[1] if rm_acc else None, "table": table,
         "stage_seconds": {n: m.get("seconds", 0.0) for n, m in times.items()},
     }
     (root / "report.json").write_text(json.dumps(result, indent=1) + "\n")

@@ -51,7 +51,14 @@ class Stage:
     # what a started stage leaves behind (relative to out); default: anything in out. A
     # stage writing into another stage's directory (generation into a run dir) names its file
     started: str | None = None
+    # call-time arguments that change how the stage treats what it finds, not what it
+    # computes (``pipeline --overwrite``): passed to the call, left out of the fingerprint
+    options: dict[str, Any] = field(default_factory=dict)
     fingerprint: str = ""
+
+    @property
+    def arguments(self) -> dict[str, Any]:
+        return {**self.spec, **self.options}
 
     @property
     def marker(self) -> Path:
@@ -184,8 +191,8 @@ def _launch(stage: Stage, launcher: Launcher) -> dict[str, Any]:
     job = stage.out / f".stage.{stage.kind}.json"
     result = stage.out / f".result.{stage.kind}.json"
     result.unlink(missing_ok=True)
-    job.write_text(json.dumps({"target": stage.target, "spec": stage.spec, "result": str(result)},
-                              default=str))
+    job.write_text(json.dumps({"target": stage.target, "spec": stage.arguments,
+                               "result": str(result)}, default=str))
     if launcher.kind == "accelerate":
         cmd = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch",
                *launcher.args, "--module", "distalign.pipeline.worker", str(job)]
@@ -293,7 +300,7 @@ def run_stages(
             if stage.launchable and launcher.kind != "inprocess":
                 result = _launch(stage, launcher)
             else:
-                result = call(stage.target, stage.spec)
+                result = call(stage.target, stage.arguments)
             finish(stage, result, _timing(start, stage.name in resuming), False)
         return outcomes
 
@@ -306,7 +313,7 @@ def run_stages(
                     if not reuse(stage):
                         host_now()
                         log(f"▶ {stage.name} → {stage.out}")
-                        running[pool.submit(_call_timed, stage.target, stage.spec,
+                        running[pool.submit(_call_timed, stage.target, stage.arguments,
                                             stage.name in resuming)] = stage
                 ready = take_ready(len(pending))
             if not running:

@@ -14,7 +14,8 @@ import random
 from pathlib import Path
 from typing import Any
 
-from distalign.errors import DataError
+from distalign.errors import ConfigError, DataError
+from distalign.pipeline.data import normalise
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -39,28 +40,35 @@ def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def split_pairs(source: str, out: str, seed: int, heldout: int,
-                train: int | None = None) -> dict[str, Any]:
+def split_pairs(source: str, out: str, seed: int, heldout: int, train: int | None = None,
+                format: str = "hh") -> dict[str, Any]:
     """Shuffle the rows with ``seed``; the first ``heldout`` are held out (their prompts are
     generated from and their chosen replies are the references, and the reward model's
     held-out pair accuracy is measured on them), the next ``train`` (default: all the rest)
-    are the training pairs. Each row keeps its position in the source as ``id``."""
-    rows = _read_jsonl(Path(source))
-    if heldout < 1 or heldout >= len(rows):
-        raise DataError(f"{source}: data.split.heldout={heldout} must be in [1, {len(rows) - 1}]"
-                        f" ({len(rows)} rows)")
-    idx = list(range(len(rows)))
+    are the training pairs. Each row keeps its position in the source as ``id``; ``format``
+    (:mod:`distalign.pipeline.data`) says how rows are read and normalised."""
+    kept, dropped = normalise(_read_jsonl(Path(source)), format, source)
+    if heldout < 1 or heldout >= len(kept):
+        raise DataError(f"{source}: data.split.heldout={heldout} must be in [1, {len(kept) - 1}]"
+                        f" ({len(kept)} usable rows)")
+    idx = list(range(len(kept)))
     random.Random(seed).shuffle(idx)
     held = sorted(idx[:heldout])
     rest = idx[heldout:]
     tr = sorted(rest if train is None else rest[:train])
     d = Path(out)
     d.mkdir(parents=True, exist_ok=True)
-    sha = {
-        "heldout": _write_jsonl(d / "heldout.jsonl", [{"id": str(i), **rows[i]} for i in held]),
-        "train": _write_jsonl(d / "train.jsonl", [{"id": str(i), **rows[i]} for i in tr]),
-    }
-    return {"source_rows": len(rows), "heldout": len(held), "train": len(tr), "sha256": sha}
+
+    def rows(which: list[int]) -> list[dict[str, Any]]:
+        return [{"id": str(kept[i][0]), **kept[i][1]} for i in which]
+
+    sha = {"heldout": _write_jsonl(d / "heldout.jsonl", rows(held)),
+           "train": _write_jsonl(d / "train.jsonl", rows(tr))}
+    result = {"source_rows": len(kept) + dropped, "heldout": len(held), "train": len(tr),
+              "sha256": sha}
+    if dropped:
+        result["prompt_mismatch"] = dropped
+    return result
 
 
 def export_model(model: dict[str, Any], out: str) -> dict[str, Any]:
@@ -69,25 +77,37 @@ def export_model(model: dict[str, Any], out: str) -> dict[str, Any]:
     from distalign.lm.models import ModelConfig, load_policy, load_tokenizer
 
     cfg = ModelConfig(**model)
+    # the load is silent for a while (a 135M GGUF: ~20 s on a CPU); say what it is doing
+    what = f"de-quantising {cfg.gguf_file} to {cfg.dtype}" if cfg.gguf_file else "loading"
+    print(f"base: {what} from {cfg.name_or_path} (once; later stages load {out})", flush=True)
     tok, policy = load_tokenizer(cfg), load_policy(cfg)
     policy.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     return {"parameters": sum(p.numel() for p in policy.parameters())}
 
 
-def train_run(method: str, config: dict[str, Any]) -> dict[str, Any]:
+def train_run(method: str, config: dict[str, Any], overwrite: bool = False) -> dict[str, Any]:
     """``distalign train METHOD``: ``load_config`` + ``train``. A run that already finished
-    with this very config (killed before its marker was written) is not trained again."""
+    with this very config (killed before its marker was written) is not trained again. With
+    ``overwrite`` (``distalign pipeline --overwrite``), a run directory holding a run with
+    another config is replaced (``run.overwrite``) instead of stopping the pipeline; a
+    partial run of this config still resumes."""
+    import yaml
+
     from distalign.train import load_config, train
     from distalign.train.config import to_yaml
+    from distalign.train.rundir import SUMMARY_NAME, is_finished, plan_run
 
     cfg = load_config(method, config)
-    summary = cfg.run_dir / "summary.json"
-    same = (cfg.run_dir / "config.yaml").is_file() and (
-        (cfg.run_dir / "config.yaml").read_text() == to_yaml(cfg))
-    if not (summary.is_file() and same):
+    text = to_yaml(cfg)
+    if not is_finished(cfg.run_dir, text):
+        if overwrite:
+            try:
+                plan_run(cfg.run_dir, yaml.safe_load(text), cfg.run.resume, False)
+            except ConfigError:  # it holds another run, or a finished one it cannot extend
+                cfg.run.overwrite = True
         train(cfg)
-    return json.loads(summary.read_text()).get("metrics", {})
+    return json.loads((cfg.run_dir / SUMMARY_NAME).read_text()).get("metrics", {})
 
 
 def generate_run(gen: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
@@ -125,12 +145,13 @@ def curves_run(run_dir: str) -> dict[str, Any]:
     import matplotlib.pyplot as plt
 
     from distalign.pipeline.report import CURVES
+    from distalign.train.rundir import read_metrics
 
-    rows = _read_jsonl(Path(run_dir) / "metrics.jsonl")
+    rows = read_metrics(run_dir)  # a torn last line (a kill mid-write) is skipped
     keys = [k for k in CURVES if any(k in r for r in rows)]
     if not keys:
         return {}
-    fig, axes = plt.subplots(1, len(keys), figsize=(3.4 * len(keys), 3.0))
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.4 * len(keys), 3.0), layout="constrained")
     axes = [axes] if len(keys) == 1 else list(axes)
     last = {}
     for ax, key in zip(axes, keys, strict=True):
@@ -140,7 +161,6 @@ def curves_run(run_dir: str) -> dict[str, Any]:
         ax.set_xlabel("step", fontsize=8)
         last[key] = pts[-1][1] if pts else None
     fig.suptitle(Path(run_dir).name, fontsize=9)
-    fig.tight_layout()
     fig.savefig(Path(run_dir) / "curves.png", dpi=110)
     plt.close(fig)
     return {"plot": str(Path(run_dir) / "curves.png"), "last": last}
