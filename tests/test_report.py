@@ -50,7 +50,7 @@ def test_default_metrics_and_group_by_config_key():
     table, rows = report([RUNS / "pmle-s0", RUNS / "pmle-s1", RUNS / "dpo-s0"],
                          group_by=["method", "algo.gamma"])
     assert "win-rate vs π₀ ↑" in table.splitlines()[0]
-    assert [r.label for r in rows] == ["DPO (gamma=0.05)", "PMLE (gamma=1.0)"]
+    assert [r.label for r in rows] == ["DPO (algo.gamma=0.05)", "PMLE (algo.gamma=1.0)"]
 
 
 def test_one_line_errors(tmp_path):
@@ -118,16 +118,18 @@ def test_groups_by_differing_config_keys_and_reads_eval_json(tmp_path):
          {"eval/win_rate": 45.0, "eval/rm_score": 0.7, "eval/kl_ref": 0.2})
     assert len(find_runs([tmp_path])) == 5  # the eval/ folders are not runs of their own
     table, rows = report([tmp_path])
-    assert [r.label for r in rows] == ["DPO", "PMLE (beta=0.0)", "PMLE (beta=0.1)"]
+    # the whole key, section included: `beta` alone could be algo's or another section's
+    assert [r.label for r in rows] == ["DPO", "PMLE (algo.beta=0.0)", "PMLE (algo.beta=0.1)"]
     lines = table.splitlines()
     assert lines[0] == "| Algorithm | win-rate % ↑ | RM score ↑ | KL(π‖π₀) ↓ | runs |"
-    assert lines[3] == "| PMLE (beta=0.0) | 40.000 | 0.500 | 0.300 | 1 (single run) |"
-    assert lines[4] == "| PMLE (beta=0.1) | 51.000 ± 1.000 | 2.000 ± 1.000 | 0.100 ± 0.000 | 3 |"
+    assert lines[3] == "| PMLE (algo.beta=0.0) | 40.000 | 0.500 | 0.300 | 1 (single run) |"
+    assert lines[4] == ("| PMLE (algo.beta=0.1) | 51.000 ± 1.000 | 2.000 ± 1.000 | 0.100 ± 0.000 "
+                        "| 3 |")
     # a different data size is a different experiment
     _run(tmp_path, "pmle-b01-n512", "pmle", 0, {"beta": 0.1}, {"loss": 1.0},
          "data/n512-s0/pairs.jsonl", {"eval/win_rate": 60.0})
     labels = [r.label for r in report([tmp_path])[1]]
-    assert "PMLE (beta=0.1, path=data/n512-s*/pairs.jsonl)" in labels
+    assert "PMLE (algo.beta=0.1, data.path=data/n512-s*/pairs.jsonl)" in labels
 
 
 def test_incomplete_runs_left_out_by_default_and_noted():
@@ -179,3 +181,49 @@ def test_a_judged_column_is_titled_by_its_metric_and_judge() -> None:
     assert metric_label("eval/win_rate") == "win-rate % ↑"
     assert metric_label("eval/win_rate@hf") == "win-rate % ↑ [hf]"
     assert metric_label("custom/thing@x") == "custom/thing@x"  # unknown: the key as written
+
+
+def test_a_negative_k1_kl_shows_its_standard_error_and_a_note(tmp_path):
+    """k1 is a Monte-Carlo mean of log-ratios: below 0 by noise, never in truth."""
+    _run(tmp_path, "dpo-s0", "dpo", 0, {"gamma": 0.1}, {"loss": 1.0},
+         eval_metrics={"eval/kl_ref": -0.02, "eval/kl_ref_se": 0.03})
+    _run(tmp_path, "pmle-s0", "pmle", 0, {"beta": 0.0}, {"loss": 1.0},
+         eval_metrics={"eval/kl_ref": 0.5, "eval/kl_ref_se": 0.1})
+    for seed, kl in ((0, -0.0001), (1, -0.0002)):
+        _run(tmp_path, f"rkl-s{seed}", "rkl", seed, {"beta": 0.1}, {"loss": 1.0},
+             eval_metrics={"eval/kl_ref": kl, "eval/kl_ref_se": 0.004})
+    table, _ = report([tmp_path], ["eval/kl_ref"])
+    lines = table.splitlines()
+    assert lines[2] == "| DPO | -0.020 (SE 0.030) | 1 (single run) |"
+    assert lines[3] == "| PMLE | 0.500 | 1 (single run) |"  # positive: no SE, as before
+    # a mean that rounds to zero prints no "-0.000" (and needs no SE)
+    assert lines[4] == "| Reverse KL | 0.000 ± 0.000 | 2 |"
+    assert "true KL is ≥ 0" in table and "standard error (SE) of 0" in table
+    table, _ = report([tmp_path / "pmle-s0"], ["eval/kl_ref"])
+    assert "true KL" not in table  # no negative cell, no note
+
+
+def test_the_plot_fits_long_labels_without_a_layout_warning(tmp_path):
+    import warnings
+
+    for seed, beta in ((0, 0.1), (1, 0.2), (2, 0.3)):
+        _run(tmp_path, f"pmle-{seed}", "pmle", seed, {"beta": beta, "kl_samples": seed + 1},
+             {"loss": 1.0}, f"data/a-very-long-folder-name/n{seed}/pairs.jsonl",
+             {"eval/kl_ref": 0.1, "eval/rm_score": 0.2, "eval/win_rate": 50.0})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib's "Tight layout not applied" included
+        table, rows = report([tmp_path], plot_path=tmp_path / "r.png")
+    assert "algo.kl_samples=1" in rows[0].label
+    assert (tmp_path / "r.png").stat().st_size > 1000
+
+
+def test_cli_report_to_an_unwritable_place_is_one_line(tmp_path):
+    blocker = tmp_path / "file.txt"  # a file where a folder should be (root ignores modes)
+    blocker.write_text("x")
+    for flag in ("--out", "--plot"):
+        proc = subprocess.run([sys.executable, "-m", "distalign", "report", str(RUNS), flag,
+                               str(blocker / "r.png")], capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 2, proc.stderr
+        assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+        assert "is a file" in proc.stderr and flag in proc.stderr

@@ -45,14 +45,26 @@ def report(
                                   "--out, as .png)")
     ] = None,
 ) -> None:
+    from distalign.errors import ConfigError
     from distalign.eval.report import report as build
+    from distalign.pipeline.data import check_writable
 
     plot_path = plot or (out.with_suffix(".png") if out else None)
-    table, rows = build(runs, _split(metrics), _split(group_by), plot_path, include_incomplete)
+    for flag, path in (("--out", out), ("--plot", plot_path)):
+        if path is not None:  # before the runs are read: a bad path fails in one line
+            if path.is_dir():
+                raise ConfigError(f"{flag} {path}: is a directory; give a file name")
+            check_writable(path.parent, f"{flag} folder", create=False)
+    try:
+        table, rows = build(runs, _split(metrics), _split(group_by), plot_path,
+                            include_incomplete)
+        if out:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(table)
+    except OSError as exc:  # a read-only folder or file system (root passes the check above)
+        raise ConfigError(f"cannot write {exc.filename or out or plot_path} "
+                          f"({exc.strerror})") from None
     typer.echo(table, nl=False)
     n = sum(len(r.runs) for r in rows)
-    if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(table)
     where = ", ".join(str(p) for p in (out, plot_path) if p)
     typer.echo(f"\n{n} runs in {len(rows)} rows" + (f"; wrote {where}" if where else ""))

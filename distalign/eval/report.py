@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from distalign.errors import ConfigError, DataError
+from distalign.eval.barplot import plot
 from distalign.eval.evaluate import judge_label
 from distalign.train.rundir import read_metrics, run_fingerprint
 
@@ -302,7 +303,8 @@ def aggregate(runs: list[Run], metrics: list[str], group_by: list[str] | None = 
 def _label(key: tuple[str, ...], group_by: list[str]) -> str:
     parts = []
     for k, v in zip(group_by, key, strict=True):
-        parts.append(METHOD_NAMES.get(v, v) if k == "method" else f"{k.split('.')[-1]}={v}")
+        # the whole key: `algo.beta=0.1`, never a bare `beta` that two sections may share
+        parts.append(METHOD_NAMES.get(v, v) if k == "method" else f"{k}={v}")
     return parts[0] + (f" ({', '.join(parts[1:])})" if len(parts) > 1 else "")
 
 
@@ -315,9 +317,35 @@ def metric_label(metric: str) -> str:
     return f"{name} {arrow}".strip() + (f" [{judge}]" if judge else "")
 
 
+# k1 KL estimates (mean ln π − ln π₀ over samples, may be < 0) and their standard errors
+K1_SE = {"eval/kl_ref": "eval/kl_ref_se"}
+K1_NOTE = ("KL(π‖π₀) is the k1 estimate: the Monte-Carlo mean of ln π(y|x) − ln π₀(y|x) over "
+           "sampled replies. The true KL is ≥ 0; a negative estimate is sampling noise, and one "
+           "within its standard error (SE) of 0 is indistinguishable from π₀.")
+
+
+def _fixed(x: float, digits: int) -> str:  # never "-0.000"
+    return text[1:] if (text := f"{x:.{digits}f}").startswith("-") and float(text) == 0 else text
+
+
 def _cell(mu: float, sd: float, n: int, digits: int) -> str:
     # one run has no spread: print its value alone, never "± 0.000"
-    return f"{mu:.{digits}f}" if n < 2 else f"{mu:.{digits}f} ± {sd:.{digits}f}"
+    return _fixed(mu, digits) if n < 2 else f"{_fixed(mu, digits)} ± {sd:.{digits}f}"
+
+
+def _metric_cell(row: Row, m: str, digits: int) -> tuple[str, bool]:
+    """(the cell, whether it is a negative k1 estimate: those show their standard error, the
+    runs' SEs combined as independent samples, and get a note under the table)."""
+    if m not in row.stats:
+        return "–", False
+    text = _cell(*row.stats[m], digits)
+    if m not in K1_SE or not text.startswith("-"):
+        return text, False
+    ses = [r.metrics.get(K1_SE[m]) for r in row.runs if m in r.metrics]
+    if ses and None not in ses:
+        se = math.sqrt(sum(v * v for v in ses if v is not None)) / len(ses)
+        text += f" (SE {se:.{digits}f})"
+    return text, True
 
 
 def _runs_cell(row: Row) -> str:
@@ -331,39 +359,17 @@ def _runs_cell(row: Row) -> str:
 
 
 def markdown(rows: list[Row], metrics: list[str], digits: int = 3) -> str:
-    """``| Algorithm | metric ↑ | ... |`` with "mean ± std" cells and the run count."""
+    """``| Algorithm | metric ↑ | ... |`` with "mean ± std" cells and the run count; a negative
+    k1 KL cell shows its standard error, with a note under the table on what it means."""
     head = "| Algorithm | " + " | ".join(metric_label(m) for m in metrics) + " | runs |"
     lines = [head, "|---" * (len(metrics) + 2) + "|"]
+    negative = False
     for row in rows:
-        cells = [_cell(*row.stats[m], digits) if m in row.stats else "–" for m in metrics]
-        lines.append(f"| {row.label} | " + " | ".join(cells) + f" | {_runs_cell(row)} |")
-    return "\n".join(lines) + "\n"
-
-
-def plot(rows: list[Row], metrics: list[str], path: str | Path,
-         titles: list[str] | None = None) -> Path:
-    """One bar chart per metric: mean with ± std error bars, one bar per row."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics) + 0.8, 3.6))
-    axes = [axes] if len(metrics) == 1 else list(axes)
-    labels = [r.label for r in rows]
-    titles = titles or [metric_label(m) for m in metrics]
-    for ax, m, title in zip(axes, metrics, titles, strict=True):
-        mu = [r.stats.get(m, (math.nan, 0.0, 0))[0] for r in rows]
-        sd = [r.stats.get(m, (math.nan, 0.0, 0))[1] for r in rows]
-        ax.bar(range(len(rows)), mu, yerr=sd, capsize=3, color=[f"C{i}" for i in range(len(rows))])
-        ax.set_xticks(range(len(rows)), labels, rotation=35, ha="right", fontsize=8)
-        ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+        cells = [_metric_cell(row, m, digits) for m in metrics]
+        negative |= any(neg for _, neg in cells)
+        lines.append(f"| {row.label} | " + " | ".join(c for c, _ in cells)
+                     + f" | {_runs_cell(row)} |")
+    return "\n".join(lines + (["", K1_NOTE] if negative else [])) + "\n"
 
 
 def report(
@@ -386,7 +392,7 @@ def report(
     metrics = metrics or default_metrics(runs)
     rows = aggregate(runs, metrics, group_by)
     if plot_path is not None:
-        plot(rows, metrics, plot_path)
+        plot(rows, metrics, plot_path, [metric_label(m) for m in metrics])
     table = markdown(rows, metrics)
     if left_out:
         table += ("\nLeft out (incomplete, no summary.json; --include-incomplete to add): "
