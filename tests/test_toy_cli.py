@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -118,7 +119,8 @@ def test_read_only_out(tmp_path: Path, capsys) -> None:
     _one_line_error(capsys, "cannot write there")
 
 
-def test_plot_in_a_missing_folder(tmp_path: Path, capsys) -> None:
+def test_plot_in_a_missing_folder(tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exc:
         main(["toy", *TINY, "--out", str(tmp_path / "run"), "--plot", "no/such/fig.png"])
     assert exc.value.code == 2
@@ -126,12 +128,42 @@ def test_plot_in_a_missing_folder(tmp_path: Path, capsys) -> None:
     assert not (tmp_path / "run" / "results.json").exists()
 
 
-def test_plot_format_from_suffix(tmp_path: Path) -> None:
-    main(["toy", *TINY, "--out", str(tmp_path), "--plot", "fig.svg"])
+def test_plot_path_is_taken_as_given_and_its_suffix_picks_the_format(
+        tmp_path: Path, monkeypatch) -> None:
+    """--plot fig.svg lands in the working directory, like any path argument, not in --out."""
+    monkeypatch.chdir(tmp_path)
+    main(["toy", *TINY, "--out", str(tmp_path / "run"), "--plot", "fig.svg"])
     assert (tmp_path / "fig.svg").read_text().lstrip().startswith("<?xml")
-    assert not (tmp_path / "figure1.png").exists()
-    timings = json.loads((tmp_path / "results.json").read_text())["timings"]
+    assert not (tmp_path / "run" / "fig.svg").exists()
+    assert not (tmp_path / "run" / "figure1.png").exists()
+    timings = json.loads((tmp_path / "run" / "results.json").read_text())["timings"]
     assert set(timings) >= {"newton", "selection", "io_plot"}
+    main(["toy", *TINY, "--out", str(tmp_path / "run2")])  # no --plot: figure1.png in --out
+    assert (tmp_path / "run2" / "figure1.png").is_file()
+
+
+def test_a_custom_grid_never_replaces_the_presets_results(tmp_path: Path, monkeypatch,
+                                                         capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    preset = tmp_path / "runs" / "toy-paper"
+    preset.mkdir(parents=True)
+    (preset / "results.json").write_text("the preset's")
+    main(["toy", "--seeds", "2", "--ns", "16,64", "--methods", "rlhf", "--contexts", "2",
+          "--responses", "3"])
+    assert (preset / "results.json").read_text() == "the preset's"
+    custom = tmp_path / "runs" / "toy-paper-X2-K3-n16-64-seeds2-rlhf"
+    assert json.loads((custom / "results.json").read_text())["config"]["seeds"] == 2
+    assert str(Path("runs") / custom.name) in capsys.readouterr().out
+
+
+def test_one_seed_prints_no_interval_and_one_size_no_slope(tmp_path: Path, capsys) -> None:
+    main(["toy", *TINY, "--out", str(tmp_path)])  # TINY: one seed, one size n
+    out = capsys.readouterr().out
+    flat = " ".join(out.split())  # rich wraps long titles at the console's width
+    assert "one seed: no interval" in flat and "95% CI" not in flat
+    assert not re.search(r"│ 16 │ [0-9.e-]+ \[", flat)  # the cell is the mean alone
+    assert "nan" not in out and re.search(r"slope 16–16 │ +– │", out)
+    assert "note: slope – : the log-log slope needs at least two sizes n" in flat
 
 
 def _cli(args: list[str], log: Path) -> subprocess.CompletedProcess:

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import tempfile
 import threading
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from distalign.cli._app import app
 from distalign.errors import ConfigError
+
+if TYPE_CHECKING:
+    from distalign.tabular.config import ToyConfig
 
 
 def _parse_ints(text: str, flag: str) -> tuple[int, ...]:
@@ -50,10 +54,11 @@ def _prefetch_matplotlib(start: threading.Event) -> None:
     threading.Thread(target=load, name="prefetch-matplotlib", daemon=True).start()
 
 
-def _plot_path(out: Path, plot: str) -> Path:
-    """``--plot`` inside ``--out`` (an absolute path stays as it is); its suffix must be a
-    format matplotlib writes. matplotlib is imported for the check only when it is not PNG."""
-    path = out / plot
+def _plot_path(out: Path, plot: str | None) -> Path:
+    """The figure's path: ``out/figure1.png`` by default; a ``--plot`` path is taken as given
+    (relative to the working directory, like every other path argument). Its suffix must be
+    a format matplotlib writes; matplotlib is imported for the check only when it is not PNG."""
+    path = out / "figure1.png" if plot is None else Path(plot)
     suffix = path.suffix.lower().lstrip(".")
     if suffix == "png":
         return path
@@ -66,6 +71,37 @@ def _plot_path(out: Path, plot: str) -> Path:
         raise ConfigError(f"--plot {plot}: matplotlib cannot write .{suffix} files "
                           f"(it writes {', '.join(sorted(formats))})")
     return path
+
+
+# settings that change how the toy runs, not its numbers
+_RUN_ONLY = ("device", "engine", "threads")
+_SHORT = {"ns": "n", "methods": "", "contexts": "X", "responses": "K", "logit_scale": "scale"}
+
+
+def _default_out(cfg: ToyConfig, preset: str) -> Path:
+    """``runs/toy-<preset>`` for the preset's own grid; a custom grid gets a folder named
+    after what it changes (``runs/toy-paper-seeds2-n16-64``), so it never replaces the
+    preset's results."""
+    import hashlib
+    from dataclasses import fields
+
+    from distalign.tabular.config import ToyConfig
+
+    ref = ToyConfig.from_preset(preset)
+    changed = [f.name for f in fields(ToyConfig) if f.name not in _RUN_ONLY
+               and getattr(cfg, f.name) != getattr(ref, f.name)]
+    if not changed:
+        return Path("runs") / f"toy-{preset}"
+    parts = []
+    for key in changed:
+        value = getattr(cfg, key)
+        text = "-".join(map(str, value)) if isinstance(value, tuple) else str(value)
+        parts.append(f"{_SHORT.get(key, key)}{text}")
+    name = f"toy-{preset}-" + "-".join(parts)
+    if len(name) > 60 or not all(c.isalnum() or c in "-._" for c in name):
+        blob = repr([(k, getattr(cfg, k)) for k in changed]).encode()
+        name = f"toy-{preset}-custom-{hashlib.sha256(blob).hexdigest()[:8]}"
+    return Path("runs") / name
 
 
 @app.command(
@@ -93,10 +129,12 @@ def toy(
         "rlhf,rkl,pmle,distill,dpo,rebel",
     seed: Annotated[int, typer.Option(help="base random seed")] = 0,
     out: Annotated[Path | None, typer.Option(
-        "--out", "-o", help="output directory (default runs/toy-<preset>)")] = None,
-    plot: Annotated[str, typer.Option(
-        help="figure file inside --out; the suffix picks the format (png, pdf, svg, …)")] =
-        "figure1.png",
+        "--out", "-o", help="output directory (default runs/toy-<preset>, or a folder named "
+        "after the settings that differ from the preset's)")] = None,
+    plot: Annotated[str | None, typer.Option(
+        help="figure file (default: figure1.png in --out); a path given is taken as given, "
+        "relative to the working directory; the suffix picks the format (png, pdf, svg, …)")] =
+        None,
     device: Annotated[str, typer.Option(
         help="cpu (numpy solvers) or cuda[:i] (the torch solvers)")] = "cpu",
     engine: Annotated[str, typer.Option(
@@ -132,7 +170,7 @@ def toy(
         if val is not None:
             overrides[key] = val
     cfg = ToyConfig.from_preset(preset, **overrides)
-    out_dir = out if out is not None else Path("runs") / f"toy-{preset}"
+    out_dir = out if out is not None else _default_out(cfg, preset)
     plot_path = _plot_path(out_dir, plot)
     _output_dir(out_dir)
     if not plot_path.parent.is_dir():
@@ -167,9 +205,11 @@ def toy(
     summ = {(r["method"], r["n"], r["choice"]): r for r in results.summary}
     kl0 = sum(results.kl_star_ref) / cfg.seeds
     rng = results.slopes["_range"]
+    # one seed has no spread: its "interval" would be the mean twice
+    what = f"mean [95% CI], {cfg.seeds} seeds" if cfg.seeds > 1 else "one seed: no interval"
     for choice, how in (("oracle", "best true forward KL"),
                         ("honest", "best held-out preference log-likelihood")):
-        table = Table(title=f"E_x KL(π*‖π̂), β by {how}: mean [95% CI], {cfg.seeds} seeds; "
+        table = Table(title=f"E_x KL(π*‖π̂), β by {how}: {what}; "
                       f"KL(π*‖π₀) = {kl0:.3g}")
         table.add_column("n", justify="right")
         for m in cfg.methods:
@@ -178,14 +218,24 @@ def toy(
             cells = []
             for m in cfg.methods:
                 r = summ[(m, n, choice)]
-                cells.append(f"{r['fkl']:.3g} [{r['fkl_lo']:.2g}, {r['fkl_hi']:.2g}]")
+                cells.append(f"{r['fkl']:.3g} [{r['fkl_lo']:.2g}, {r['fkl_hi']:.2g}]"
+                             if cfg.seeds > 1 else f"{r['fkl']:.3g}")
             table.add_row(str(n), *cells)
         table.add_row(f"slope {int(rng['n_min'])}–{int(rng['n_max'])}",
-                      *(f"{results.slopes[m][choice]:+.2f}" for m in cfg.methods))
+                      *(_slope(results.slopes[m][choice]) for m in cfg.methods))
         console.print(table)
+    if any(not math.isfinite(results.slopes[m][c]) for m in cfg.methods
+           for c in ("oracle", "honest")):
+        console.print(f"note: slope – : the log-log slope needs at least two sizes n in the top "
+                      f"decade (n ≥ {max(cfg.ns) / 10:g}) with a positive KL; give more sizes, "
+                      "e.g. --ns 4096,16384,65536")
     console.print(f"ran in {results.seconds:.1f} s; table: {paths['json']} and {paths['csv']}; "
                   f"plot: {paths['figure']}")
     if results.solver == "numpy":
         console.print("note: the compiled Newton solver (tabular/fast/_newton.c) is not built, so "
                       "numpy's ran (the same results, about 2x slower); reinstall with a C "
                       "compiler, e.g. `pip install -e .`")
+
+
+def _slope(value: float) -> str:
+    return f"{value:+.2f}" if math.isfinite(value) else "–"

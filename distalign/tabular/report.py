@@ -86,10 +86,11 @@ def plot_figure1(results: ToyResults, path: Path, title: str | None = None) -> N
             lo = [max(r["fkl_lo"], ylim[0] / 10) for r in rows]
             hi = [r["fkl_hi"] for r in rows]
             color, ls = STYLE.get(m, ("black", "-"))
-            slope = results.slopes[m][choice]
-            ax.plot(ns, mean, ls, color=color, marker="o", ms=3,
-                    label=f"{LABELS.get(m, m)}  slope {slope:+.2f}")
-            ax.fill_between(ns, lo, hi, color=color, alpha=0.15, lw=0)
+            slope = results.slopes[m][choice]  # NaN with one size n in the top decade
+            ax.plot(ns, mean, ls, color=color, marker="o", ms=3, label=LABELS.get(m, m)
+                    + (f"  slope {slope:+.2f}" if math.isfinite(slope) else ""))
+            if cfg.seeds > 1:  # one seed has no interval: no band
+                ax.fill_between(ns, lo, hi, color=color, alpha=0.15, lw=0)
         ax.axhline(kl0, color="gray", lw=1, ls="-.", label="KL(π*‖π₀)")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
@@ -104,9 +105,10 @@ def plot_figure1(results: ToyResults, path: Path, title: str | None = None) -> N
     axes[0].set_ylabel("E_x KL(π* ‖ π̂)")
     for ax in axes:
         ax.legend(fontsize=6.5, loc="lower left")
+    spread = "(mean, 95% t-interval)" if cfg.seeds > 1 else "(one seed: no interval)"
     fig.suptitle(title or (f"toy '{cfg.preset}': |X|={cfg.contexts}, K={cfg.responses}, "
-                           f"γ={cfg.gamma}, logit scale {cfg.logit_scale}, {cfg.seeds} seeds "
-                           "(mean, 95% t-interval)"), fontsize=9)
+                           f"γ={cfg.gamma}, logit scale {cfg.logit_scale}, {cfg.seeds} "
+                           f"seed{'s' * (cfg.seeds > 1)} {spread}"), fontsize=9)
     fig.subplots_adjust(left=0.065, right=0.99, bottom=0.11, top=0.87, wspace=0.04)
     fig.savefig(path, dpi=120)
 
