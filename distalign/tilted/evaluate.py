@@ -52,8 +52,10 @@ def _grouped(rows: Sequence[dict[str, Any]], values: Sequence[float]) -> dict[st
 
 
 def score_rows(world: TiltedWorld, pi0: Any, tok: Any, gold: Any,
-               rows: Sequence[dict[str, Any]], batch_size: int = 16) -> tuple[list, list]:
-    """(ln π₀, r) of each generations row's exact ids (longer than L: refused)."""
+               rows: Sequence[dict[str, Any]], batch_size: int = 16,
+               recorded: bool = False) -> tuple[list, list]:
+    """(ln π₀, r) of each generations row's exact ids (longer than L: refused). ``recorded``:
+    the rows are π₀'s own samples, so their ``output_logprob`` is ln π₀ (no forward)."""
     from distalign.tilted.space import reply_logprobs
 
     L = world.max_new_tokens
@@ -63,7 +65,10 @@ def score_rows(world: TiltedWorld, pi0: Any, tok: Any, gold: Any,
                             f"reply tokens > L = {L} of the tilted world {world.path}")
     pids = [r["prompt_token_ids"] for r in rows]
     ids = [r["output_token_ids"] for r in rows]
-    lp0 = reply_logprobs(pi0, pids, ids, tok.pad_token_id, batch_size)
+    if recorded and all("output_logprob" in r for r in rows):
+        lp0 = [float(r["output_logprob"]) for r in rows]
+    else:
+        lp0 = reply_logprobs(pi0, pids, ids, tok.pad_token_id, batch_size)
     texts = [tok.decode(i, skip_special_tokens=True) for i in ids]
     return lp0, gold.score([r["prompt"] for r in rows], texts, pids, ids)
 
@@ -75,7 +80,8 @@ def generation_measures(world: TiltedWorld, pi0: Any, tok: Any, gold: Any,
     """``tilted/*`` metrics of π̂ (``rows``) against π* through π₀'s samples (``base_rows``).
 
     ``policy`` (the loaded π̂) scores π₀'s samples for the forward KL; without it only the
-    measures from π̂'s own samples are returned. ``output_logprob`` of ``rows`` is ln π̂.
+    measures from π̂'s own samples are returned. ``output_logprob`` of ``rows`` is ln π̂, and
+    of ``base_rows`` ln π₀ (forwards are run only where a log-prob is not recorded).
     """
     from distalign.tilted.space import reply_logprobs
 
@@ -83,8 +89,9 @@ def generation_measures(world: TiltedWorld, pi0: Any, tok: Any, gold: Any,
         raise DataError("the policy's generations have no output_logprob (ln π̂ recorded by "
                         "the sampler); regenerate with `distalign generate` (HF backend)")
     b = world.beta_star
-    lp0, r = score_rows(world, pi0, tok, gold, rows, batch_size)
-    blp0, br = score_rows(world, pi0, tok, gold, base_rows, batch_size)
+    blp0, br = score_rows(world, pi0, tok, gold, base_rows, batch_size, recorded=True)
+    lp0, r = ((blp0, br) if rows is base_rows
+              else score_rows(world, pi0, tok, gold, rows, batch_size, recorded=policy is pi0))
     lh = [float(x["output_logprob"]) for x in rows]
     g = {k: _grouped(rows, v) for k, v in (("lh", lh), ("l0", lp0), ("r", r),
                                            ("len", [len(x["output_token_ids"]) for x in rows]))}
@@ -102,7 +109,7 @@ def generation_measures(world: TiltedWorld, pi0: Any, tok: Any, gold: Any,
                                [bg["l0"][p][:n] for p in prompts],
                                [bg["r"][p][:n] for p in prompts], b, world.gamma))
     if policy is not None:
-        blh = _grouped(base_rows, reply_logprobs(
+        blh = bg["l0"] if policy is pi0 else _grouped(base_rows, reply_logprobs(
             policy, [x["prompt_token_ids"] for x in base_rows],
             [x["output_token_ids"] for x in base_rows], tok.pad_token_id, batch_size))
         args = [[bg["l0"][p] for p in prompts], [bg["r"][p] for p in prompts],
@@ -149,9 +156,10 @@ def measure_policy(world_path: str, policy: str | None = None, *, limit: int = 8
     out = generation_measures(world, pi0, tok, gold, mine, base, policy=model, seed=seed)
     # rejection on fresh proposals: an estimate independent of the SNIS one above
     fresh = rows_of(sample_replies(pi0, tok, ids, proposals, L, seed=seed + 2, progress=progress))
-    l0, r = score_rows(world, pi0, tok, gold, fresh)
-    lh = reply_logprobs(model, [x["prompt_token_ids"] for x in fresh],
-                        [x["output_token_ids"] for x in fresh], tok.pad_token_id)
+    l0, r = score_rows(world, pi0, tok, gold, fresh, recorded=True)
+    lh = l0 if model is pi0 else reply_logprobs(
+        model, [x["prompt_token_ids"] for x in fresh], [x["output_token_ids"] for x in fresh],
+        tok.pad_token_id)
     rng = np.random.default_rng(seed + 3)
     keys = sorted({x["prompt_id"] for x in fresh})
     g = [_grouped(fresh, v) for v in (l0, r, lh)]
