@@ -27,9 +27,10 @@ torch.set_num_threads(1)
 # ``make test`` runs everything. A new test that takes seconds belongs in one of these lists.
 SLOW_MODULES = frozenset({
     "test_cli_as_user.py", "test_cli_pipeline_user.py", "test_cli_provenance.py",
-    "test_engine_ddp.py", "test_engine_resume.py", "test_eval_synthetic.py", "test_fsdp.py",
-    "test_pipeline.py", "test_synthetic_grid.py", "test_synthetic_train.py", "test_toy_cli.py",
-    "test_train_cli.py", "test_vllm_server.py",
+    "test_cli_inputs.py", "test_engine_ddp.py", "test_engine_resume.py",
+    "test_eval_synthetic.py", "test_fsdp.py", "test_logprobs_chunked.py", "test_pipeline.py",
+    "test_synthetic_grid.py", "test_synthetic_train.py", "test_toy_cli.py", "test_train_cli.py",
+    "test_vllm_server.py",
 })
 SLOW_TESTS = frozenset({  # module::function (every parametrisation) in otherwise quick modules
     "test_alpaca_annotations.py::test_cli_annotations_subprocess",
@@ -62,6 +63,25 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         name = getattr(item, "originalname", item.name)  # without the [parameters]
         if item.path.name in SLOW_MODULES or f"{item.path.name}::{name}" in SLOW_TESTS:
             item.add_marker(pytest.mark.slow)
+
+
+# Unmarked tests that ran long are named at the end of the run, so that test-fast stays fast as
+# tests are added (wall seconds: generous, since a loaded machine stretches every test).
+UNMARKED_LIMIT_S = 5.0
+_long_unmarked: list[tuple[float, str]] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.duration > UNMARKED_LIMIT_S and "slow" not in report.keywords:
+        _long_unmarked.append((report.duration, f"{report.nodeid} ({report.when})"))
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if _long_unmarked:
+        terminalreporter.write_sep(
+            "-", f"not marked slow but over {UNMARKED_LIMIT_S:g} s: list them in tests/conftest.py")
+        for seconds, what in sorted(_long_unmarked, reverse=True):
+            terminalreporter.write_line(f"{seconds:7.1f}s {what}")
 
 # Prompt / chosen / rejected rows over the tiny tokenizer's vocabulary (no <unk> tokens).
 # 12 rows with varied lengths, so batches need padding and loss values depend on the rows.
