@@ -265,3 +265,101 @@ def test_chat_template_override_from_text_or_file(ckpt, tmp_path):
     assert tok.apply_chat_template(msgs, tokenize=False) == "[the cat]"
     with pytest.raises(ConfigError, match="model.chat_template"):
         load_tokenizer(ModelConfig(name_or_path=ckpt, chat_template=str(tmp_path / "no.jinja")))
+
+
+# --- where a name points: local path, run directory or hub id (distalign.lm.sources) -------
+
+
+def test_a_run_directory_stands_for_its_final_everywhere(tmp_path):
+    from distalign.eval.generate import resolve_model
+    from distalign.eval.judges.reward import resolve_model_dir
+    from distalign.lm.sources import resolve_model_path
+
+    run = tmp_path / "rm"
+    final = save_tiny_checkpoint(run / "final", seed=7, reward=True)
+    (run / "config.yaml").write_text("method: reward\n")
+    (run / "metrics.jsonl").write_text("")
+    assert resolve_model_path(str(run)) == str(final) == resolve_model_dir(str(run))
+    assert resolve_model(str(run), None)[0] == str(final.resolve())
+    rm = load_reward_model(ModelConfig(reward_model=str(run)))  # the run dir, not run/final
+    torch.testing.assert_close(rm.score.weight, load_scorer(str(final), ModelConfig()).score.weight)
+    assert load_value_model(ModelConfig(value_model=str(run))) is not None
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    (unfinished / "config.yaml").write_text("method: reward\n")
+    (unfinished / "metrics.jsonl").write_text("")
+    with pytest.raises(ConfigError, match="run directory without final/"):
+        load_reward_model(ModelConfig(reward_model=str(unfinished)))
+
+
+@pytest.mark.parametrize(("name", "local"), [
+    ("tinyy", False), ("org/name", False), ("Qwen/Qwen2.5-0.5B", False),
+    ("teknium/OpenHermes-2.5", False), ("pref.jsonll", True), ("model.gguf", True),
+    ("./x", True), ("../x", True), ("~/x", True), ("/x", True), ("a/b/c", True),
+    ("here/x", True),  # one "/" under an existing directory
+])
+def test_what_looks_like_a_local_path(name, local, tmp_path, monkeypatch):
+    from distalign.lm.sources import looks_local
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "here").mkdir()
+    assert looks_local(name) is local
+
+
+@pytest.fixture
+def empty_hub_cache(tmp_path, monkeypatch):
+    import datasets.config
+    import huggingface_hub.constants
+
+    from distalign.lm.sources import check_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "datasets"))
+    check_hub.cache_clear()
+    yield
+    check_hub.cache_clear()
+
+
+def test_a_typo_is_one_line_with_the_closest_local_names(ckpt, tmp_path, monkeypatch,
+                                                         empty_hub_cache):
+    import huggingface_hub.constants
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "policy").symlink_to(ckpt)
+    with pytest.raises(ConfigError, match=r"'./polcy': no such directory \(did you mean policy"):
+        load_policy(ModelConfig(name_or_path="./polcy"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ConfigError, match=r"tokenizer 'polcy' is not a local path \(did you mean "
+                                          r"policy\?\) and not in the HF cache \(HF_HUB_OFFLINE"):
+        load_tokenizer(ModelConfig(name_or_path="polcy"))
+
+
+def test_a_hub_name_is_probed_with_one_short_request(tmp_path, monkeypatch, empty_hub_cache):
+    import huggingface_hub
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    from distalign.lm.sources import check_source
+
+    calls = []
+
+    def no_network(self, name, **kwargs):
+        calls.append((name, kwargs))
+        raise OSError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "repo_info", no_network)
+    for _ in range(2):  # one request each time (a failure is not cached), no retries
+        with pytest.raises(ConfigError, match=r"hub cannot be reached \(\[Errno -2\]"):
+            check_source("org/nothing", "policy")
+    assert len(calls) == 2 and calls[0][1]["timeout"] <= 3
+
+    def missing(self, name, **kwargs):
+        import httpx2
+
+        reply = httpx2.Response(404, request=httpx2.Request("GET", "https://huggingface.co"))
+        raise RepositoryNotFoundError("404", response=reply)
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "repo_info", missing)
+    with pytest.raises(ConfigError, match="the hub has no model 'org/nothing'"):
+        check_source("org/nothing", "policy")
+    (tmp_path / "hub" / "models--org--cached").mkdir(parents=True)
+    assert check_source("org/cached", "policy") == "org/cached"  # no request for cached names

@@ -31,6 +31,7 @@ from distalign.lm.collators import pad_sequences
 from distalign.lm.fingerprint import short, weights_fingerprint
 from distalign.lm.generation import GenerationConfig, HFSampler, make_sampler
 from distalign.lm.models import ModelConfig, load_policy, load_tokenizer
+from distalign.lm.sources import did_you_mean, looks_local, resolve_model_path
 from distalign.locks import file_lock
 from distalign.progress import StepProgress
 
@@ -74,19 +75,17 @@ def resolve_model(model: str, gguf_file: str | None) -> tuple[str, str | None, s
             raise ConfigError(f"--gguf-file {gguf_file!r} differs from the model file {model!r}")
         return str(p.parent.resolve()), p.name, p.stem
     if p.is_dir():
-        if (p / "final" / "config.json").is_file():
-            return str((p / "final").resolve()), gguf_file, p.resolve().name
+        final = resolve_model_path(str(p))
+        if final != str(p):  # a run directory: its final/, named after the run
+            return str(Path(final).resolve()), gguf_file, p.resolve().name
         if gguf_file and not (p / gguf_file).is_file():
             raise ConfigError(f"--gguf-file {gguf_file!r} not found in {model}")
         if not gguf_file and not (p / "config.json").is_file():
             raise ConfigError(f"{model}: neither a run directory (no final/config.json) nor a "
                               "model directory (no config.json); for GGUF pass --gguf-file")
         return str(p.resolve()), gguf_file, Path(gguf_file).stem if gguf_file else p.resolve().name
-    # "org/name" is a hub id unless its first part is a local directory
-    if p.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1 or (
-        model.count("/") == 1 and p.parent.is_dir()
-    ):
-        raise ConfigError(f"model path not found: {model}")
+    if p.exists() or looks_local(model):
+        raise ConfigError(f"model path not found: {model}{did_you_mean(model)}")
     return model, gguf_file, Path(gguf_file).stem if gguf_file else model.rsplit("/", 1)[-1]
 
 

@@ -16,11 +16,12 @@ import torch
 from torch import nn
 
 from distalign.errors import ConfigError
+from distalign.lm.sources import check_source, resolve_model_path
 from distalign.lm.wrappers import disable_dropout, is_peft_model, unwrap_model
 
 __all__ = ["DTYPES", "LoraConfig", "ModelConfig", "apply_lora", "disable_dropout", "load_causal_lm",
            "is_peft_model", "load_policy", "load_reward_model", "load_scorer", "load_tokenizer",
-           "load_value_model", "trainable_scorer", "unwrap_model"]
+           "load_value_model", "resolve_model_path", "trainable_scorer", "unwrap_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
     kwargs: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}
     if cfg.gguf_file and not cfg.tokenizer:
         kwargs["gguf_file"] = cfg.gguf_file
-    _check_local(path, "tokenizer")
+    path = check_source(path, "tokenizer")
     try:
         tok = AutoTokenizer.from_pretrained(path, **kwargs)
     except ImportError as err:
@@ -130,14 +131,6 @@ def _read_template(value: str) -> str:
         with open(path, encoding="utf-8") as f:
             return f.read()
     return value
-
-
-def _check_local(path: str, what: str) -> None:
-    """A path that names a local directory but does not exist: say so, instead of the hub's
-    "Repo id must be in the form..." that transformers answers for it."""
-    local = path.startswith(("/", "./", "../", "~")) or path.count("/") > 1
-    if local and not os.path.exists(os.path.expanduser(path)):
-        raise ConfigError(f"cannot load {what} from {path!r}: no such directory")
 
 
 MODEL_TYPES = "distalign.model_types"
@@ -171,10 +164,10 @@ def _from_pretrained(
     (so randomly initialised) means: "error" (a frozen or generating model would be silently
     wrong), "warn" (a trained head starts from scratch) or "new-ok" (expected: a new RM)."""
     kwargs = _common_kwargs(cfg) | extra | {"output_loading_info": True}
-    _check_local(path, what)
-    register_model_type(path)
     if cfg.gguf_file and path == cfg.name_or_path:
         kwargs["gguf_file"] = cfg.gguf_file
+    path = check_source(path, what)  # a typo fails here, before any hub request
+    register_model_type(path)
     try:
         model, info = auto_cls.from_pretrained(path, **kwargs)
     except ImportError as err:

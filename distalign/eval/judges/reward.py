@@ -27,10 +27,9 @@ from distalign.lm.collators import pad_sequences
 
 def resolve_model_dir(path: str) -> str:
     """A run directory means its ``final/``; anything else (a model dir, a hub id) as given."""
-    p = Path(path)
-    if p.is_dir() and not (p / "config.json").is_file() and (p / "final").is_dir():
-        return str(p / "final")
-    return path
+    from distalign.lm.sources import resolve_model_path
+
+    return resolve_model_path(path)
 
 
 def split_gguf(spec: str) -> tuple[str, str | None]:
