@@ -129,7 +129,7 @@ def test_chat_template_split_is_exact(tok, fixture):
 def test_hh_fixture_split_and_skip_counts(tok):
     path = FIXTURES / "hh_rlhf_harmless_sample.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines()]
-    with pytest.raises(DataError, match=r"row 7: field 'chosen' is empty"):
+    with pytest.raises(DataError, match=r"row 8 \(line 8\): field 'chosen' is empty"):
         build_dataset(cfg(path=str(path)), tok, "pairs")  # upstream row 86: empty response
     ds, report = build_dataset(cfg(path=str(path), on_empty="skip", max_length=2048), tok, "pairs")
     expected, reasons = [], {}
@@ -145,7 +145,7 @@ def test_hh_fixture_split_and_skip_counts(tok):
             expected.append((i, prompt, c, rej))
     assert report.format == "hh" and reasons == {"prompt_mismatch": 1, "empty:chosen": 3}
     assert report.skipped == reasons and report.rows_kept == len(expected) == len(rows) - 4
-    assert report.examples["prompt_mismatch"] == [34] and "skipped 4" in report.summary()
+    assert report.examples["prompt_mismatch"] == [35]  # from 1 and "skipped 4" in report.summary()
     for (_, prompt, c, rej), out in zip(expected, ds, strict=True):
         assert prompt.endswith("\n\nAssistant:") and tok.decode(out["prompt_ids"]) == "<s>" + prompt
         assert tok.decode(out["chosen_ids"]) == c + "</s>"
@@ -201,23 +201,26 @@ def test_prompts_kind_from_preference_and_prompt_data(tok):
          r"mem\.jsonl: cannot infer data.format from columns \['text'\]"),
         ([{"prompt": "a", "completion": "b"}], {}, "pairs", r"format 'sft' has no responses"),
         ([{"prompt": "p", "chosen": 1, "rejected": 2}] * 2, {}, "pairs",
-         r"mem\.jsonl row 0: field 'chosen' must be a string or a list of messages, got int"),
+         r"mem\.jsonl row 1: field 'chosen' must be a string or a list of messages, got int"),
         ([{"prompt": "p", "chosen": [{"role": "assistant", "content": "c"}],
            "rejected": [{"role": "assistant", "content": "r"}]}], {}, "pairs",
-         r"row 0: fields 'prompt' and 'chosen' mix text and message lists"),
+         r"row 1: field 'chosen' is a conversation but does not start with the text of "
+         r"'prompt' as its user turn"),
+        ([{"prompt": "p", "chosen": "c", "rejected": [{"role": "assistant", "content": "r"}]}],
+         {}, "pairs", r"row 1: fields 'prompt' and 'chosen' mix text and message lists"),
         ([{"prompt": "p", "chosen": "c", "rejected": "r"}, {"prompt": "p", "chosen": "c",
-          "rejected": " "}], {}, "pairs", r"mem\.jsonl row 1: field 'rejected' is empty"),
+          "rejected": " "}], {}, "pairs", r"mem\.jsonl row 2: field 'rejected' is empty"),
         ([{"prompt": [{"role": "user", "content": "p"}], "chosen": [{"content": "c"}],
            "rejected": [{"role": "assistant", "content": "r"}]}], {}, "pairs",
-         r"row 0: field 'chosen' message 0 needs 'role' and 'content'"),
+         r"row 1: field 'chosen' message 1 needs 'role' and 'content'"),
         ([{"chosen": "\n\nHuman: hi", "rejected": "\n\nHuman: yo"}], {"format": "hh"}, "pairs",
-         r"row 0: field 'chosen' is not text with a '\\n\\nAssistant:' turn"),
+         r"row 1: field 'chosen' is not text with a '\\n\\nAssistant:' turn"),
         ([{"prompt": "a b c d e f g h", "chosen": "x", "rejected": "y"}],
          {"max_prompt_length": 3, "on_overlong": "error"}, "pairs",
-         r"row 0: field 'prompt' has \d+ tokens > data.max_prompt_length=3"),
+         r"row 1: field 'prompt' has \d+ tokens > data.max_prompt_length=3"),
         ([{"prompt": "a", "chosen": "x" * 50, "rejected": "y"}],
          {"max_prompt_length": 3, "max_length": 6, "on_overlong": "error"}, "pairs",
-         r"row 0: field 'chosen': prompt\+response has \d+ tokens > data.max_length=6"),
+         r"row 1: field 'chosen': prompt\+response has \d+ tokens > data.max_length=6"),
     ],
 )
 def test_errors_name_file_row_and_field(tok, rows, kw, kind, pattern):
@@ -229,10 +232,10 @@ def test_conversational_rows_need_an_exact_template_prefix(tok):
     rows = [json.loads((FIXTURES / "chat_prefs_tiny.jsonl").read_text().splitlines()[0])]
     odd = PreTrainedTokenizerFast(tokenizer_object=tok.backend_tokenizer, eos_token="</s>")
     odd.chat_template = "{% if add_generation_prompt %}GEN {% endif %}" + TEMPLATE
-    with pytest.raises(DataError, match=r"row 0: the chat template does not render the prompt"):
+    with pytest.raises(DataError, match=r"row 1: the chat template does not render the prompt"):
         prepare(Dataset.from_list(rows), odd, cfg(), "pairs")
     odd.chat_template = None
-    with pytest.raises(DataError, match=r"row 0: chat template failed: "):
+    with pytest.raises(DataError, match=r"row 1: chat template failed: "):
         prepare(Dataset.from_list(rows), odd, cfg(), "pairs")
 
 
@@ -248,7 +251,7 @@ def test_skip_counts_identical_empty_and_overlong(tok):
         cfg(on_empty="skip", on_overlong="skip", max_prompt_length=64, max_length=128), "pairs")
     assert report.skipped == {"identical": 1, "empty:prompt": 1, "too_long:response": 1,
                               "too_long:prompt": 1}
-    assert report.examples["too_long:prompt"] == [6] and report.truncated == {}
+    assert report.examples["too_long:prompt"] == [7] and report.truncated == {}
     assert report.rows_kept == len(ds) == 3 and "skipped 4:" in report.summary()
 
 
@@ -268,7 +271,7 @@ def test_truncation_keeps_bos_and_prompt_end_and_counts(tok):
     rows[0]["rejected"] = rows[0]["chosen"] + "!"
     _, rep = prepare(Dataset.from_list(rows), tok, c, "pairs")
     assert rep.skipped == {"identical_after_truncation": 1}
-    assert rep.examples["identical_after_truncation"] == [0]
+    assert rep.examples["identical_after_truncation"] == [1]
 
 
 def _write_all(tmp_path: Path, rows: list[dict]) -> list[Path]:
@@ -324,15 +327,15 @@ def test_eval_fraction_errors_report_original_row_numbers(tok, tmp_path):
             build(c, tok, "pairs")
         except DataError as e:
             errors.append(str(e))
-    # row 7 sits in exactly one of the two disjoint splits, and is named by its file row number
-    assert len(errors) == 1 and "d.jsonl row 7: field 'chosen' is empty" in errors[0]
+    # row 8 sits in exactly one of the two disjoint splits, and is named by its file row number
+    assert len(errors) == 1 and "d.jsonl row 8 (line 8): field 'chosen' is empty" in errors[0]
 
 
 def test_num_proc_counts_and_errors_survive_workers(tok):
     rows = text_pairs(6) + [{"prompt": "p", "chosen": " s", "rejected": " s"}]
     ds, report = prepare(Dataset.from_list(rows), tok, cfg(num_proc=2), "pairs")
     assert report.skipped == {"identical": 1} and len(ds) == 6
-    with pytest.raises(DataError, match="row 6: field 'chosen' is empty"):
+    with pytest.raises(DataError, match="row 7: field 'chosen' is empty"):
         prepare(Dataset.from_list(rows[:6] + [{"prompt": "p", "chosen": "", "rejected": "r"}]),
                 tok, cfg(num_proc=2), "pairs")
 
@@ -364,3 +367,64 @@ def test_columns_mapping_renames_and_names_a_missing_column(tmp_path, tok):
                       "pairs")
     with pytest.raises(ConfigError, match="data.columns.answer"):
         DataConfig(path=str(path), columns={"answer": "good"})
+
+
+def _ultrafeedback(rows: list[dict]) -> list[dict]:
+    """TRL's UltraFeedback layout: text prompt, whole conversations as chosen/rejected."""
+    def conv(r: dict, key: str) -> list[dict]:
+        return [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r[key]}]
+    return [{"prompt": r["prompt"], "chosen": conv(r, "chosen"), "rejected": conv(r, "rejected")}
+            for r in rows]
+
+
+def test_a_text_prompt_with_whole_conversations_reads_as_the_conversation_form(tok):
+    rows = text_pairs(4)
+    plain = [{"prompt": [{"role": "user", "content": r["prompt"]}],
+              "chosen": [{"role": "assistant", "content": r["chosen"]}],
+              "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in rows]
+    for kind in ("pairs", "sft", "prompts"):
+        uf, _ = prepare(Dataset.from_list(_ultrafeedback(rows)), tok, cfg(), kind)
+        ref, _ = prepare(Dataset.from_list(plain), tok, cfg(), kind)
+        if kind != "prompts":  # a text prompt alone stays text (TRL's prompt-only form)
+            assert uf.to_list() == ref.to_list(), kind
+    bad = _ultrafeedback(rows)
+    bad[2]["rejected"][0]["content"] = "another question"
+    with pytest.raises(DataError, match=r"mem\.jsonl row 3: field 'rejected' is a conversation "
+                                        r"but does not start with the text of 'prompt'"):
+        prepare(Dataset.from_list(bad), tok, cfg(), "pairs")
+
+
+def test_name_colon_split_is_the_split_and_a_conflict_is_named():
+    c = cfg(path="org/data:test", eval_path="org/other:validation")
+    assert (c.path, c.split, c.eval_path, c.eval_split) == (
+        "org/data", "test", "org/other", "validation")
+    with pytest.raises(ConfigError, match="names split 'test' but data.split='dev'"):
+        cfg(path="org/data:test", split="dev")
+    with pytest.raises(ConfigError, match="expected NAME or NAME:SPLIT"):
+        cfg(path="org/data:en:test")
+
+
+def test_a_local_dataset_dir_with_splits_and_subsets(tok, tmp_path):
+    rows = text_pairs(6)
+    for sub, part in (("en", rows[:4]), ("fr", rows[4:])):
+        for split in ("train", "test"):
+            (tmp_path / sub).mkdir(exist_ok=True)
+            (tmp_path / sub / f"{split}.jsonl").write_text(
+                "".join(json.dumps(r) + "\n" for r in part[: 2 if split == "test" else None]))
+    (tmp_path / "README.md").write_text(
+        "---\nconfigs:\n" + "".join(
+            f"- config_name: {s}\n  data_files:\n  - split: train\n    path: {s}/train.jsonl\n"
+            f"  - split: test\n    path: {s}/test.jsonl\n" for s in ("en", "fr")) + "---\n")
+    assert load_rows(cfg(path=f"{tmp_path}:test", subset="en")).to_list() == rows[:2]
+    assert load_rows(cfg(path=str(tmp_path), subset="fr")).to_list() == rows[4:]
+    with pytest.raises(ConfigError, match="data.subset='en': .* is a single file"):
+        load_rows(cfg(path=str(tmp_path / "en" / "test.jsonl"), subset="en"))
+
+
+def test_rows_and_lines_both_count_from_one(tok, tmp_path):
+    rows = text_pairs(3)
+    rows[2]["chosen"] = ""
+    path = tmp_path / "gaps.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows[:2]) + "\n\n" + json.dumps(rows[2]))
+    with pytest.raises(DataError, match=r"gaps\.jsonl row 3 \(line 4\): field 'chosen' is empty"):
+        build_dataset(cfg(path=str(path)), tok, "pairs")

@@ -21,12 +21,14 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from distalign.errors import ConfigError, DataError
 from distalign.lm.data import HH_ASSISTANT, DataConfig, load_rows, prepare, split_hh
+from distalign.lm.sources import did_you_mean, looks_local, parse_source
 
 FORMATS = ("auto", "prompt", "alpaca_eval", "hh", "messages")
 _ID_COLUMNS = ("id", "prompt_id")
@@ -122,19 +124,16 @@ def _read_json(path: Path, data: bytes, limit: int | None) -> list[dict[str, Any
 
 def read_rows(source: str, limit: int | None = None) -> list[dict[str, Any]]:
     """Rows of a .json/.jsonl[.gz] file (read here, so errors carry line numbers), a parquet or
-    csv file, or a hub dataset ``NAME`` / ``NAME:SPLIT`` (through ``datasets``)."""
+    csv file, or a hub dataset ``NAME`` / ``NAME:SPLIT`` (the parser of ``data.path``)."""
     path = Path(source)
     name = path.name.lower().removesuffix(".gz")
-    if name.endswith((".json", ".jsonl")):
-        if not path.is_file():
-            raise DataError(f"prompts file not found: {source}")
+    where = parse_source(source)[0]
+    if not os.path.exists(where) and looks_local(where):  # a typo: no hub round trip for it
+        raise DataError(f"prompts file not found: {where}{did_you_mean(where)}")
+    if name.endswith((".json", ".jsonl")) and path.is_file():
         data = _open_bytes(path)
         return (_read_jsonl if name.endswith(".jsonl") else _read_json)(path, data, limit)
-    if name.endswith((".parquet", ".csv")) and not path.is_file():
-        raise DataError(f"prompts file not found: {source}")
-    hub, _, split = source.partition(":") if not path.exists() else (source, "", "")
-    cfg = DataConfig(path=hub, max_rows=limit)
-    return load_rows(cfg, split or "train").to_list()
+    return load_rows(DataConfig(path=source, max_rows=limit)).to_list()
 
 
 # ------------------------------------------------------------------------ picking columns

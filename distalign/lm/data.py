@@ -4,9 +4,9 @@
 (validate, tokenise) → id columns that :mod:`distalign.lm.collators` pads. ``kind`` is what a
 method consumes: ``pairs`` (a ≻ b | x for PMLE/DPO, preference model (2)/(3)), ``prompts``
 (online methods sample from x) or ``sft`` (x, y). Columns follow TRL, as text or conversational
-(``{"role", "content"}`` lists, rendered with the chat template). Row numbers in errors are
-0-based indices into the loaded file or split; skips and truncations are counted by reason in
-the :class:`DataReport`, never silent. Policies:
+(``{"role", "content"}`` lists, rendered with the chat template). Rows in messages are counted
+from 1 in the loaded file or split (with the line of a JSON Lines file, also from 1); skips and
+truncations are counted by reason in the :class:`DataReport`, never silent. Policies:
 
 * ``chosen == rejected`` is skipped (``identical``, ``identical_after_truncation``): the paper's
   model gives P(a ≻ a) = ½, so the label says nothing and the pair's PMLE/DPO gradient is zero;
@@ -16,6 +16,8 @@ the :class:`DataReport`, never silent. Policies:
   prompt ids are those the sampler sees. With ``add_eos`` a response ends in one EOS; template
   text after the final EOS (e.g. a newline) is dropped, as generation stops at EOS.
 * Prompt truncation keeps a leading BOS and the last tokens; responses are cut from the right.
+* A text prompt with whole-conversation responses (TRL's UltraFeedback layout) is read as the
+  conversation form: the shared user turn, which must be the prompt's text, is the prompt.
 """
 
 from __future__ import annotations
@@ -31,18 +33,20 @@ from omegaconf import MISSING
 
 from distalign.errors import ConfigError, DataError
 from distalign.lm.datafiles import builder_for as _builder_for
-from distalign.lm.datafiles import check_columns, load_rows, missing_fields
+from distalign.lm.datafiles import check_columns, load_rows, missing_fields, row_lines
+from distalign.lm.rows import HH_ASSISTANT, OUT, RowEncoder, split_hh
+from distalign.lm.sources import parse_source
+
+__all__ = ["FORMATS", "HH_ASSISTANT", "DataConfig", "DataReport", "build_dataset",
+           "build_eval_dataset", "eval_dataset_and_report", "load_rows", "prepare", "split_hh"]
 
 logger = logging.getLogger(__name__)
 
 FORMATS = ("auto", "preference", "prompt", "sft", "hh")
-HH_ASSISTANT = "\n\nAssistant:"
 _CHOICES = {"format": FORMATS, "on_overlong": ("error", "skip", "truncate"),
             "on_empty": ("error", "skip")}
 _AUTO = [("preference", ("prompt", "chosen", "rejected")), ("hh", ("chosen", "rejected")),
          ("sft", ("prompt", "completion")), ("sft", ("messages",)), ("prompt", ("prompt",))]
-_OUT = {"pairs": ("prompt_ids", "chosen_ids", "rejected_ids"), "prompts": ("prompt_ids",),
-        "sft": ("prompt_ids", "completion_ids")}
 # Columns read per (format, kind), by preference; absent = incompatible. The first holds the
 # prompt ("prompt", "messages", or transcripts sharing it as a prefix); the rest are responses.
 _LAYOUTS: dict[tuple[str, str], list[tuple[str, ...]]] = {
@@ -60,9 +64,14 @@ _LAYOUTS: dict[tuple[str, str], list[tuple[str, ...]]] = {
 class DataConfig:
     """Where the rows come from and how they become token ids (``data.*`` in a run config)."""
 
-    path: str = MISSING  # HF hub dataset name, local dir, or .json/.jsonl/.parquet/.csv[.gz] file
+    # HF hub dataset NAME or NAME:SPLIT (as `generate --prompts`), a local dir, or a
+    # .json/.jsonl/.parquet/.csv[.gz] file
+    path: str = MISSING
     split: str = "train"  # split to train on (a single local file only has "train")
-    eval_path: str | None = None  # separate eval data (hub name, dir or file)
+    # the hub dataset's config (`load_dataset(path, name=subset)`, e.g. "en"), for data.path
+    # only; the one way to give it (a path is NAME or NAME:SPLIT, never NAME:SUBSET:SPLIT)
+    subset: str | None = None
+    eval_path: str | None = None  # separate eval data (hub NAME or NAME:SPLIT, dir or file)
     eval_split: str | None = None  # eval split of eval_path (default "test") or else of path
     eval_fraction: float = 0.0  # hold out this fraction of the train rows (seeded) for eval
     format: str = "auto"  # auto | preference | prompt | sft | hh (Anthropic HH transcripts)
@@ -96,6 +105,23 @@ class DataConfig:
         if self.max_rows is not None and self.max_rows < 1:
             raise ConfigError(f"data.max_rows={self.max_rows} must be >= 1")
         check_columns(self.columns)
+        self._split_sources()
+
+    def _split_sources(self) -> None:
+        """Move a ``:SPLIT`` of ``path`` / ``eval_path`` into ``split`` / ``eval_split``."""
+        for key, split_key, default in (("path", "split", "train"),
+                                        ("eval_path", "eval_split", None)):
+            value = getattr(self, key)
+            if not isinstance(value, str) or value in ("", MISSING):
+                continue
+            name, split = parse_source(value)
+            if split is None:
+                continue
+            if getattr(self, split_key) not in (default, split):
+                raise ConfigError(f"data.{key}={value!r} names split {split!r} but "
+                                  f"data.{split_key}={getattr(self, split_key)!r}; give one")
+            setattr(self, key, name)
+            setattr(self, split_key, split)
 
 
 @dataclass
@@ -109,7 +135,7 @@ class DataReport:
     rows_kept: int = 0
     skipped: dict[str, int] = field(default_factory=dict)  # reason -> rows
     truncated: dict[str, int] = field(default_factory=dict)  # "prompt"/"response" -> rows
-    examples: dict[str, list[int]] = field(default_factory=dict)  # reason -> first row numbers
+    examples: dict[str, list[int]] = field(default_factory=dict)  # reason -> first rows (from 1)
 
     def summary(self) -> str:
         """One line for the run log."""
@@ -121,157 +147,6 @@ class DataReport:
         if self.truncated:
             line += "; truncated rows: " + ", ".join(f"{k}={v}" for k, v in self.truncated.items())
         return line
-
-
-def split_hh(text: str) -> tuple[str, str]:
-    """Split an Anthropic HH transcript at its last ``"\\n\\nAssistant:"`` into (prompt, response),
-    with ``prompt + response == text``; ValueError when there is no assistant turn."""
-    cut = text.rindex(HH_ASSISTANT) + len(HH_ASSISTANT)
-    return text[:cut], text[cut:]
-
-
-class _Skip(Exception):
-    """Raised inside a row to skip it; ``args[0]`` is the reason counted in the report."""
-
-
-class _RowEncoder:
-    """Validates and tokenises one raw row: a picklable callable for ``Dataset.map``."""
-
-    def __init__(self, tokenizer, cfg, fmt, kind, layout, source, row_ids, missing) -> None:
-        self.tok, self.cfg, self.fmt, self.kind = tokenizer, cfg, fmt, kind
-        self.layout, self.source, self.row_ids = layout, source, row_ids
-        self.missing = missing  # row -> keys absent from the file (not null: absent)
-        # ids the tokenizer puts before plain text (BOS for Llama, none for GPT-2): located as
-        # the bare encoding's offset inside the full one, so a trailing EOS is never taken
-        full, bare = (tokenizer("a", add_special_tokens=a)["input_ids"] for a in (True, False))
-        starts = [s for s in range(len(full) - len(bare) + 1) if full[s : s + len(bare)] == bare]
-        self.prefix = list(full[: starts[0]]) if starts else []
-        self.eos, self.bos = tokenizer.eos_token_id, tokenizer.bos_token_id
-
-    def __call__(self, row: dict[str, Any], idx: int) -> dict[str, Any]:
-        i = int(self.row_ids[idx]) if self.row_ids is not None else idx
-        try:
-            absent = [f for f in self.layout if f in self.missing.get(i, ())]
-            if absent:  # not "empty": on_empty=skip would hide a broken file
-                raise self._fail(i, f"field {absent[0]!r} is missing")
-            pfield, prompt, responses = self._extract(row, i)
-            for f, v in [(pfield, prompt), *responses]:
-                self._check(v, f, i)
-                if isinstance(v, str) != isinstance(prompt, str):
-                    raise self._fail(i, f"fields {pfield!r} and {f!r} mix text and message lists")
-            if self.kind == "pairs" and responses[0][1] == responses[1][1]:
-                raise _Skip("identical")
-            p_ids, r_ids = self._tokenise(prompt, responses, i)
-            p_ids, r_ids, trunc = self._fit(pfield, p_ids, [f for f, _ in responses], r_ids, i)
-            if self.kind == "pairs" and r_ids[0] == r_ids[1]:
-                raise _Skip("identical_after_truncation")
-        except _Skip as s:  # empty id lists keep the schema; the row is filtered out later
-            return {**{c: [] for c in _OUT[self.kind]}, "_skip": s.args[0], "_trunc": ""}
-        ids = dict(zip(_OUT[self.kind], [p_ids, *r_ids], strict=True))
-        return {**ids, "_skip": "", "_trunc": ",".join(trunc)}
-
-    def _fail(self, i: int, msg: str) -> DataError:
-        return DataError(f"{self.source} row {i}: {msg}")
-
-    def _extract(self, row: dict[str, Any], i: int) -> tuple[str, Any, list[tuple[str, Any]]]:
-        """(prompt field, prompt, [(response field, response)]) in the row's own form."""
-        lay, want = self.layout, self.kind != "prompts"
-        if lay[0] == "prompt":
-            return "prompt", row["prompt"], [(f, row[f]) for f in lay[1:]]
-        if lay[0] == "messages":  # prompt = every turn before the final assistant message
-            prompt, last = self._split_transcript(row["messages"], "messages", i)
-            return "messages", prompt, ([("messages", last)] if want else [])
-        parts = [(f, self._split_transcript(row[f], f, i)) for f in lay]
-        prompt = parts[0][1][0]
-        if any(p != prompt for _, (p, _) in parts[1:]):
-            raise _Skip("prompt_mismatch")
-        return lay[0], prompt, ([(f, r) for f, (_, r) in parts] if want else [])
-
-    def _split_transcript(self, value: Any, f: str, i: int) -> tuple[Any, Any]:
-        """A full dialogue → (prompt, final response): HH text, or a message list."""
-        self._check(value, f, i)
-        if self.fmt == "hh":
-            if not isinstance(value, str) or HH_ASSISTANT not in value:
-                raise self._fail(i, f"field {f!r} is not text with a {HH_ASSISTANT!r} turn (hh)")
-            return split_hh(value)
-        if not isinstance(value, list):
-            raise self._fail(i, f"field {f!r} must be a list of messages here (for Anthropic HH "
-                                "text transcripts set data.format=hh)")
-        if value[-1]["role"] != "assistant":
-            raise self._fail(i, f"field {f!r} must end with an assistant message")
-        return list(value[:-1]), list(value[-1:])
-
-    def _check(self, value: Any, f: str, i: int) -> None:
-        """Type-check one field, and apply on_empty when it has no content (null or blank)."""
-        if isinstance(value, list):
-            for j, m in enumerate(value):
-                if not (isinstance(m, dict) and isinstance(m.get("role"), str) and "content" in m):
-                    raise self._fail(i, f"field {f!r} message {j} needs 'role' and 'content' keys")
-            # content may be a list of parts (multimodal): only blank or null text is empty
-            empty = not any(isinstance(m["content"], list) or str(m["content"] or "").strip()
-                            for m in value)
-        elif value is None or isinstance(value, str):
-            empty = value is None or not value.strip()
-        else:
-            kind = type(value).__name__
-            raise self._fail(i, f"field {f!r} must be a string or a list of messages, got {kind}")
-        if empty and self.cfg.on_empty == "error":
-            raise self._fail(i, f"field {f!r} is empty (set data.on_empty=skip to skip)")
-        if empty:
-            raise _Skip(f"empty:{f}")
-
-    def _ids(self, text: str) -> list[int]:
-        return list(self.tok(text, add_special_tokens=False)["input_ids"])
-
-    def _render(self, messages: list[dict], gen_prompt: bool, i: int) -> str:
-        try:  # a tokenizer without a chat template raises here too
-            return self.tok.apply_chat_template(messages, tokenize=False,
-                                                add_generation_prompt=gen_prompt)
-        except Exception as e:  # jinja errors: report the row, not a template traceback
-            raise self._fail(i, f"chat template failed: {type(e).__name__}: {e}") from e
-
-    def _with_eos(self, ids: list[int], templated: bool) -> list[int]:
-        if self.cfg.add_eos and templated and self.eos in ids:  # cut text after the end of turn
-            return ids[: len(ids) - ids[::-1].index(self.eos)]
-        return ids if not self.cfg.add_eos or ids[-1:] == [self.eos] else [*ids, self.eos]
-
-    def _tokenise(self, prompt: Any, responses: list[tuple[str, Any]], i: int):
-        if isinstance(prompt, str):
-            r_ids = [self._with_eos(self._ids(r), False) for _, r in responses]
-            return self.prefix + self._ids(prompt), r_ids
-        p_text, r_ids = self._render(prompt, True, i), []
-        for f, r in responses:
-            # the response is the text the full conversation adds after the generation prompt
-            full = self._render([*prompt, *r], False, i)
-            if not full.startswith(p_text):
-                msg = f"the chat template does not render the prompt as a prefix of prompt+{f!r}"
-                raise self._fail(i, msg)
-            r_ids.append(self._with_eos(self._ids(full[len(p_text) :]), True))
-        return self._ids(p_text), r_ids
-
-    def _fit(self, pfield, p_ids, rfields, r_ids, i):
-        """Apply max_prompt_length, then max_length, according to on_overlong."""
-        cfg, trunc = self.cfg, []
-        if len(p_ids) > cfg.max_prompt_length:
-            self._overlong(i, "prompt", f"field {pfield!r} has {len(p_ids)} tokens > "
-                           f"data.max_prompt_length={cfg.max_prompt_length}")
-            head = p_ids[:1] if p_ids[0] == self.bos else []
-            p_ids = head + p_ids[len(p_ids) - (cfg.max_prompt_length - len(head)) :]
-            trunc.append("prompt")
-        budget = cfg.max_length - len(p_ids)
-        over = [(f, len(r)) for f, r in zip(rfields, r_ids, strict=True) if len(r) > budget]
-        if over:
-            self._overlong(i, "response", f"field {over[0][0]!r}: prompt+response has "
-                           f"{len(p_ids) + over[0][1]} tokens > data.max_length={cfg.max_length}")
-            r_ids = [r[:budget] for r in r_ids]
-            trunc.append("response")
-        return p_ids, r_ids, trunc
-
-    def _overlong(self, i: int, what: str, msg: str) -> None:
-        if self.cfg.on_overlong == "error":
-            raise self._fail(i, f"{msg} (set data.on_overlong=skip or truncate)")
-        if self.cfg.on_overlong == "skip":
-            raise _Skip(f"too_long:{what}")
 
 
 def _layout(ds: Dataset, cfg: DataConfig, kind: str, source: str) -> tuple[str, tuple[str, ...]]:
@@ -298,14 +173,16 @@ def _layout(ds: Dataset, cfg: DataConfig, kind: str, source: str) -> tuple[str, 
 
 def prepare(ds: Dataset, tokenizer: Any, cfg: DataConfig, kind: str, *, source: str | None = None,
             row_ids: list[int] | None = None,
-            missing: dict[int, frozenset[str]] | None = None) -> tuple[Dataset, DataReport]:
+            missing: dict[int, frozenset[str]] | None = None,
+            lines: list[int] | None = None) -> tuple[Dataset, DataReport]:
     """Validate and tokenise raw rows into the id columns of ``kind``: ``pairs`` → ``prompt_ids``,
     ``chosen_ids``, ``rejected_ids``; ``prompts`` → ``prompt_ids``; ``sft`` → ``prompt_ids``,
     ``completion_ids`` (response ids include the EOS). ``source`` names the data in messages;
     ``row_ids[k]`` is the file row number of ``ds[k]`` when ``ds`` is a subset; ``missing`` maps
-    file row numbers to the keys they lack (:func:`distalign.lm.datafiles.missing_fields`)."""
-    if kind not in _OUT:
-        raise ConfigError(f"unknown data kind {kind!r}: expected one of {', '.join(_OUT)}")
+    file row numbers to the keys they lack (:func:`distalign.lm.datafiles.missing_fields`) and
+    ``lines`` to their lines in a JSON Lines file (:func:`distalign.lm.datafiles.row_lines`)."""
+    if kind not in OUT:
+        raise ConfigError(f"unknown data kind {kind!r}: expected one of {', '.join(OUT)}")
     cfg.validate(require_path=False)
     source = source or (cfg.path if cfg.path not in (None, MISSING) else "<dataset>")
     if len(ds) == 0:
@@ -314,9 +191,9 @@ def prepare(ds: Dataset, tokenizer: Any, cfg: DataConfig, kind: str, *, source: 
     if cfg.add_eos and kind != "prompts" and tokenizer.eos_token_id is None:
         raise ConfigError("the tokenizer has no eos_token; set one or set data.add_eos=false")
     # Skips travel as a column rather than a counter so that they survive num_proc workers.
-    features = {c: Sequence(Value("int32")) for c in _OUT[kind]}
+    features = {c: Sequence(Value("int32")) for c in OUT[kind]}
     features |= {"_skip": Value("string"), "_trunc": Value("string")}
-    encoder = _RowEncoder(tokenizer, cfg, fmt, kind, layout, source, row_ids, missing or {})
+    encoder = RowEncoder(tokenizer, cfg, fmt, kind, layout, source, row_ids, missing or {}, lines)
     out = ds.map(encoder, with_indices=True, remove_columns=ds.column_names, num_proc=cfg.num_proc,
                  features=Features(features), desc=f"tokenising {kind}")
     report = DataReport(source=source, kind=kind, format=fmt, rows_read=len(ds))
@@ -325,7 +202,7 @@ def prepare(ds: Dataset, tokenizer: Any, cfg: DataConfig, kind: str, *, source: 
     report.skipped = dict(Counter(filter(None, skips)))
     for k, reason in enumerate(skips):
         if reason and len(report.examples.setdefault(reason, [])) < 3:
-            report.examples[reason].append(int(row_ids[k]) if row_ids is not None else k)
+            report.examples[reason].append((int(row_ids[k]) if row_ids is not None else k) + 1)
     if report.skipped:
         out = out.filter(lambda s: s == "", input_columns="_skip", num_proc=cfg.num_proc)
     out = out.remove_columns(["_skip", "_trunc"])
@@ -358,7 +235,7 @@ def build_dataset(cfg: DataConfig, tokenizer: Any, kind: str,
     part = "train" if cfg.eval_fraction > 0 and split == cfg.split else None
     ds, row_ids, source = _load(cfg, cfg.path, split, part)
     return prepare(ds, tokenizer, cfg, kind, source=source, row_ids=row_ids,
-                   missing=missing_fields(cfg.path, cfg.columns))
+                   missing=missing_fields(cfg.path, cfg.columns), lines=row_lines(cfg.path))
 
 
 def build_eval_dataset(cfg: DataConfig, tokenizer: Any, kind: str) -> Dataset | None:
@@ -386,4 +263,4 @@ def eval_dataset_and_report(cfg: DataConfig, tokenizer: Any,
         return None, None
     ds, row_ids, source = _load(cfg, *args)
     return prepare(ds, tokenizer, cfg, kind, source=f"eval {source}", row_ids=row_ids,
-                   missing=missing_fields(args[0], cfg.columns))
+                   missing=missing_fields(args[0], cfg.columns), lines=row_lines(args[0]))

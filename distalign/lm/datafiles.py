@@ -18,6 +18,7 @@ from typing import Any
 from datasets import Dataset, load_dataset
 
 from distalign.errors import ConfigError, DataError
+from distalign.lm.sources import check_hub, did_you_mean, looks_local
 
 BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 _JSON_TYPES = {str: "text", int: "a number", float: "a number", bool: "a boolean",
@@ -74,15 +75,19 @@ def _json_rows(path: str, text: str) -> list[tuple[int, Any]]:
     return rows
 
 
+Scan = tuple[dict[int, frozenset[str]], tuple[int, ...] | None]
+
+
 @functools.lru_cache(maxsize=8)
-def _scan(path: str, mtime_ns: int, size: int) -> dict[int, frozenset[str]]:
+def _scan(path: str, mtime_ns: int, size: int) -> Scan:
+    """({row: keys it lacks}, each row's line in a JSON Lines file, else None)."""
     if size == 0:
         raise DataError(f"{path}: the file is empty")
     if builder_for(path) == "parquet":  # binary: pyarrow reports its own defects
-        return {}
+        return {}, None
     text = _decode(path, _read_bytes(path))
     if builder_for(path) != "json":
-        return {}
+        return {}, None
     rows = _json_rows(path, text)
     if not rows:
         raise DataError(f"{path}: the file has no rows (only blank lines)")
@@ -103,19 +108,31 @@ def _scan(path: str, mtime_ns: int, size: int) -> dict[int, frozenset[str]]:
                                 f"on line {first[1]} (one type per column)")
     if not keys:
         raise DataError(f"{path}: no rows (every row is an empty object)")
-    return {i: frozenset(keys - row.keys()) for i, (_, row) in enumerate(rows)
-            if keys - row.keys()}
+    missing = {i: frozenset(keys - row.keys()) for i, (_, row) in enumerate(rows)
+               if keys - row.keys()}
+    array = text.lstrip().startswith("[")  # a JSON array's rows have no lines of their own
+    return missing, None if array else tuple(n for n, _ in rows)
 
 
-def check_file(path: str) -> dict[int, frozenset[str]]:
-    """Validate a local data file; returns {row number: keys that row lacks} (JSON files)."""
+def _checked(path: str) -> Scan:
     if not os.path.isfile(path):
-        return {}
+        return {}, None
     if builder_for(path) is None:
         raise DataError(f"{path}: unsupported file type; use .jsonl, .json, .parquet or .csv "
                         "(optionally .gz)")
     st = os.stat(path)
     return _scan(path, st.st_mtime_ns, st.st_size)
+
+
+def check_file(path: str) -> dict[int, frozenset[str]]:
+    """Validate a local data file; returns {row number: keys that row lacks} (JSON files)."""
+    return _checked(path)[0]
+
+
+def row_lines(path: str) -> list[int] | None:
+    """The line of each row of a local JSON Lines file (rows skip blank lines), else None."""
+    lines = _checked(path)[1]
+    return list(lines) if lines is not None else None
 
 
 def check_columns(columns: dict[str, str]) -> None:
@@ -143,23 +160,41 @@ def missing_fields(path: str, columns: dict[str, str]) -> dict[int, frozenset[st
     return {i: frozenset(back.get(k, k) for k in ks) for i, ks in check_file(path).items()}
 
 
-def load_rows(cfg: Any, split: str | None = None, *, path: str | None = None) -> Dataset:
-    """Raw rows of ``path`` (default ``cfg.path``), split ``split`` (default ``cfg.split``), cut to
-    ``cfg.max_rows``: files via the json/parquet/csv builders, else ``load_dataset(path)``."""
-    path, split = path or cfg.path, split or cfg.split
+def check_data_source(path: str, subset: str | None = None) -> None:
+    """Fail in one line, before any hub request, when ``path`` is a missing local file or
+    directory (naming the closest names there) or a hub dataset that neither the cache nor
+    the hub has. ``subset`` (a hub dataset's config) is refused for a single file."""
     builder = builder_for(path)
     if builder is not None and not os.path.isfile(path):
-        raise DataError(f"data file not found: {path}")
+        raise DataError(f"data file not found: {path}{did_you_mean(path)}")
+    if subset is not None and builder is not None:
+        raise ConfigError(f"data.subset={subset!r}: {path} is a single file, which has no "
+                          "dataset configs")
+    if builder is None and not os.path.exists(path):
+        if looks_local(path):
+            raise DataError(f"data file not found: {path}{did_you_mean(path)}")
+        check_hub(path, "dataset", "dataset")
+
+
+def load_rows(cfg: Any, split: str | None = None, *, path: str | None = None) -> Dataset:
+    """Raw rows of ``path`` (default ``cfg.path``), split ``split`` (default ``cfg.split``), cut to
+    ``cfg.max_rows``: files via the json/parquet/csv builders, else ``load_dataset(path)`` with
+    ``cfg.subset`` as its config name (for ``cfg.path`` only, not a separate eval_path)."""
+    path, split = path or cfg.path, split or cfg.split
+    subset = getattr(cfg, "subset", None) if path == cfg.path else None
+    builder = builder_for(path)
+    check_data_source(path, subset)
     if builder is not None and split.split("[")[0] != "train":
         raise ConfigError(f"{path} is a single file, so its only split is 'train' (got {split!r}); "
                           "give a separate file as data.eval_path")
     check_file(path)
     try:
-        ds = (load_dataset(path, split=split) if builder is None
+        ds = (load_dataset(path, subset, split=split) if builder is None
               else load_dataset(builder, data_files=path, split=split))
     except Exception as e:  # datasets/arrow/hub raise many types; all mean "cannot read this"
         first = (str(e).strip().splitlines() or [""])[0]
-        msg = f"could not load {path!r} (split {split!r}): {type(e).__name__}: {first}"
+        what = f"split {split!r}" + (f", subset {subset!r}" if subset else "")
+        msg = f"could not load {path!r} ({what}): {type(e).__name__}: {first}"
         raise DataError(msg) from e
     ds = rename(ds, dict(getattr(cfg, "columns", None) or {}), path)
     if cfg.max_rows is not None and len(ds) > cfg.max_rows:
