@@ -6,7 +6,10 @@ attention mask in which a⁻ attends to x and to itself but not to a⁺, and a�
 restart after x. Every token then sees exactly the context it has in the stacked layout, so
 ln π(a⁺|x) and ln π(a⁻|x) are unchanged (up to float reassociation) while the model processes
 |x| + |a⁺| + |a⁻| tokens per pair instead of 2|x| + |a⁺| + |a⁻|. The LM head runs only on the
-positions that predict response tokens (transformers' boolean ``logits_to_keep``).
+positions that predict response tokens, chunked (:func:`distalign.lm.logprobs.kept_outputs`).
+
+The same layout serves offline pairs (right-padded rows) and on-policy sample pairs (rollouts:
+a left-padded prompt, then two sampled responses); left padding is dropped when packing.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import logging
 import torch
 from torch import Tensor, nn
 
-from distalign.lm.logprobs import token_logprobs
+from distalign.lm.logprobs import kept_outputs, score_outputs, token_logprobs
 from distalign.lm.wrappers import unwrap_model
 
 log = logging.getLogger("distalign")
@@ -31,18 +34,24 @@ def _inner_config(model: nn.Module):
     return base.config
 
 
-def _split(batch: dict[str, Tensor]) -> list[tuple[int, int, int]] | None:
-    """(prompt, chosen, rejected) lengths per pair, or None if a pair's rows do not share one
-    prompt prefix (then the stacked path is used)."""
+def _split(batch: dict[str, Tensor]) -> list[tuple[int, int, int, int]] | None:
+    """(prompt start, response start, chosen length, rejected length) per pair, or None if a
+    pair's rows do not share one prompt (then the stacked path is used). The prompt is the
+    real tokens before the response (left padding excluded); responses are contiguous."""
     ids, resp = batch["input_ids"], batch["response_mask"].bool()
+    attn = batch["attention_mask"].bool()
     b = ids.shape[0] // 2
     p = resp.int().argmax(-1).tolist()
+    s = attn.int().argmax(-1).tolist()  # first real token (left padding before it)
     n = resp.sum(-1).tolist()
     out = []
     for i in range(b):
-        if p[i] != p[b + i] or p[i] == 0 or not torch.equal(ids[i, : p[i]], ids[b + i, : p[i]]):
+        j = b + i
+        if (p[i] != p[j] or s[i] != s[j] or p[i] <= s[i]
+                or not torch.equal(ids[i, s[i] : p[i]], ids[j, s[i] : p[i]])
+                or not bool(attn[i, s[i] : p[i]].all())):
             return None
-        out.append((p[i], int(n[i]), int(n[b + i])))
+        out.append((s[i], p[i], int(n[i]), int(n[j])))
     return out
 
 
@@ -53,7 +62,7 @@ def pair_sequence_logprobs(
     cfg = _inner_config(model)
     lens = _split(batch)
     impl = getattr(cfg, "_attn_implementation", None)
-    width = max((p + c + r for p, c, r in lens), default=0) if lens else 0
+    width = max((p - s + c + r for s, p, c, r in lens), default=0) if lens else 0
     window = getattr(cfg, "sliding_window", None)
     if lens is None or impl not in _SUPPORTED_ATTN or (window and width > window):
         why = ("pairs without one shared prompt prefix" if lens is None else
@@ -75,19 +84,20 @@ def pair_sequence_logprobs(
     pos = torch.zeros((b, width), dtype=torch.long, device=dev)
     seg = torch.full((b, width), -1, dtype=torch.long, device=dev)  # 0 x, 1 a⁺, 2 a⁻, -1 pad
     src_rows, src_cols, tgt, which = [], [], [], []
-    for i, (p, c, r) in enumerate(lens):
-        packed[i, :p] = ids[i, :p]
-        packed[i, p : p + c] = ids[i, p : p + c]
-        packed[i, p + c : p + c + r] = ids[b + i, p : p + r]
-        pos[i, : p + c] = torch.arange(p + c, device=dev)
-        pos[i, p + c : p + c + r] = torch.arange(p, p + r, device=dev)
-        seg[i, :p], seg[i, p : p + c], seg[i, p + c : p + c + r] = 0, 1, 2
+    for i, (s, p, c, r) in enumerate(lens):
+        x = p - s  # real prompt tokens
+        packed[i, :x] = ids[i, s:p]
+        packed[i, x : x + c] = ids[i, p : p + c]
+        packed[i, x + c : x + c + r] = ids[b + i, p : p + r]
+        pos[i, : x + c] = torch.arange(x + c, device=dev)
+        pos[i, x + c : x + c + r] = torch.arange(x, x + r, device=dev)
+        seg[i, :x], seg[i, x : x + c], seg[i, x + c : x + c + r] = 0, 1, 2
         # token at column j is predicted from column j-1, except a⁻'s first token: from x's last
-        chosen_src = list(range(p - 1, p + c - 1))
-        rejected_src = [p - 1, *range(p + c, p + c + r - 1)] if r else []
+        chosen_src = list(range(x - 1, x + c - 1))
+        rejected_src = [x - 1, *range(x + c, x + c + r - 1)] if r else []
         src_rows += [i] * (c + r)
         src_cols += chosen_src + rejected_src
-        tgt += packed[i, p : p + c + r].tolist()
+        tgt += packed[i, x : x + c + r].tolist()
         which += [2 * i] * c + [2 * i + 1] * r
 
     q = torch.arange(width, device=dev)
@@ -100,16 +110,13 @@ def pair_sequence_logprobs(
     ).masked_fill(~allowed[:, None], torch.finfo(dtype).min)
 
     keep = torch.zeros((b, width), dtype=torch.bool, device=dev)
-    rows_t = torch.tensor(src_rows, device=dev)
+    rows_t = torch.tensor(src_rows, device=dev, dtype=torch.long)
     cols_t = torch.tensor(src_cols, device=dev, dtype=torch.long)
     keep[rows_t, cols_t] = True
-    logits = model(
-        input_ids=packed, attention_mask=mask, position_ids=pos, use_cache=False,
-        logits_to_keep=keep,
-    ).logits.float()
-    if temperature != 1.0:
-        logits = logits / temperature
+    out, head = kept_outputs(model, {"input_ids": packed, "attention_mask": mask,
+                                     "position_ids": pos}, keep)
+    # x's last column predicts both responses' first tokens: its output is used twice
     row_of = (keep.flatten().cumsum(0) - 1).view(b, width)[rows_t, cols_t]
-    tok = logits[row_of, torch.tensor(tgt, device=dev)] - torch.logsumexp(logits, -1)[row_of]
-    out = tok.new_zeros(2 * b).index_add(0, torch.tensor(which, device=dev), tok)
-    return out.view(b, 2)
+    tok = score_outputs(out[row_of], head, torch.tensor(tgt, device=dev), temperature)
+    res = tok.new_zeros(2 * b).index_add(0, torch.tensor(which, device=dev), tok)
+    return res.view(b, 2)
