@@ -16,6 +16,7 @@ from conftest import last_one, row_head_outputs, row_scores, row_token_logps
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from distalign.lm.generation import Rollout
+from distalign.methods import base
 from distalign.train import Trainer
 
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -225,7 +226,8 @@ def test_reward_lands_on_the_last_real_response_token(
 
 
 @pytest.mark.parametrize("method", ["rebel", "rlhf"])
-def test_sampler_logprobs_stand_in_for_the_policy_forward(make_config, tmp_path, tiny, method):
+def test_sampler_logprobs_stand_in_for_the_policy_forward(make_config, tmp_path, tiny, method,
+                                                          monkeypatch):
     """``gen.record_logprobs``: collection takes ln π_t from the HF sampler's own logits and
     runs no forward of π_t for it; the values equal an independent per-row forward at T."""
     trainer, batch, models = _setup(make_config, tmp_path, tiny, method,
@@ -235,6 +237,12 @@ def test_sampler_logprobs_stand_in_for_the_policy_forward(make_config, tmp_path,
         raise AssertionError("collection ran a forward of π_t")
 
     trainer.method.policy_token_logprobs = no_forward  # type: ignore[method-assign]
+    policy, packed = trainer.method.ctx.policy, base.pair_sequence_logprobs
+
+    def pairs_but_not_policy(model, *args, **kwargs):  # π₀ (another model) may run
+        return no_forward() if model is policy else packed(model, *args, **kwargs)
+
+    monkeypatch.setattr(base, "pair_sequence_logprobs", pairs_but_not_policy)
     torch.manual_seed(0)
     exp, _ = trainer.method.collect(batch)
     if method == "rebel":

@@ -132,11 +132,25 @@ class Method:
             batch.get("response_mask"),
         )
 
-    def policy_pair_logprobs(self, exp: Batch) -> tuple[Tensor, Tensor]:
+    def policy_pair_logprobs(self, exp: Batch, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
         """Policy sequence log-probs of (chosen, rejected) for ``[B, 2, ...]`` pairs, from one
         forward pass with the shared prompt computed once."""
-        logp = pair_sequence_logprobs(self.ctx.policy, flat_pairs(exp))
+        logp = pair_sequence_logprobs(self.ctx.policy, flat_pairs(exp), temperature)
         return logp[:, 0], logp[:, 1]
+
+    def ref_pair_logprobs(self, batch: Batch, temperature: float = 1.0) -> Tensor:
+        """``[B, 2]`` ln π₀ sequence sums of a stacked ``[2B, L]`` pair batch (a two-sample
+        rollout included), prompt computed once."""
+        assert self.ctx.ref is not None, f"{self.name} needs a reference model"
+        with self.ctx.ref.module(self.ctx.policy) as m:
+            return pair_sequence_logprobs(m, batch, temperature)
+
+    def sampled_pair_logprobs(self, roll: Rollout) -> Tensor:
+        """``[B, 2]`` ln π_t sequence sums of a two-sample rollout at the sampling temperature:
+        the sampler's own (``gen.record_logprobs``), else one packed forward of π_t."""
+        if self.gen.record_logprobs and roll.logprobs is not None:
+            return as_pairs(roll.logprobs.sum(-1))
+        return pair_sequence_logprobs(self.ctx.policy, rollout_batch(roll), self.gen.temperature)
 
     def sampled_token_logprobs(self, roll: Rollout) -> Tensor:
         """ln π_t of each response token at the sampling temperature, ``[N, R]`` (0 after the

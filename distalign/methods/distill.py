@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from distalign.methods.base import Batch, Method, Metrics, flat_pairs, seq_sum, split_pairs
+from distalign.lm.pairs import pair_sequence_logprobs
+from distalign.methods.base import Batch, Method, Metrics
 from distalign.methods.config import AlgoConfig
 from distalign.methods.online import collect_pairs, pair_metrics
 from distalign.objectives import distill_loss
@@ -42,10 +43,10 @@ class Distill(Method):
     def needs_reference(cls, algo: DistillConfig) -> bool:
         return algo.beta > 0
 
-    def ref_token_logprobs(self, batch: Batch, temperature: float = 1.0) -> Tensor:
+    def ref_pair_logprobs(self, batch: Batch, temperature: float = 1.0) -> Tensor:
         if self.ctx.ref is None:  # β = 0: the KL shaping term vanishes
-            return self.policy_token_logprobs(batch, temperature)
-        return super().ref_token_logprobs(batch, temperature)
+            return pair_sequence_logprobs(self.ctx.policy, batch, temperature)
+        return super().ref_pair_logprobs(batch, temperature)
 
     @torch.no_grad()
     def collect(self, batch: Batch) -> tuple[Batch, Metrics]:
@@ -54,10 +55,8 @@ class Distill(Method):
         return exp, pair_metrics(exp)
 
     def loss(self, exp: Batch) -> tuple[Tensor, Metrics]:
-        flat = flat_pairs(exp)
         # π_θ at temperature 1: the preference model (3) is about π itself
-        logp_1, logp_2 = split_pairs(seq_sum(self.policy_token_logprobs(flat),
-                                             flat["response_mask"]))
+        logp_1, logp_2 = self.policy_pair_logprobs(exp)
         return distill_loss(logp_1, logp_2, exp["target"], self.algo.gamma)
 
     @torch.no_grad()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from distalign.lm.scoring import sequence_scores
-from distalign.methods.base import Batch, Method, as_pairs, pair_batch, rollout_batch, seq_sum
+from distalign.methods.base import Batch, Method, as_pairs, pair_batch, rollout_batch
 
 
 def penalise_unfinished(score: torch.Tensor, ended: torch.Tensor, penalty: float | None):
@@ -22,21 +22,20 @@ def penalise_unfinished(score: torch.Tensor, ended: torch.Tensor, penalty: float
 
 @torch.no_grad()
 def collect_pairs(method: Method, batch: Batch, beta: float, penalty: float | None) -> Batch:
-    """Experience ``[B, 2, ...]``: sequences, ln π_t, ln π₀, R̂ and the shaped reward r."""
+    """Experience ``[B, 2, ...]``: sequences, ln π_t, ln π₀, R̂ and the shaped reward r.
+    π_t and π₀ see each prompt once for both samples (packed pairs, ``lm/pairs.py``)."""
     roll = method.sample(batch, 2)  # rows [:B] are first samples, [B:] second ones
     seq = rollout_batch(roll)
-    temp = method.gen.temperature
-    mask = roll.response_mask
-    old = method.sampled_token_logprobs(roll).sum(-1)
-    ref = seq_sum(method.ref_token_logprobs(seq, temp), mask)
+    old = method.sampled_pair_logprobs(roll)
+    ref = method.ref_pair_logprobs(seq, method.gen.temperature)
     assert method.ctx.reward_model is not None
-    score = sequence_scores(method.ctx.reward_model, roll.input_ids, roll.attention_mask, mask)
-    score = penalise_unfinished(score, roll.ended, penalty)
-    reward = score - beta * (old - ref)
+    score = sequence_scores(method.ctx.reward_model, roll.input_ids, roll.attention_mask,
+                            roll.response_mask)
+    score = as_pairs(penalise_unfinished(score, roll.ended, penalty))
     exp = pair_batch(seq)
     exp.update(
-        old_logp=as_pairs(old), ref_logp=as_pairs(ref), score=as_pairs(score),
-        reward=as_pairs(reward), ended=as_pairs(roll.ended.float()),
+        old_logp=old, ref_logp=ref, score=score, reward=score - beta * (old - ref),
+        ended=as_pairs(roll.ended.float()),
     )
     return exp
 

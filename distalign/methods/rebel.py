@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from distalign.methods.base import Batch, Method, Metrics, flat_pairs, seq_sum, split_pairs
+from distalign.methods.base import Batch, Method, Metrics
 from distalign.methods.config import AlgoConfig
 from distalign.methods.online import collect_pairs, pair_metrics
 from distalign.objectives import rebel_loss
@@ -44,9 +44,7 @@ class REBEL(Method):
         return exp, pair_metrics(exp)
 
     def loss(self, exp: Batch) -> tuple[Tensor, Metrics]:
-        flat = flat_pairs(exp)
-        tok = self.policy_token_logprobs(flat, self.gen.temperature)
-        logp_1, logp_2 = split_pairs(seq_sum(tok, flat["response_mask"]))
+        logp_1, logp_2 = self.policy_pair_logprobs(exp, self.gen.temperature)
         base = exp["old_logp"] if self.algo.form == "pi_t" else exp["ref_logp"]
         r = exp["reward"]
         loss, metrics = rebel_loss(

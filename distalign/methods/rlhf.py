@@ -74,7 +74,8 @@ class RLHF(Method):
         p = roll.prompt_length
         mask = roll.response_mask[:, p:].float()
         logp = self.sampled_token_logprobs(roll)
-        ref = self.ref_token_logprobs(seq, temp)[:, p:]
+        # the response mask restricts π₀'s LM head to response positions (0 elsewhere)
+        ref = self.ref_token_logprobs({**seq, "response_mask": roll.response_mask}, temp)[:, p:]
         assert self.ctx.reward_model is not None and self.ctx.value_model is not None
         score = sequence_scores(
             self.ctx.reward_model, roll.input_ids, roll.attention_mask, roll.response_mask
@@ -100,8 +101,7 @@ class RLHF(Method):
     def loss(self, exp: Batch) -> tuple[Tensor, Metrics]:
         p = int(exp["prompt_length"][0])
         mask = exp["response_mask"][:, p:].float()
-        seq = {"input_ids": exp["input_ids"], "attention_mask": exp["attention_mask"]}
-        logp = self.policy_token_logprobs(seq, self.gen.temperature)[:, p:]
+        logp = self.policy_token_logprobs(exp, self.gen.temperature)[:, p:]
         assert self.ctx.value_model is not None
         values = state_values(self.ctx.value_model, exp["input_ids"], exp["attention_mask"])
         pg, m1 = ppo_policy_loss(logp, exp["old_logp"], exp["advantages"], mask,
