@@ -89,7 +89,8 @@ def sharded_runs(tiny, tmp_path_factory):
     jobs = [_job(tiny, tmp, "dpo", "dpo", 4, ["run.save_every=1"]),
             _job(tiny, tmp, "dpo-lora", "dpo", 4, LORA)]
     for method in ONLINE:
-        extra = ["algo.update_epochs=2"] if method != "pmle" else []
+        # pmle samples for its KL term only with beta > 0 (its default is 0)
+        extra = ["algo.update_epochs=2"] if method != "pmle" else ["algo.beta=1e-5"]
         for kind, lora in (("full", []), ("lora", LORA)):
             name = f"{method}-{kind}"
             steps = 3 if name == "rlhf-lora" else 2

@@ -255,7 +255,7 @@ def start(acc: Any, cfg: Any, method_cls: Any, has_callbacks: bool) -> Replicate
     if os.environ.get("FSDP_VERSION", "1") != "2":
         raise ConfigError("distalign shards with FSDP2 only: launch with "
                           "`accelerate launch --use_fsdp --fsdp_version 2 ...`")
-    if not dist.is_initialized() or acc.num_processes < 2 and acc.device.type == "cpu":
+    if not dist.is_initialized():  # one process on CPU: accelerate starts no process group
         log.warning("FSDP was requested but this run has one process and no process group: "
                     "it runs unsharded")
         return Replicated(acc)
