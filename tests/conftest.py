@@ -28,7 +28,8 @@ torch.set_num_threads(1)
 SLOW_MODULES = frozenset({
     "test_cli_as_user.py", "test_cli_pipeline_user.py", "test_cli_provenance.py",
     "test_cli_inputs.py", "test_engine_ddp.py", "test_engine_resume.py",
-    "test_eval_synthetic.py", "test_fsdp.py", "test_logprobs_chunked.py", "test_pipeline.py",
+    "test_eval_synthetic.py", "test_fsdp.py", "test_gpu_check.py", "test_logprobs_chunked.py",
+    "test_pipeline.py",
     "test_synthetic_grid.py", "test_synthetic_train.py", "test_toy_cli.py", "test_train_cli.py",
     "test_vllm_server.py",
 })
