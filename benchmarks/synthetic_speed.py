@@ -111,8 +111,8 @@ def estimate(grid: str, raised: float) -> dict:
 
 
 def measure(grid: str, out: Path) -> dict:
+    from distalign.pipeline.synthetic_grid import run_grid
     from distalign.synthetic.config import default_config, quick_config
-    from distalign.synthetic.experiment import run_grid
 
     if out.exists():
         shutil.rmtree(out)  # a timing must not reuse finished runs

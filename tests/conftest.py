@@ -52,6 +52,7 @@ SLOW_TESTS = frozenset({  # module::function (every parametrisation) in otherwis
     "test_tabular_fast.py::test_numpy_engine_equals_the_torch_engine",
     "test_tabular_fast.py::test_the_toy_command_does_not_import_torch",
     "test_tabular_solvers.py::test_closed_forms_are_the_optima_of_objectives_1_and_15",
+    "test_tilted_evaluate.py::test_eval_with_the_world_oracle_and_pi0s_generations_adds_the_measures",
     "test_tilted_evaluate.py::test_measures_of_a_policy_match_the_exact_values",
     "test_tilted_evaluate.py::test_pi0_against_itself",
     "test_tilted_residual.py::test_f_learns_the_tilt_from_labels",

@@ -154,3 +154,42 @@ def test_judge_measure_checks_the_sampling_settings(setup):
         judge.measure([{k: v for k, v in rows[0].items() if k != "output_logprob"}], rows)
     with pytest.raises(DataError, match="reply tokens > L"):
         judge.measure([{**rows[0], "output_token_ids": [6, 7, 8]}], rows)
+
+
+def test_eval_with_the_world_oracle_and_pi0s_generations_adds_the_measures(setup, tmp_path):
+    # the user's path: generate π₀ and π̂ at the world's sampling settings, then one eval
+    import os
+    import subprocess
+    import sys
+
+    path, pi0, pi_hat = setup
+    world = TiltedWorld.load(path)
+    prompts = path.parent / "prompts" / "heldout.jsonl"
+    if not prompts.is_file():
+        prompts = next(path.parent.rglob("heldout*.jsonl"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.dirname(__file__)}
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "distalign", *args], capture_output=True,
+                              text=True, env=env, timeout=300)
+
+    gen = ["-n", "16", "gen.temperature=1", "gen.top_k=0", "gen.top_p=1",
+           f"gen.max_new_tokens={world.max_new_tokens}", "--no-progress"]
+    for name, model in (("pi0", pi0), ("pi_hat", pi_hat)):
+        made = cli("generate", str(model), "--prompts", str(prompts), "--out",
+                   str(tmp_path / name / "g.jsonl"), *gen)
+        assert made.returncode == 0, made.stderr
+    ev = cli("eval", str(tmp_path / "pi_hat" / "g.jsonl"), "--judge", f"oracle:{path}",
+             "--ref-model", str(pi0), "--base-generations", str(tmp_path / "pi0" / "g.jsonl"),
+             "--no-progress")
+    assert ev.returncode == 0, ev.stderr
+    m = json.loads((tmp_path / "pi_hat" / "eval" / "eval.json").read_text())["metrics"]
+    tilted = {k: v for k, v in m.items() if k.startswith("tilted/")}
+    assert tilted, m
+    assert all(math.isfinite(v) for v in tilted.values() if isinstance(v, float))
+    # π̂ ≠ π₀: its forward KL to π* is positive, and π₀'s own KL(π₀‖π₀) is not among them
+    assert any(k.startswith("tilted/kl_fwd") and v > 0 for k, v in tilted.items()), tilted
+    # π₀ of another fingerprint is refused in one line
+    other = cli("eval", str(tmp_path / "pi_hat" / "g.jsonl"), "--judge", f"oracle:{path}",
+                "--ref-model", str(pi_hat), "--out", str(tmp_path / "other"), "--no-progress")
+    assert other.returncode == 2 and len(other.stderr.strip().splitlines()) == 1, other.stderr

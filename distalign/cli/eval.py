@@ -11,6 +11,7 @@ import typer
 
 from distalign.cli._app import app
 from distalign.errors import ConfigError
+from distalign.lm.threads import THREADS_HELP, set_threads
 
 
 def _fmt(value: Any, se: Any = None) -> str:
@@ -107,15 +108,23 @@ def eval_cmd(
                                  "first N prompt ids (a cheaper judge column; RM score and KL "
                                  "use every row)")
     ] = None,
+    base_generations: Annotated[
+        Path | None, typer.Option("--base-generations", help="π₀'s generations on the same "
+                                  "prompts: with --judge oracle:WORLD of a tilted world, adds "
+                                  "its measures (KL(π*‖π) and KL(π‖π*), gold reward, ...)")
+    ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 16,
     cache_dir: Annotated[
         Path | None, typer.Option("--cache-dir", help="judge cache folder (default: --out)")
     ] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+    threads: Annotated[int | None, typer.Option(min=1, help=THREADS_HELP)] = None,
 ) -> None:
     import transformers
 
     from distalign.eval.evaluate import evaluate, evaluate_annotations
+
+    set_threads(threads)
 
     # our own progress lines say what is loading and scoring; per-file bars are noise in logs
     transformers.utils.logging.disable_progress_bar()
@@ -135,7 +144,7 @@ def eval_cmd(
             cache_dir=cache_dir, progress=progress, judge_url=judge_url, prompt_set=prompt_set,
             judge_options={"concurrency": concurrency, "timeout": timeout,
                            "max_retries": max_retries} if (judge or "").startswith("openai:")
-            else None, judge_prompts=judge_prompts,
+            else None, judge_prompts=judge_prompts, base_generations=base_generations,
         )
     for line in summary_lines(result):
         typer.echo(line)

@@ -33,6 +33,7 @@ from distalign.eval.judges.cache import JudgeCache
 from distalign.eval.judges.reward import resolve_model_dir
 from distalign.eval.measures import kl_estimates, rm_scores
 from distalign.eval.stats import bootstrap_ci, cluster_bootstrap_ci, winrate
+from distalign.eval.worlds import world_measures
 from distalign.jsonsafe import json_safe
 
 REQUIRED = {"prompt_id": str, "prompt": str, "output": str, "prompt_token_ids": list,
@@ -154,15 +155,11 @@ def judge_label(judge_id: str) -> str:
 
 
 def judge_winrate(rows: list[dict[str, Any]], path: Path, out_dir: Path, judge_spec: str,
-                  meta: dict[str, Any], policy_tok: Any, cache: Any,
-                  annotations_name: str = "annotations.json", **kw: Any) -> dict[str, Any]:
-    from distalign.eval.judges.factory import make_judge
-
+                  judge: Any, meta: dict[str, Any], progress: bool,
+                  annotations_name: str = "annotations.json") -> dict[str, Any]:
     # an LLM judge needs a reference text to compare with; an empty OUTPUT is judged like any
     # other (an RL policy that learned to stop at once must lose for it, not crash the eval)
     pairs = _pairs(rows, path, judge_spec.split(":")[0] in ("hf", "openai"))
-    progress = kw.pop("progress")
-    judge = make_judge(judge_spec, cache=cache, policy_tokenizer=policy_tok, **kw)
     if hasattr(judge, "chat"):
         judge.chat = bool(meta.get("chat_template"))
     t0 = time.perf_counter()
@@ -236,9 +233,13 @@ def evaluate(
     prompt_set: str | Path | None = None,
     judge_options: dict[str, Any] | None = None,
     judge_prompts: int | None = None,
+    base_generations: str | Path | None = None,
 ) -> dict[str, Any]:
     """Evaluate a generations file; writes ``out_dir/eval.json`` and returns its content.
 
+    ``base_generations``: π₀'s generations on the same prompts; with an oracle judge of a world
+    that measures policies (the tilted world), its measures (forward KL to π*, gold reward, …)
+    are added as ``<world>/*`` metrics.
     ``prompt_set``: the prompt set these generations must come from: a sha256 digest, another
     generations file (e.g. the other side of a comparison) or the prompts data file. Each part
     is written as soon as it is done, so an error in a later part keeps the earlier ones (and
@@ -291,7 +292,8 @@ def evaluate(
         _evaluate_parts(rows, path, out, meta, cache, save, policy_tok, judge=judge,
                         reward_model=reward_model, ref_model=ref_model,
                         policy_model=policy_model, batch_size=batch_size, progress=progress,
-                        judge_prompts=judge_prompts, judge_kw={
+                        judge_prompts=judge_prompts, base_generations=base_generations,
+                        judge_kw={
                             "judge_url": judge_url, "template": template,
                             "batch_size": batch_size, **(judge_options or {})})
     finally:
@@ -303,7 +305,7 @@ def _evaluate_parts(rows: list[dict[str, Any]], path: Path, out: Path, meta: dic
                     cache: Any, save: Any, policy_tok: Any, *, judge: str | None,
                     reward_model: str | None, ref_model: str | None, policy_model: str | None,
                     batch_size: int, progress: bool, judge_prompts: int | None,
-                    judge_kw: dict[str, Any]) -> None:
+                    base_generations: str | Path | None, judge_kw: dict[str, Any]) -> None:
     if reward_model:
         part = rm_scores(rows, reward_model, policy_tok, batch_size, progress, cache)
         part.pop("scores")
@@ -335,11 +337,18 @@ def _evaluate_parts(rows: list[dict[str, Any]], path: Path, out: Path, meta: dic
         first = _json_or_empty(out / "eval.json").get("judge")
         label = judge_label(judge)
         same = first is None or judge_label(first) == label
-        part = judge_winrate(judged, path, out, judge, meta, policy_tok, cache,
+        from distalign.eval.judges.factory import make_judge
+
+        # an oracle checks that π₀ is its world's (the tilted world's fingerprint)
+        oracle = {"ref_model": ref_model} if judge.startswith("oracle") and ref_model else {}
+        judge_obj = make_judge(judge, cache=cache, policy_tokenizer=policy_tok, **judge_kw,
+                               **oracle)
+        part = judge_winrate(judged, path, out, judge, judge_obj, meta, progress,
                              annotations_name="annotations.json" if same else
-                             f"annotations@{label.replace(':', '_')}.json",
-                             progress=progress, **judge_kw)
+                             f"annotations@{label.replace(':', '_')}.json")
         save({**part, **extra, "judge_label": label})
+        if base_generations is not None:
+            save(world_measures(judge_obj, rows, meta, base_generations, policy_model))
 
 
 def _json_or_empty(path: Path) -> dict[str, Any]:

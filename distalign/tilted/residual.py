@@ -132,9 +132,12 @@ class ResidualRewardModel(PreTrainedModel):
         return SequenceClassifierOutput(logits=logits)
 
 
-AutoConfig.register(ResidualRewardConfig.model_type, ResidualRewardConfig, exist_ok=True)
-AutoModelForSequenceClassification.register(ResidualRewardConfig, ResidualRewardModel,
-                                            exist_ok=True)
+def register() -> None:
+    """Make the Auto classes load saved residual scorers (idempotent); ``distalign.lm.models``
+    calls it through the ``distalign.model_types`` entry point at every load."""
+    AutoConfig.register(ResidualRewardConfig.model_type, ResidualRewardConfig, exist_ok=True)
+    AutoModelForSequenceClassification.register(ResidualRewardConfig, ResidualRewardModel,
+                                                exist_ok=True)
 
 
 def residual_reward_model(pi0: nn.Module, gamma: float) -> ResidualRewardModel:
