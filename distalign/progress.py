@@ -124,6 +124,9 @@ def quiet_libraries() -> None:
     # for our users and would open every log
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
                             category=FutureWarning)
+    # a GGUF base has no config.json beside it; peft then checks nothing it could report
+    warnings.filterwarnings("ignore", message="Could not find a config file in",
+                            category=UserWarning)
     # tied embeddings (SmolLM2, Llama-style heads) are saved once, as they should be; accelerate
     # warns about it at every checkpoint
     logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
