@@ -34,6 +34,7 @@ from transformers import (
 from transformers.modeling_outputs import BaseModelOutput, SequenceClassifierOutput
 
 from distalign.lm.logprobs import logits_to_token_logprobs, position_ids_from_mask
+from distalign.lm.scoring import gather_last
 
 
 class ResidualRewardConfig(PretrainedConfig):
@@ -126,10 +127,7 @@ class ResidualRewardModel(PreTrainedModel):
                 position_ids: Tensor | None = None, **_: Any) -> SequenceClassifierOutput:
         hidden = self.residual(input_ids, attention_mask, position_ids).last_hidden_state
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-        cols = torch.arange(mask.shape[-1], device=mask.device)
-        last = (mask.bool() * (cols + 1)).argmax(-1)
-        logits = self.score(hidden)[torch.arange(hidden.shape[0]), last]
-        return SequenceClassifierOutput(logits=logits)
+        return SequenceClassifierOutput(logits=gather_last(self.score(hidden), mask))
 
 
 def register() -> None:
