@@ -251,6 +251,9 @@ class Sharded(Replicated):
 def start(acc: Any, cfg: Any, method_cls: Any, has_callbacks: bool) -> Replicated:
     """The layout this launch asked for; refuses what sharding does not support."""
     if not fsdp_requested():
+        if str(acc.distributed_type).endswith("DEEPSPEED"):
+            log.warning("DeepSpeed is untested in distalign; the tested ways to spread a run "
+                        "are DDP and FSDP2 (`accelerate launch --use_fsdp --fsdp_version 2`)")
         return Replicated(acc)
     if os.environ.get("FSDP_VERSION", "1") != "2":
         raise ConfigError("distalign shards with FSDP2 only: launch with "
