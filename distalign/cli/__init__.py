@@ -24,6 +24,23 @@ def _register(argv: list[str]) -> None:
         importlib.import_module(f"distalign.cli.{name}")
 
 
+def _single_dash_hint(argv: list[str]) -> str | None:
+    """``-config x.yaml`` parses as ``-c onfig``, which then reads as a missing file called
+    'onfig': name the long option the user meant instead."""
+    import typer.main
+
+    group = typer.main.get_command(app)
+    command = group.commands.get(argv[0]) if argv else None  # type: ignore[attr-defined]
+    if command is None:
+        return None
+    longs = {o for p in command.params for o in getattr(p, "opts", []) if o.startswith("--")}
+    for arg in argv[1:]:
+        name = arg.split("=", 1)[0]
+        if name.startswith("-") and not name.startswith("--") and f"-{name}" in longs:
+            return f"{name} has one dash, so it reads as short options; did you mean -{name}?"
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors print one line and exit with status 2; SIGINT and SIGTERM
     print one line and exit 130 and 143 (training first finishes its step and checkpoints)."""
@@ -31,7 +48,12 @@ def main(argv: list[str] | None = None) -> None:
         # third-party tqdm bars (transformers' GGUF de-quantisation calls tqdm directly, past
         # its own switch) are carriage-return noise in a log file; tqdm reads this at import
         os.environ.setdefault("TQDM_DISABLE", "1")
-    _register(sys.argv[1:] if argv is None else argv)
+    args = sys.argv[1:] if argv is None else argv
+    _register(args)
+    hint = _single_dash_hint(args)
+    if hint:
+        typer.echo(f"error: {hint}", err=True)
+        sys.exit(2)
     # typer would turn Ctrl-C into a return value that standalone_mode=False drops (exit 0)
     from distalign.signals import SIGNALS, raise_interrupted
 

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from distalign.cli._app import app
+from distalign.lm.threads import THREADS_HELP, set_threads
 
 
 @app.command(
@@ -48,6 +49,7 @@ def generate(
         "--alpaca-eval", help="also write model_outputs.json for alpaca_eval")] = False,
     overwrite: Annotated[bool, typer.Option(help="replace an existing generations file")] = False,
     progress: Annotated[bool, typer.Option(help="progress bar / lines")] = True,
+    threads: Annotated[int | None, typer.Option(min=1, help=THREADS_HELP)] = None,
 ) -> None:
     from distalign.errors import ConfigError
     from distalign.eval.generate import MODEL_OUTPUTS, gen_config, sidecar_path
@@ -56,6 +58,7 @@ def generate(
     started = time.time()
     if not prompts:
         raise ConfigError("--prompts is required (a json/jsonl/parquet file or hub dataset)")
+    set_threads(threads)
     path = run_generate(
         model, prompts, out, fmt=fmt, gguf_file=gguf_file, limit=limit,
         gen=gen_config(list(overrides or [])), num_samples=num_samples, seed=seed,

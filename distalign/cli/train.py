@@ -34,9 +34,10 @@ def train(
         typer.Option("--overwrite", help="replace the run that run.output_dir/run.name holds"),
     ] = False,
 ) -> None:
+    from distalign.lm.threads import set_threads
     from distalign.train import load_config
     from distalign.train import train as run_training
-    from distalign.train.config import to_yaml
+    from distalign.train.config import check_sources, to_yaml
 
     extra = ["run.overwrite=true"] if overwrite else []
     cfg = load_config(method, config, [*(overrides or []), *extra],
@@ -45,5 +46,8 @@ def train(
         typer.echo(to_yaml(cfg))
         return
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    check_sources(cfg)  # a path typo is one line now, not after the policy has loaded
+    # stdout, with the run's other notes: stderr stays the one line of an error
+    typer.echo("torch CPU threads: {} ({})".format(*set_threads(cfg.run.threads, "run.threads")))
     run_dir = run_training(cfg)
     typer.echo(f"run directory: {run_dir}  (final model: {run_dir / 'final'})")
