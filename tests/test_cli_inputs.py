@@ -203,3 +203,19 @@ def test_default_threads(monkeypatch):
     monkeypatch.delenv("LOCAL_WORLD_SIZE")
     monkeypatch.setattr(os, "getloadavg", lambda: (1.6, 0.0, 0.0))
     assert threads.default_threads() == (2, "4 cores, 1 process(es), load 1.6")
+
+
+def test_name_colon_split_and_subset_rules(tmp_path):
+    from distalign.errors import ConfigError
+    from distalign.lm.data import DataConfig, load_rows
+
+    c = DataConfig(path="org/data:test", eval_path="org/other:validation")
+    assert (c.path, c.split, c.eval_path, c.eval_split) == (
+        "org/data", "test", "org/other", "validation")
+    with pytest.raises(ConfigError, match="names split 'test' but data.split='dev'"):
+        DataConfig(path="org/data:test", split="dev")
+    with pytest.raises(ConfigError, match="expected NAME or NAME:SPLIT"):
+        DataConfig(path="org/data:en:test")
+    (tmp_path / "d.jsonl").write_text('{"prompt": "a"}\n')
+    with pytest.raises(ConfigError, match="data.subset='en': .* is a single file"):
+        load_rows(DataConfig(path=str(tmp_path / "d.jsonl"), subset="en"))

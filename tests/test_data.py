@@ -369,56 +369,22 @@ def test_columns_mapping_renames_and_names_a_missing_column(tmp_path, tok):
         DataConfig(path=str(path), columns={"answer": "good"})
 
 
-def _ultrafeedback(rows: list[dict]) -> list[dict]:
-    """TRL's UltraFeedback layout: text prompt, whole conversations as chosen/rejected."""
-    def conv(r: dict, key: str) -> list[dict]:
-        return [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r[key]}]
-    return [{"prompt": r["prompt"], "chosen": conv(r, "chosen"), "rejected": conv(r, "rejected")}
-            for r in rows]
-
-
 def test_a_text_prompt_with_whole_conversations_reads_as_the_conversation_form(tok):
+    # TRL's UltraFeedback layout: a text prompt, chosen/rejected repeat it as their user turn
     rows = text_pairs(4)
-    plain = [{"prompt": [{"role": "user", "content": r["prompt"]}],
-              "chosen": [{"role": "assistant", "content": r["chosen"]}],
-              "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in rows]
-    for kind in ("pairs", "sft", "prompts"):
-        uf, _ = prepare(Dataset.from_list(_ultrafeedback(rows)), tok, cfg(), kind)
-        ref, _ = prepare(Dataset.from_list(plain), tok, cfg(), kind)
-        if kind != "prompts":  # a text prompt alone stays text (TRL's prompt-only form)
-            assert uf.to_list() == ref.to_list(), kind
-    bad = _ultrafeedback(rows)
-    bad[2]["rejected"][0]["content"] = "another question"
+    user, bot = ({"role": r, "content": ""} for r in ("user", "assistant"))
+    uf = [{"prompt": r["prompt"], **{k: [{**user, "content": r["prompt"]},
+                                         {**bot, "content": r[k]}] for k in ("chosen", "rejected")}}
+          for r in rows]
+    plain = [{"prompt": [{**user, "content": r["prompt"]}],
+              **{k: [{**bot, "content": r[k]}] for k in ("chosen", "rejected")}} for r in rows]
+    for kind in ("pairs", "sft"):
+        assert (prepare(Dataset.from_list(uf), tok, cfg(), kind)[0].to_list()
+                == prepare(Dataset.from_list(plain), tok, cfg(), kind)[0].to_list()), kind
+    uf[2]["rejected"][0]["content"] = "another question"
     with pytest.raises(DataError, match=r"mem\.jsonl row 3: field 'rejected' is a conversation "
                                         r"but does not start with the text of 'prompt'"):
-        prepare(Dataset.from_list(bad), tok, cfg(), "pairs")
-
-
-def test_name_colon_split_is_the_split_and_a_conflict_is_named():
-    c = cfg(path="org/data:test", eval_path="org/other:validation")
-    assert (c.path, c.split, c.eval_path, c.eval_split) == (
-        "org/data", "test", "org/other", "validation")
-    with pytest.raises(ConfigError, match="names split 'test' but data.split='dev'"):
-        cfg(path="org/data:test", split="dev")
-    with pytest.raises(ConfigError, match="expected NAME or NAME:SPLIT"):
-        cfg(path="org/data:en:test")
-
-
-def test_a_local_dataset_dir_with_splits_and_subsets(tok, tmp_path):
-    rows = text_pairs(6)
-    for sub, part in (("en", rows[:4]), ("fr", rows[4:])):
-        for split in ("train", "test"):
-            (tmp_path / sub).mkdir(exist_ok=True)
-            (tmp_path / sub / f"{split}.jsonl").write_text(
-                "".join(json.dumps(r) + "\n" for r in part[: 2 if split == "test" else None]))
-    (tmp_path / "README.md").write_text(
-        "---\nconfigs:\n" + "".join(
-            f"- config_name: {s}\n  data_files:\n  - split: train\n    path: {s}/train.jsonl\n"
-            f"  - split: test\n    path: {s}/test.jsonl\n" for s in ("en", "fr")) + "---\n")
-    assert load_rows(cfg(path=f"{tmp_path}:test", subset="en")).to_list() == rows[:2]
-    assert load_rows(cfg(path=str(tmp_path), subset="fr")).to_list() == rows[4:]
-    with pytest.raises(ConfigError, match="data.subset='en': .* is a single file"):
-        load_rows(cfg(path=str(tmp_path / "en" / "test.jsonl"), subset="en"))
+        prepare(Dataset.from_list(uf), tok, cfg(), "pairs")
 
 
 def test_rows_and_lines_both_count_from_one(tok, tmp_path):

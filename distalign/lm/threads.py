@@ -2,9 +2,10 @@
 (generate, eval).
 
 torch starts one intra-op thread per core whatever else runs there. On a shared 2-core host
-under load, ``generate`` of 8 prompts took 196 s with torch's 2 threads and 14.5 s with one,
-for the same tokens: each operator waits for its slowest thread, and a thread that shares its
-core with another process is slow. The default therefore takes the cores this process may use
+at load 8-11, ``generate`` of 8 prompts (SmolLM2-135M, 32 tokens) took 111-186 s with torch's
+2 threads and 29-59 s with one, for the same tokens (issue 20 saw 196 s and 14.5 s): each
+operator waits for its slowest thread, and a thread that shares its core with another process
+is slow. The default therefore takes the cores this process may use
 (its CPU affinity), shares them among the processes that ``accelerate launch`` started on this
 node, and leaves out the cores that other work keeps busy (the 1-minute load average).
 """
