@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import time
 from pathlib import Path
 from typing import Annotated
@@ -55,6 +56,10 @@ def pipeline(
                            "run with another config replaces it instead of stopping (partial "
                            "runs of the same config still resume; finished stages stay)")
     ] = False,
+    threads: Annotated[int | None, typer.Option(min=1, help="torch CPU threads of every stage "
+                                                "(passed on as OMP_NUM_THREADS; default: "
+                                                "chosen per stage, see `distalign generate "
+                                                "--help`)")] = None,
 ) -> None:
     from distalign.pipeline.config import load_pipeline
     from distalign.pipeline.data import check_writable
@@ -92,6 +97,8 @@ def pipeline(
                 s.options["overwrite"] = True
     import transformers
 
+    if threads is not None:  # stages run in child processes, which read it at start-up
+        os.environ["OMP_NUM_THREADS"] = str(threads)
     # the stages report their own progress; HF's per-load bars (GGUF de-quantisation, shard
     # writing) are carriage-return noise in a log file
     transformers.utils.logging.disable_progress_bar()
