@@ -43,3 +43,15 @@ def test_a_fresh_process_finds_the_synthetic_oracle_and_eval_imports_no_world():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120, check=True).stdout.split()
     assert out == ["[]", "distalign.synthetic.oracle", "0.5"]
+
+
+def test_every_comma_separated_option_parses_in_one_place():
+    from distalign.cli._app import comma_list
+
+    assert comma_list(" a, b,,c ", "--x") == ["a", "b", "c"]
+    assert comma_list("", "--x") is None and comma_list(None, "--x") is None
+    assert comma_list("1,2", "--n", int) == [1, 2]
+    with pytest.raises(ConfigError, match=r"^--n must be comma-separated integers, got '1,x'$"):
+        comma_list("1,x", "--n", int)
+    with pytest.raises(ConfigError, match=r"^--l must be values >= 1, got '0,2'$"):
+        comma_list("0,2", "--l", int, minimum=1)

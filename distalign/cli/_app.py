@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Callable
+from typing import Annotated, Any
 
 import typer
+
+from distalign.errors import ConfigError
 
 app = typer.Typer(
     name="distalign",
@@ -33,3 +36,20 @@ def _root(
     ] = False,
 ) -> None:
     """Alignment as distribution learning (see `distalign COMMAND --help`)."""
+
+
+def comma_list(value: str | None, flag: str, cast: Callable[[str], Any] = str,
+               minimum: float | None = None) -> list[Any] | None:
+    """``"a, b,c"`` → ``["a", "b", "c"]`` (each item ``cast``; empty items dropped); None for no
+    value. Every comma-separated option of every command parses here, so they agree on spaces,
+    empty items and the one-line error."""
+    if value is None or not value.strip():
+        return None
+    try:
+        out = [cast(v.strip()) for v in value.split(",") if v.strip()]
+    except ValueError:
+        kind = {int: "integers", float: "numbers"}.get(cast, "values")  # type: ignore[call-overload]
+        raise ConfigError(f"{flag} must be comma-separated {kind}, got {value!r}") from None
+    if minimum is not None and (not out or min(out) < minimum):
+        raise ConfigError(f"{flag} must be values >= {minimum:g}, got {value!r}")
+    return out

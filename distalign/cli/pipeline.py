@@ -11,16 +11,12 @@ from typing import Annotated
 
 import typer
 
-from distalign.cli._app import app
+from distalign.cli._app import app, comma_list
 from distalign.errors import ConfigError
 
 # what a stage's OSError means when it is about the output directory, not a bug
 _WRITE_ERRORS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST,
                  errno.ENOSPC, errno.EDQUOT}
-
-
-def _split(value: str | None) -> list[str] | None:
-    return [v.strip() for v in value.split(",") if v.strip()] if value else None
 
 
 @app.command(
@@ -68,13 +64,13 @@ def pipeline(
     from distalign.pipeline.runner import run_stages
 
     pc = load_pipeline(config, overrides or [])
-    if (wanted := _split(methods)) is not None:
+    if (wanted := comma_list(methods, "--methods")) is not None:
         unknown = [m for m in wanted if m not in pc.methods]
         if unknown:
             raise ConfigError(f"--methods: unknown stage {unknown[0]!r} (the config has: "
                               f"{', '.join(pc.methods)})")
         pc.methods = {m: pc.methods[m] for m in wanted}
-    if (ss := _split(seeds)) is not None:
+    if (ss := comma_list(seeds, "--seeds")) is not None:
         try:
             pc.seeds = [int(s) for s in ss]
         except ValueError:
@@ -82,7 +78,8 @@ def pipeline(
     check_writable(pc.out, "output_dir", create=False)
     p = plan(pc, dry_run=dry_run)
     names = None
-    if (picked := _split(only)) is not None:  # checked before anything runs, dry run or not
+    # checked before anything runs, dry run or not
+    if (picked := comma_list(only, "--only")) is not None:
         names = {s.name for s in select(p.stages, picked)}
     typer.echo(f"pipeline {pc.name}: π₀ = {p.base}; {len(p.stages)} stages in {pc.out}")
     typer.echo(p.table())

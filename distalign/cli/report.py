@@ -7,11 +7,7 @@ from typing import Annotated
 
 import typer
 
-from distalign.cli._app import app
-
-
-def _split(value: str | None) -> list[str] | None:
-    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+from distalign.cli._app import app, comma_list
 
 
 @app.command(
@@ -56,8 +52,8 @@ def report(
                 raise ConfigError(f"{flag} {path}: is a directory; give a file name")
             check_writable(path.parent, f"{flag} folder", create=False)
     try:
-        table, rows = build(runs, _split(metrics), _split(group_by), plot_path,
-                            include_incomplete)
+        table, rows = build(runs, comma_list(metrics, "--metrics"),
+                            comma_list(group_by, "--group-by"), plot_path, include_incomplete)
         if out:
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(table)

@@ -7,17 +7,8 @@ from typing import Annotated
 
 import typer
 
-from distalign.cli._app import app
+from distalign.cli._app import app, comma_list
 from distalign.errors import ConfigError
-
-
-def _ints(value: str | None, what: str) -> tuple[int, ...] | None:
-    if not value:
-        return None
-    try:
-        return tuple(int(v) for v in value.split(","))
-    except ValueError:
-        raise ConfigError(f"--{what} must be comma-separated integers, got {value!r}") from None
 
 
 @app.command(
@@ -56,10 +47,11 @@ def synthetic(
 
     kwargs: dict = {}
     if methods:
-        kwargs["methods"] = tuple(m.strip() for m in methods.split(",") if m.strip())
-    for key, value in (("sizes", _ints(sizes, "sizes")), ("seeds", _ints(seeds, "seeds"))):
+        kwargs["methods"] = tuple(comma_list(methods, "--methods") or ())
+    for key, value in (("sizes", comma_list(sizes, "--sizes", int)),
+                       ("seeds", comma_list(seeds, "--seeds", int))):
         if value:
-            kwargs[key] = value
+            kwargs[key] = tuple(value)
     classes = {"both": ("standard", "light"), "standard": ("standard",), "light": ("light",)}
     if reward_class not in classes:
         raise ConfigError(f"--reward-class must be one of standard, light, both; got "

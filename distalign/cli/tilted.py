@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from distalign.cli._app import app
+from distalign.cli._app import app, comma_list
 from distalign.errors import ConfigError
 
 tilted_app = typer.Typer(
@@ -27,23 +27,6 @@ Prompts = Annotated[str | None, typer.Option("--prompts", help="HH-RLHF rows (de
                                              "shipped harmless-base test pairs)")]
 
 
-def _floats(value: str | None, what: str) -> list[float] | None:
-    if value is None:
-        return None
-    try:
-        return [float(v) for v in value.split(",") if v.strip()]
-    except ValueError:
-        raise ConfigError(f"--{what} must be comma-separated numbers, got {value!r}") from None
-
-
-def _ints(value: str, what: str) -> list[int]:
-    try:
-        out = [int(v) for v in value.split(",") if v.strip()]
-    except ValueError:
-        raise ConfigError(f"--{what} must be comma-separated integers, got {value!r}") from None
-    if not out or min(out) < 1:
-        raise ConfigError(f"--{what} must be integers >= 1, got {value!r}")
-    return out
 
 
 @tilted_app.command(help="Sample π₀ on held-out prompts once and print, for every L, β* and "
@@ -72,9 +55,10 @@ def probe(
     if limit < 1 or n < 2:
         raise ConfigError(f"need --limit >= 1 and --n >= 2, got {limit} and {n}")
     rows = run_probe(pi0, prompts or DEFAULT_PROMPTS, n=n, limit=limit,
-                     lengths=_ints(lengths, "lengths"), betas=_floats(betas, "betas") or [],
-                     gammas=_floats(gammas, "gammas") or [], gold=gold,
-                     gold_bounds=_floats(gold_bounds, "gold-bounds"), seed=seed)
+                     lengths=comma_list(lengths, "--lengths", int, minimum=1),
+                     betas=comma_list(betas, "--betas", float) or [],
+                     gammas=comma_list(gammas, "--gammas", float) or [], gold=gold,
+                     gold_bounds=comma_list(gold_bounds, "--gold-bounds", float), seed=seed)
     typer.echo(format_probe(rows))
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -105,7 +89,7 @@ def build(
     from distalign.tilted.build import build_world
     from distalign.tilted.world import DEFAULT_PROMPTS, TiltedConfig
 
-    bounds = _floats(gold_bounds, "gold-bounds")
+    bounds = comma_list(gold_bounds, "--gold-bounds", float)
     cfg = TiltedConfig(pi0=pi0, gold=gold, gold_bounds=tuple(bounds) if bounds else None,  # type: ignore[arg-type]
                        beta_star=beta_star, gamma=gamma, max_new_tokens=max_new_tokens,
                        prompts=prompts or DEFAULT_PROMPTS, heldout=heldout,

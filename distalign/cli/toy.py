@@ -11,18 +11,11 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from distalign.cli._app import app
+from distalign.cli._app import app, comma_list
 from distalign.errors import ConfigError
 
 if TYPE_CHECKING:
     from distalign.tabular.config import ToyConfig
-
-
-def _parse_ints(text: str, flag: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise ConfigError(f"{flag} must be comma-separated integers, got {text!r}") from None
 
 
 def _output_dir(out: Path) -> Path:
@@ -154,7 +147,7 @@ def toy(
     from distalign.tabular.runner import run_toy
 
     if ns is not None:
-        n_values = _parse_ints(ns, "--ns")
+        n_values = tuple(comma_list(ns, "--ns", int) or ())
     else:
         if n_max_exp < n_min_exp:
             raise ConfigError(f"--n-max-exp ({n_max_exp}) is below --n-min-exp ({n_min_exp})")
@@ -163,7 +156,7 @@ def toy(
         n_values = tuple(2**k for k in range(n_min_exp, n_max_exp + 1))
     overrides: dict[str, object] = {
         "seeds": seeds, "ns": n_values, "seed": seed, "device": device, "engine": engine,
-        "methods": tuple(m.strip() for m in methods.split(",") if m.strip()),
+        "methods": tuple(comma_list(methods, "--methods") or ()),
     }
     for key, val in (("contexts", contexts), ("responses", responses), ("gamma", gamma),
                      ("logit_scale", logit_scale), ("threads", threads)):
