@@ -87,6 +87,9 @@ def _fit(out_dir: Path, job: dict, trainer) -> None:
         # FSDP2 shards parameters as DTensors; under DDP they are plain tensors
         "sharded": any(type(p).__name__ == "DTensor" for p in trainer.trainables[0].parameters()),
         "batches": seen,
+        # under `accelerate launch --use_fsdp`, rank 1 loaded no weights of its own (rank 0's
+        # are broadcast while sharding) when this is "true"
+        "rank0_loading": os.environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING"),
         "rng": hashlib.sha1(rng.numpy().tobytes()).hexdigest(),
         "weights": [fingerprint(m) for m in models],
     }

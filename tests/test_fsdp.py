@@ -140,6 +140,7 @@ def test_sharded_dpo_equals_one_process_on_the_doubled_batch(name, sharded_runs,
     tmp, records = sharded_runs
     r0, r1 = records[name]
     assert r0["sharded"] and r1["sharded"] and r0["world"] == 2
+    assert r1["rank0_loading"] == "true"  # accelerate's default: weights broadcast from rank 0
     assert r0["weights"] == r1["weights"]  # the gathered model is the same on both ranks
     extra = ["optim.scheduler=linear", "optim.warmup_steps=1", "run.max_steps=4"]
     one_dir = train(load_config("dpo", base_config(tiny, "dpo", tmp_path / "one"),

@@ -167,6 +167,9 @@ class Sharded(Replicated):
         from torch.distributed.fsdp import fully_shard
 
         hf = model.get_base_model() if is_peft_model(model) else model
+        if is_peft_model(model):  # peft < 0.21 calls hf.forward(), which skips FSDP's hooks
+            tuner = model.base_model
+            tuner.forward = lambda *a, **k: tuner.model(*a, **k)
         full = hf.state_dict() if self.broadcast and self.acc.is_main_process else {}
         if trainable and self.plugin.mixed_precision_policy is not None:
             for p in model.parameters():  # fp32 master weights; the policy casts for compute
@@ -190,6 +193,7 @@ class Sharded(Replicated):
         if self.broadcast:
             set_model_state_dict(hf, full, options=StateDictOptions(
                 full_state_dict=True, broadcast_from_rank0=True))
+        _no_2d_keep(model)
         return model
 
     def place_models(self, models: Models, method_cls: Any) -> None:
@@ -246,6 +250,22 @@ class Sharded(Replicated):
                 copy.load_state_dict(full)
                 copies.append(copy)
         return copies if self.acc.is_main_process else None
+
+
+def _no_2d_keep(model: nn.Module) -> None:
+    """transformers < 5.20 rejects a 2-D ``logits_to_keep`` by raising inside the forward, and
+    ``lm.logprobs`` then retries with full logits. A sharded forward that raises leaves FSDP2's
+    hooks half-run (the retry fails on mixed Tensor and DTensor), so with such a transformers
+    the sharded model's class is marked as taking none before any forward."""
+    import transformers
+    from packaging.version import Version
+
+    if Version(transformers.__version__) >= Version("5.20"):
+        return
+    from distalign.lm import logprobs
+    from distalign.lm.wrappers import unwrap_model
+
+    logprobs._NO_KEEP.add(type(unwrap_model(model)).__name__)
 
 
 def start(acc: Any, cfg: Any, method_cls: Any, has_callbacks: bool) -> Replicated:
