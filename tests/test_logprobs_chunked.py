@@ -188,3 +188,14 @@ def test_peak_memory_does_not_grow_with_vocab_times_positions():
     whole = _peak_mib(4096, v, 4096) - _peak_mib(512, v, 512)
     assert chunked < 24, chunked
     assert whole > 150, whole  # the measurement does see logits-sized growth
+
+
+def test_kept_single_chunk_survives_a_second_backward():
+    """One chunk keeps its logits for backward; backward must not overwrite them."""
+    hidden = torch.randn(4, 3, requires_grad=True)
+    weight = torch.randn(7, 3)
+    out = lp.HeadLogprobs.apply(hidden, weight, None, torch.randint(7, (4,)), 0.7, 10)
+    out.sum().backward(retain_graph=True)
+    first = hidden.grad.clone()
+    out.sum().backward()
+    torch.testing.assert_close(hidden.grad, 2 * first)

@@ -89,9 +89,9 @@ def _chunk_logits(h: Tensor, weight: Tensor, bias: Tensor | None, temperature: f
 
 class HeadLogprobs(torch.autograd.Function):
     """``ln softmax(F.linear(hidden, weight, bias) / T)[targets]`` per row of ``hidden [N, H]``,
-    ``rows`` rows at a time. Saves only the inputs and the ``[N]`` logsumexps; backward
-    recomputes each chunk's logits and turns them in place into the logits' gradient
-    ``g·(onehot − softmax)/T``, so its peak is also one chunk."""
+    ``rows`` rows at a time. Saves only the inputs and the ``[N]`` logsumexps (and the logits
+    when they fit in one chunk); backward recomputes each chunk's logits and turns them in
+    place into the logits' gradient ``g·(onehot − softmax)/T``, so its peak is one chunk too."""
 
     @staticmethod
     def forward(ctx: Any, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
@@ -100,12 +100,15 @@ class HeadLogprobs(torch.autograd.Function):
         out = hidden.new_empty(n, dtype=torch.float64 if hidden.dtype == torch.float64
                                else torch.float32)
         lse = torch.empty_like(out)
+        logits = None
         for s in range(0, n, rows):
             logits = _chunk_logits(hidden[s : s + rows], weight, bias, temperature)
             lse[s : s + rows] = torch.logsumexp(logits, -1)
             out[s : s + rows] = logits.gather(-1, targets[s : s + rows, None])[:, 0]
         out -= lse
-        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        # a single chunk is kept for backward (at most one chunk either way): no recomputation
+        kept = logits if n <= rows and any(ctx.needs_input_grad[:3]) else None
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, kept)
         ctx.temperature, ctx.rows = temperature, rows
         dev = hidden.device.type  # recompute under the forward's autocast state
         ctx.amp = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
@@ -113,7 +116,7 @@ class HeadLogprobs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        hidden, weight, bias, targets, lse, kept = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         t, rows = ctx.temperature, ctx.rows
         acc = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
@@ -124,8 +127,11 @@ class HeadLogprobs(torch.autograd.Function):
         with torch.autocast(dev, dtype=dtype, enabled=enabled):
             for s in range(0, hidden.shape[0], rows):
                 h, g_out = hidden[s : s + rows], grad[s : s + rows, None].to(lse.dtype)
-                g = _chunk_logits(h, weight, bias, t)
-                g.sub_(lse[s : s + rows, None]).exp_().mul_(-g_out)  # −g·softmax
+                if kept is None:
+                    g = _chunk_logits(h, weight, bias, t).sub_(lse[s : s + rows, None])
+                else:  # out of place: the saved logits stay intact (retain_graph)
+                    g = kept - lse[:, None]
+                g.exp_().mul_(-g_out)  # −g·softmax
                 g.scatter_add_(-1, targets[s : s + rows, None], g_out)  # + g·onehot
                 if t != 1.0:
                     g.div_(t)
@@ -170,7 +176,10 @@ def _plain_head(model: nn.Module) -> nn.Linear | None:
     get = getattr(base, "get_output_embeddings", None)
     head = get() if callable(get) else None
     config = getattr(base, "config", None)
+    # FSDP2 (fully_shard) re-classes wrapped modules and leaves parameters sharded (DTensor)
+    # outside the model's forward, where the chunked head would use them
     if (type(head) is not nn.Linear or hasattr(head, "_hf_hook") or config is None
+            or type(head.weight).__name__ == "DTensor"
             or any(getattr(config, k, None) not in (None, 1.0) for k in _LOGIT_TRANSFORMS)):
         return None
     return head
