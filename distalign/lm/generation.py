@@ -30,6 +30,7 @@ from distalign.lm.rollout import (  # re-exported: the public home of the sampli
     GenerationConfig,
     Rollout,
     Sampler,
+    StepLogprobs,
     _token_ids,
     check_generation_config,
     stop_token_ids,
@@ -56,8 +57,7 @@ class HFSampler:
         self.pad_id, self.eos_ids = _token_ids(tokenizer_or_ids)
         # ln π_T of each sampled token from generate's own logits (``Rollout.logprobs``): the
         # evaluation's KL(π‖π₀) and online collection (``gen.record_logprobs``) then need no
-        # second forward of π. It holds the raw logits of every step until the batch ends
-        # (N × steps × vocab floats), so it is opt-in.
+        # second forward of π (:class:`~distalign.lm.rollout.StepLogprobs`).
         self.record_logprobs = record_logprobs or self.cfg.record_logprobs
         check_generation_config(self.cfg)
 
@@ -80,8 +80,6 @@ class HFSampler:
         )
         if sample:
             kwargs.update(temperature=c.temperature, top_k=c.top_k, top_p=c.top_p)
-        if self.record_logprobs:
-            kwargs.update(output_logits=True, return_dict_in_generate=True)
         # keep structural (not distributional) settings of the checkpoint
         for name in ("bos_token_id", "decoder_start_token_id", "cache_implementation"):
             value = getattr(model_gen_cfg, name, None)
@@ -109,6 +107,7 @@ class HFSampler:
         eos_ids = self._eos_ids(own_cfg)
         was_training = model.training
         model.eval()  # sample from π itself, not from π with dropout
+        steps = StepLogprobs(hf, self.cfg.temperature) if self.record_logprobs else None
         try:
             # generate() fills every unset field from model.generation_config; an empty one
             # leaves only HF's global defaults, all of which our config sets explicitly.
@@ -122,13 +121,13 @@ class HFSampler:
         finally:
             hf.generation_config = own_cfg
             model.train(was_training)
-        seqs = out.sequences if self.record_logprobs else out
+            if steps is not None:
+                steps.handle.remove()
+        logprobs = steps.finish(out[:, prompt_len:]) if steps is not None else None
         responses, response_mask, ended = truncate_after_eos(
-            seqs[:, prompt_len:], eos_ids, self.pad_id
+            out[:, prompt_len:], eos_ids, self.pad_id
         )
-        logprobs = None
-        if self.record_logprobs:
-            logprobs = sampled_logprobs(out.logits, seqs[:, prompt_len:], self.cfg.temperature)
+        if logprobs is not None:
             logprobs = logprobs * response_mask.to(logprobs.dtype)
         return Rollout(
             input_ids=torch.cat([ids, responses], dim=1),

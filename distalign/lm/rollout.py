@@ -31,8 +31,9 @@ class GenerationConfig:
     vllm_kv_cache_gb: float | None = None
     vllm_max_model_len: int | None = None  # default: the model's max_position_embeddings
     # online training (hf only): ln π_t of the samples from generate's own logits instead of a
-    # second forward of π_t (one of collection's 3–4 forwards). It holds N × steps × vocab
-    # logits until a batch ends, so it is opt-in (cheap for small vocabularies and batches).
+    # second forward of π_t (one of collection's 3–4 forwards; :class:`StepLogprobs` holds one
+    # step's logits at a time). Opt-in: decoding with a KV cache rounds differently from a full
+    # forward, so PPO's first ratio is then 1 up to float error instead of exactly 1.
     record_logprobs: bool = False
 
 
@@ -90,6 +91,41 @@ class Sampler(Protocol):
         prompt_attention_mask: Tensor,
         num_samples: int = 1,
     ) -> Rollout: ...
+
+
+class StepLogprobs:
+    """ln softmax(logits/T)[sampled token] of every step of HF ``generate``, recorded by a forward
+    hook on the model from its raw logits, as ``token_logprobs(..., temperature=T)`` computes
+    them (top-k/top-p and min-length masking are not in them, as they are not there; greedy
+    decoding, T = 0, is scored at T = 1). Each call's last-position logits are kept until the
+    next call, whose input is the token sampled from them, so memory is one step's
+    ``N × vocab`` logits, not ``N × steps × vocab`` (transformers' ``output_logits``)."""
+
+    def __init__(self, model: nn.Module, temperature: float) -> None:
+        self.t = temperature if temperature > 0 else 1.0
+        self.steps: list[Tensor] = []
+        self.last: Tensor | None = None  # the latest call's logits / T, log-normalised
+        self.handle = model.register_forward_hook(self._hook, with_kwargs=True)
+
+    def _gather(self, tokens: Tensor) -> None:
+        if self.last is not None:
+            self.steps.append(self.last.gather(-1, tokens[:, None].to(self.last.device))[:, 0])
+
+    def _hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        self._gather(ids[:, -1])  # the token sampled from the previous call's logits
+        logits = output.logits[:, -1].float()
+        logits = logits / self.t if self.t != 1.0 else logits
+        self.last = logits - torch.logsumexp(logits, -1, keepdim=True)
+
+    def finish(self, responses: Tensor) -> Tensor:
+        """``[N, steps]`` for the ``responses`` generate returned (its last token included)."""
+        self.handle.remove()
+        self._gather(responses[:, -1])
+        self.last = None
+        if not self.steps:
+            return responses.new_zeros(responses.shape, dtype=torch.float32)
+        return torch.stack(self.steps, 1)[:, : responses.shape[1]]
 
 
 def truncate_after_eos(
