@@ -13,9 +13,17 @@ Fairness:
   (checked per batch);
 * the first ``--warmup`` steps are excluded: the clock runs from the end of the last warm-up
   step to the end of the last step (data loading, forward, backward and optimiser included);
+* robust to a shared machine: thread counts pinned (OMP/MKL/torch) in every child,
+  ``--repeats`` runs interleaved (A B C D A B C D …), process CPU time per step beside wall
+  time, and each variant's MEDIAN run reported with the spread (min..max) over runs;
 * TRL is configured like ours: no eval, no checkpoints, no trackers, no gradient
   checkpointing, fp32 (its defaults turn on bf16 and checkpointing), non-fused AdamW.
   ``precompute`` variants compute π₀'s log-probs once before training (not timed) in both.
+
+The ceiling: both trainers spend their time in matrix products, so the ratio of their matmul
+FLOPs per step (printed, from :func:`step_flops`) bounds the speed-up that doing less work can
+buy; a larger measured ratio means TRL also loses time outside the FLOPs (its per-step
+statistics, data collation).
 
 Run: ``python benchmarks/dpo_vs_trl.py`` (needs ``pip install -e ".[bench]"``); ``--help``
 lists the sizes. Results of a run are recorded in ``benchmarks/README.md``.
@@ -115,7 +123,7 @@ def run_ours(work: Path, out: Path, a: argparse.Namespace, precompute: bool) -> 
             "run": {
                 "name": "ours", "output_dir": str(out), "batch_size": a.batch_size,
                 "max_steps": a.warmup + a.steps, "progress": False, "log_every": 1,
-                "resume": False, "num_samples_logged": 0,
+                "resume": False, "overwrite": True, "num_samples_logged": 0,
             },
             "algo": {"gamma": GAMMA, "precompute_ref": precompute},
         },
@@ -228,7 +236,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--vocab", type=int, default=4096)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=1, help="interleaved runs; best is kept")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="interleaved runs; the median run is reported, with the spread")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset")
     p.add_argument("--workdir", help="keep fixtures and runs here (default: a temp dir)")
     p.add_argument("--alt", help="also run our variants with distalign imported from this "
@@ -278,19 +287,38 @@ def main() -> None:
         for v in variants:
             runs[v].append(run_child(v, work, env, a.alt))
             load.append(os.getloadavg()[0])
-    # the least-disturbed run of each variant: highest median-step throughput
-    best = {v: max(rs, key=lambda r: r["median_tokens_per_s"]) for v, rs in runs.items()}
-    report(a, best, runs, load)
+    # each variant's median run (by median-step throughput)
+    med = {v: sorted(rs, key=lambda r: r["median_tokens_per_s"])[len(rs) // 2]
+           for v, rs in runs.items()}
+    report(a, med, runs, load)
 
 
-def report(a: argparse.Namespace, best: dict[str, dict], runs: dict[str, list[dict]],
+def step_flops(a: argparse.Namespace, variant: str) -> float:
+    """Matmul FLOPs of one training step (forward 1×, backward 2×), as each trainer computes
+    it: TRL runs chosen and rejected rows separately and, on CPU, its chunked LM head on every
+    position, recomputing the logits in backward; ours packs [x, a⁺, a⁻] in one row and runs
+    the head on response positions only (recomputed in backward only past one chunk, not here).
+    """
+    h, n_layers, vocab, p, r = a.hidden, a.layers, a.vocab, a.prompt_len, a.response_len
+    ours, precompute = variant.startswith("ours"), variant.split("@")[0].endswith("precompute")
+    tokens = p + 2 * r if ours else 2 * (p + r)  # per pair
+    ctx = (p + 2 * r) / 2  # mean causal context, roughly
+    per_token = n_layers * (2 * 4 * h * h + 2 * 3 * h * 4 * h + 2 * 2 * h * ctx)
+    head_positions = 2 * r if ours else 2 * (p + r)
+    policy_head = 3 if ours else 4  # fwd + 2 bwd (+ TRL's recomputation)
+    passes = 3 + (0 if precompute else 1)  # policy fwd+bwd, π₀ fwd
+    head = head_positions * 2 * h * vocab * (policy_head + (0 if precompute else 1))
+    return a.batch_size * (tokens * per_token * passes + head)
+
+
+def report(a: argparse.Namespace, med: dict[str, dict], runs: dict[str, list[dict]],
            load: list[float]) -> None:
     tok = 2 * a.batch_size * (a.prompt_len + a.response_len)
     print(
         f"DPO, Llama hidden {a.hidden} x {a.layers} layers, vocab {a.vocab}, fp32 CPU, "
         f"{a.threads} threads; batch {a.batch_size} pairs x ({a.prompt_len} prompt + "
         f"{a.response_len} response) tokens = {tok} tokens/step; {a.steps} timed steps "
-        f"after {a.warmup} warm-up; best of {a.repeats} interleaved run(s)"
+        f"after {a.warmup} warm-up; median run of {a.repeats} interleaved run(s)"
     )
     print("versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()))
     print(f"1-min load average during the runs: {min(load):.2f}..{max(load):.2f} "
@@ -299,25 +327,28 @@ def report(a: argparse.Namespace, best: dict[str, dict], runs: dict[str, list[di
             f"{'CPU s/step':>10} {'peak RSS MiB':>12} {'final loss':>10}")
     print(head)
     print("-" * len(head))
-    for v, r in best.items():
+    for v, r in med.items():
         print(
             f"{VARIANTS[v]:47} {r['median_tokens_per_s']:9.0f} {r['tokens_per_s']:9.0f} "
             f"{r['median_step_s']:7.3f} {r['median_cpu_step_s']:10.3f} "
             f"{r['peak_rss_mib']:12.0f} {r['final_loss']:10.4f}"
         )
-    if a.repeats > 1:
-        for v, rs in runs.items():
-            all_ = ", ".join(f"{r['median_tokens_per_s']:.0f}" for r in rs)
-            print(f"  {v}: median-step tokens/s of each run: {all_}")
+    for v, rs in runs.items():
+        tok_s = [r["median_tokens_per_s"] for r in rs]
+        cpu = [r["median_cpu_step_s"] for r in rs]
+        print(f"  {v}: tokens/s per run {', '.join(f'{t:.0f}' for t in tok_s)} (spread "
+              f"{min(tok_s):.0f}..{max(tok_s):.0f}); CPU s/step {min(cpu):.3f}..{max(cpu):.3f}; "
+              f"{step_flops(a, v) / 1e9:.2f} GFLOP/step")
     for ours, theirs in (("ours", "trl"), ("ours-precompute", "trl-precompute"),
                          ("ours-precompute", "trl"), ("ours@alt", "trl"),
                          ("ours-precompute@alt", "trl-precompute"), ("ours@alt", "ours")):
-        if ours in best and theirs in best:
-            o, t = best[ours], best[theirs]
+        if ours in med and theirs in med:
+            o, t = med[ours], med[theirs]
             print(
                 f"ratio {ours}/{theirs}: throughput "
                 f"{o['median_tokens_per_s'] / t['median_tokens_per_s']:.2f}x (CPU time/step: "
-                f"{t['median_cpu_step_s'] / o['median_cpu_step_s']:.2f}x less), "
+                f"{t['median_cpu_step_s'] / o['median_cpu_step_s']:.2f}x less; FLOP ceiling "
+                f"{step_flops(a, theirs) / step_flops(a, ours):.2f}x), "
                 f"peak RSS {o['peak_rss_mib'] / t['peak_rss_mib']:.2f}x"
             )
 

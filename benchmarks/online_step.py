@@ -14,12 +14,18 @@ forward passes (allocator, kernel set-up) are out of both backends' figures; the
 still pushes the LoRA-merged weights into the engine, as every training step does.
 
 The reward model is SmolLM2 with a fresh (random) score head: this measures time, not quality.
+
+``--repeats`` (default 3) runs each backend that many times, interleaved (hf vllm hf vllm …), so
+a change of load on a shared machine cannot favour one backend; each figure is printed as
+median [min..max] over the runs, with peak RSS and process CPU time beside wall time.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -126,9 +132,32 @@ def parse() -> argparse.Namespace:
     p.add_argument("--max-prompt-length", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--backends", default="hf,vllm")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="runs of each backend, interleaved (hf vllm hf vllm ...)")
     p.add_argument("--work", default=None, help="cache folder (default: a temporary one)")
     p.add_argument("--backend", help=argparse.SUPPRESS)  # child mode
     return p.parse_args()
+
+
+def run_backend(backend: str, a: argparse.Namespace, work: Path) -> dict:
+    args = [sys.executable, __file__, "--backend", backend, "--work", str(work)]
+    for k in ("prompts", "steps", "micro_batch", "update_epochs", "lora_r", "max_prompt_length",
+              "threads"):
+        args += [f"--{k.replace('_', '-')}", str(getattr(a, k))]
+    proc = subprocess.run(args, env=pin_threads(a.threads), cwd=REPO_ROOT / "benchmarks",
+                          capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        raise SystemExit(f"{backend} failed:\n{proc.stderr[-3000:]}")
+    out = json.loads(lines[-1][len("RESULT "):])
+    out["load"] = os.getloadavg()[0]
+    return out
+
+
+def _spread(xs: list[float], digits: int = 1) -> str:
+    """median [min..max]"""
+    return (f"{statistics.median(xs):.{digits}f} [{min(xs):.{digits}f}.."
+            f"{max(xs):.{digits}f}]")
 
 
 def main() -> None:
@@ -136,35 +165,35 @@ def main() -> None:
     if a.backend:
         return child(a)
     work = Path(a.work or tempfile.mkdtemp(prefix="online_step-"))
-    results = {}
-    for backend in a.backends.split(","):
-        args = [sys.executable, __file__, "--backend", backend, "--work", str(work)]
-        for k in ("prompts", "steps", "micro_batch", "update_epochs", "lora_r", "max_prompt_length",
-                  "threads"):
-            args += [f"--{k.replace('_', '-')}", str(getattr(a, k))]
-        proc = subprocess.run(args, env=pin_threads(a.threads), cwd=REPO_ROOT / "benchmarks",
-                              capture_output=True, text=True)
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        if proc.returncode or not lines:
-            raise SystemExit(f"{backend} failed:\n{proc.stderr[-3000:]}")
-        results[backend] = json.loads(lines[-1][len("RESULT "):])
+    backends = a.backends.split(",")
+    runs: dict[str, list[dict]] = {b: [] for b in backends}
+    for _ in range(a.repeats):  # interleaved: a load change hits both backends alike
+        for backend in backends:
+            runs[backend].append(run_backend(backend, a, work))
     tokens = a.prompts * 53
+    loads = [r["load"] for rs in runs.values() for r in rs]
     print(f"rlhf, SmolLM2-135M + LoRA r={a.lora_r}, {a.prompts} prompts x 53 new tokens, "
-          f"{a.update_epochs} PPO epoch(s), {a.threads} threads; step {a.steps} of {a.steps}")
-    print(f"{'backend':8} {'generate':>9} {'score':>7} {'update':>7} {'other':>6} {'step':>7} "
-          f"{'gen tok/s':>9} {'other %':>7} {'cpu s':>7}")
-    for name, r in results.items():
-        print(f"{name:8} {r['time/generate']:9.1f} {r['time/score']:7.1f} "
-              f"{r['time/update']:7.1f} {r['time/other']:6.2f} {r['step_time']:7.1f} "
-              f"{tokens / r['time/generate']:9.0f} {100 * r['time/other'] / r['step_time']:7.2f}"
-              f" {r['cpu_s']:7.1f}")
-    if "vllm" in results:
-        v = results["vllm"]
-        print(f"vllm: engine start-up {v['engine_s']:.1f}s (once per run, not in the step); "
-              f"weight sync {v['sync_s']:.2f}s (in generate)")
-    if {"hf", "vllm"} <= set(results):
-        speed = results["hf"]["time/generate"] / results["vllm"]["time/generate"]
-        print(f"generate speed-up vLLM/HF (sync included): {speed:.2f}x")
+          f"{a.update_epochs} PPO epoch(s), {a.threads} threads; step {a.steps} of {a.steps}; "
+          f"median [min..max] of {a.repeats} interleaved run(s); 1-min load at the end of each "
+          f"run {min(loads):.2f}..{max(loads):.2f} on {os.cpu_count()} CPUs")
+    for name, rs in runs.items():
+        def col(k: str, rs: list[dict] = rs) -> list[float]:
+            return [r[k] for r in rs]
+
+        print(f"{name}: " + ", ".join(f"{k.split('/')[-1]} {_spread(col(k))}s"
+                                      for k in (*PHASES, "step_time")))
+        print(f"{name}: gen tok/s {_spread([tokens / r['time/generate'] for r in rs], 0)}, "
+              f"other {_spread([100 * r['time/other'] / r['step_time'] for r in rs], 2)}%, "
+              f"cpu {_spread(col('cpu_s'))}s, peak RSS {_spread(col('peak_rss_mib'), 0)} MiB")
+    if "vllm" in runs:
+        v = runs["vllm"]
+        print(f"vllm: engine start-up {_spread([r['engine_s'] for r in v])}s (once per run, "
+              f"not in the step); weight sync {_spread([r['sync_s'] for r in v], 2)}s "
+              "(in generate)")
+    if {"hf", "vllm"} <= set(runs):
+        speed = [h["time/generate"] / v["time/generate"]
+                 for h, v in zip(runs["hf"], runs["vllm"], strict=True)]
+        print(f"generate speed-up vLLM/HF per repeat (sync included): {_spread(speed, 2)}x")
 
 
 if __name__ == "__main__":
