@@ -40,6 +40,24 @@ test-fast: dev
 	$(BIN)/ruff check distalign tests benchmarks
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -m "not slow"
 
+# The suite on the lowest transformers, accelerate, peft, datasets and numpy that pyproject.toml
+# declares (read from it, so the bounds and this venv cannot drift apart), with the CPU torch:
+# each lower bound is one the suite has passed with. Not in CI (docs/scaling.md).
+MIN_VENV ?= .venv-min
+MIN_PKGS := transformers accelerate peft datasets numpy
+MIN_SPECS = $(shell $(PY) -c "import tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; print(' '.join(d.replace('>=', '==') for d in deps if d.split('>=')[0] in '$(MIN_PKGS)'.split()))")
+
+$(MIN_VENV)/.installed: pyproject.toml
+	$(PY) -m venv $(MIN_VENV)
+	$(MIN_VENV)/bin/pip install -q --upgrade pip
+	$(MIN_VENV)/bin/pip install -q "$(TORCH_SPEC)" $(MIN_SPECS)
+	$(MIN_VENV)/bin/pip install -q -e ".[dev]" $(MIN_SPECS)
+	touch $@
+
+.PHONY: test-min
+test-min: $(MIN_VENV)/.installed
+	OMP_NUM_THREADS=1 $(MIN_VENV)/bin/python -m pytest
+
 lint: dev
 	$(BIN)/ruff check distalign tests benchmarks
 
