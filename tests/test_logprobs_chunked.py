@@ -64,12 +64,12 @@ def test_chunked_head_skips_gradients_nobody_needs():
 
 
 def _full_logits_token_logprobs(model, ids, attn, temperature, resp=None):
-    """The unchunked computation: every kept position's logits at once (all positions, or
-    those predicting ``resp`` tokens through transformers' boolean ``logits_to_keep``)."""
+    """The unchunked computation: every position's logits at once, then (with ``resp``) those
+    predicting response tokens picked out (no ``logits_to_keep``: any transformers version)."""
     if resp is None:
         return lp.logits_to_token_logprobs(lp.forward_logits(model, ids, attn), ids, temperature)
     want = resp[:, 1:].bool()
-    logits = lp.forward_logits(model, ids, attn, F.pad(want, (0, 1), value=False))
+    logits = lp.forward_logits(model, ids, attn)[:, :-1][want]
     tok = lp._logprobs(logits, ids[:, 1:][want], temperature)
     return tok.new_zeros(ids.shape).masked_scatter(F.pad(want, (1, 0), value=False), tok)
 
