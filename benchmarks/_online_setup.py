@@ -125,3 +125,33 @@ def smollm2_fixtures(work: Path, a: argparse.Namespace, rows: int) -> None:
     lines = [json.dumps({"prompt": "".join(rng.choice(words) for _ in range(a.prompt_len))})
              for _ in range(rows)]
     (work / "prompts.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def train_flops(a: argparse.Namespace, variant: str) -> float:
+    """Matmul FLOPs of one iteration outside generation (forward 1×, backward 2× with trained
+    weights, 1× with LoRA's frozen ones), as each trainer computes them. n = 2B samples of
+    P + R tokens. Ours: pairs packed [x, a1, a2] (P + 2R per prompt), LM head on response
+    positions; TRL on CPU: every row separately, LM head on every position (OnlineDPO's
+    full logits; RLOO's fused head, recomputed in backward)."""
+    h, layers, vocab, p, r = a.hidden, a.layers, a.vocab, a.prompt_len, a.response_len
+    if a.smollm2:  # SmolLM2-135M: 30 layers of 576, MLP 1536, 3 of 9 heads for K/V
+        h, layers, vocab, mlp, kv = 576, 30, 49152, 1536, 192
+    else:
+        mlp, kv = 4 * h, h
+    n, bwd = 2 * a.prompts, 1 if a.smollm2 else 2
+    per_tok = layers * 2 * (2 * h * h + 2 * h * kv + 3 * h * mlp + h * (p + r))  # + attention
+    head = 2 * h * vocab  # per projected position
+    seq, packed = n * (p + r) * per_tok, a.prompts * (p + 2 * r) * per_tok
+    method = variant.split("@")[0]
+    if method in ("distill", "distill-rec", "rebel"):
+        fwd = packed + n * r * head
+        return (1 if method == "distill-rec" else 2) * fwd + seq + a.epochs * (1 + bwd) * fwd
+    if method == "odpo":  # π_θ with gradient, π₀ and R̂ without; full logits
+        return (1 + bwd) * (seq + n * (p + r) * head) + seq + n * (p + r) * head + seq
+    if method in ("rlhf", "rkl"):  # π_t, π₀, R̂, V; E × (π_θ and V with gradient)
+        fwd = seq + n * r * head
+        return 2 * fwd + 2 * seq + a.epochs * (1 + bwd) * (fwd + seq)
+    if method == "rloo":  # π_t, π₀, R̂; E × π_θ (head recomputed in backward)
+        fwd = seq + n * (p + r) * head
+        return 2 * fwd + seq + a.epochs * ((1 + bwd) * seq + (2 + bwd) * n * (p + r) * head)
+    raise ValueError(variant)

@@ -29,6 +29,7 @@ def smollm2_config(method: str, work: Path, a: argparse.Namespace) -> dict:
 
     policy, reward, prompts = prepare(work)
     a.lora_r, a.micro_batch, a.max_prompt_length = 16, a.prompts, 128
+    a.gradient_checkpointing = False
     a.update_epochs = a.epochs
     cfg = config("hf", a, policy, reward, prompts, work / "runs")
     cfg["run"].update(name=method, max_steps=a.steps, log_every=1)

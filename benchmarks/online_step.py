@@ -72,6 +72,7 @@ def config(backend: str, a: argparse.Namespace, policy: Path, reward: Path, prom
         "model": {
             "name_or_path": str(policy), "reward_model": str(reward),
             "lora": {"enabled": True, "r": a.lora_r, "alpha": 2 * a.lora_r},
+            "gradient_checkpointing": a.gradient_checkpointing,
         },
         "data": {"path": str(prompts), "format": "hh", "max_prompt_length": a.max_prompt_length,
                  "max_length": a.max_prompt_length + 53, "on_empty": "skip"},
@@ -131,7 +132,11 @@ def parse() -> argparse.Namespace:
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--max-prompt-length", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--backends", default="hf,vllm")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="model.gradient_checkpointing: activations recomputed in backward")
+    p.add_argument("--backends", default="hf,vllm",
+                   help="comma-separated; NAME@alt runs NAME with distalign from --alt")
+    p.add_argument("--alt", help="another checkout, for the NAME@alt backends (A/B)")
     p.add_argument("--repeats", type=int, default=3,
                    help="runs of each backend, interleaved (hf vllm hf vllm ...)")
     p.add_argument("--work", default=None, help="cache folder (default: a temporary one)")
@@ -140,11 +145,16 @@ def parse() -> argparse.Namespace:
 
 
 def run_backend(backend: str, a: argparse.Namespace, work: Path) -> dict:
-    args = [sys.executable, __file__, "--backend", backend, "--work", str(work)]
+    env = pin_threads(a.threads)
+    if backend.endswith("@alt"):  # distalign imported from another checkout (A/B)
+        env["PYTHONPATH"] = os.pathsep.join([str(Path(a.alt).resolve()), env["PYTHONPATH"]])
+    args = [sys.executable, __file__, "--backend", backend.split("@")[0], "--work", str(work)]
     for k in ("prompts", "steps", "micro_batch", "update_epochs", "lora_r", "max_prompt_length",
               "threads"):
         args += [f"--{k.replace('_', '-')}", str(getattr(a, k))]
-    proc = subprocess.run(args, env=pin_threads(a.threads), cwd=REPO_ROOT / "benchmarks",
+    if a.gradient_checkpointing:
+        args.append("--gradient-checkpointing")
+    proc = subprocess.run(args, env=env, cwd=REPO_ROOT / "benchmarks",
                           capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode or not lines:
@@ -173,7 +183,9 @@ def main() -> None:
     tokens = a.prompts * 53
     loads = [r["load"] for rs in runs.values() for r in rs]
     print(f"rlhf, SmolLM2-135M + LoRA r={a.lora_r}, {a.prompts} prompts x 53 new tokens, "
-          f"{a.update_epochs} PPO epoch(s), {a.threads} threads; step {a.steps} of {a.steps}; "
+          f"{a.update_epochs} PPO epoch(s), micro-batch {a.micro_batch}"
+          f"{', gradient checkpointing' if a.gradient_checkpointing else ''}, {a.threads} threads;"
+          f" step {a.steps} of {a.steps}; "
           f"median [min..max] of {a.repeats} interleaved run(s); 1-min load at the end of each "
           f"run {min(loads):.2f}..{max(loads):.2f} on {os.cpu_count()} CPUs")
     for name, rs in runs.items():
@@ -190,6 +202,13 @@ def main() -> None:
         print(f"vllm: engine start-up {_spread([r['engine_s'] for r in v])}s (once per run, "
               f"not in the step); weight sync {_spread([r['sync_s'] for r in v], 2)}s "
               "(in generate)")
+    for alt in [b for b in runs if b.endswith("@alt") and b.split("@")[0] in runs]:
+        new, old = runs[alt.split("@")[0]], runs[alt]
+        step = [o["step_time"] / n["step_time"] for n, o in zip(new, old, strict=True)]
+        cpu = [o["cpu_s"] / n["cpu_s"] for n, o in zip(new, old, strict=True)]
+        rss = [n["peak_rss_mib"] / o["peak_rss_mib"] for n, o in zip(new, old, strict=True)]
+        print(f"{alt.split('@')[0]} vs {alt} per repeat: step {_spread(step, 2)}x faster, cpu "
+              f"{_spread(cpu, 2)}x less, peak RSS {_spread(rss, 2)}x")
     if {"hf", "vllm"} <= set(runs):
         speed = [h["time/generate"] / v["time/generate"]
                  for h, v in zip(runs["hf"], runs["vllm"], strict=True)]

@@ -40,6 +40,7 @@ from _online_setup import (
     build_fixtures,
     ours_config,
     smollm2_fixtures,
+    train_flops,
 )
 
 VARIANTS = {
@@ -299,12 +300,25 @@ def report(a: argparse.Namespace, runs: dict[str, list[dict]]) -> None:
     for v, m in med.items():  # every run saw the token counts above
         print(f"  {v}: response/prompt lengths seen {m['lengths']}")
     pairs = [*PAIRS, *((f"{v}@alt", t) for v, t in PAIRS), *((v, f"{v}@alt") for v in VARIANTS)]
+    print("matmul GFLOP per iteration outside generation: " + ", ".join(
+        f"{v} {train_flops(a, v) / 1e9:.1f}" for v in med))
     for ours, theirs in pairs:
         if ours in med and theirs in med:
             o, t = med[ours], med[theirs]
             print(f"ratio {ours}/{theirs}: samples/s {t['iter_s'] / o['iter_s']:.2f}x, "
                   f"CPU s/it {t['cpu_s'] / o['cpu_s']:.2f}x less, peak RSS "
-                  f"{o['peak_rss_mib'] / t['peak_rss_mib']:.2f}x")
+                  f"{o['peak_rss_mib'] / t['peak_rss_mib']:.2f}x{_ceiling(a, o, ours, theirs)}")
+
+
+def _ceiling(a: argparse.Namespace, o: dict, ours: str, theirs: str) -> str:
+    """The samples/s ratio if both generate alike (same HF generate, same settings) and the
+    rest of the peer's iteration took our time scaled by the FLOP ratio (train_flops)."""
+    ph = o["phases"]
+    if not ph or theirs not in ("odpo", "rloo"):
+        return ""
+    gen, rest = ph["time/generate"], ph["step_time"] - ph["time/generate"]
+    peer = gen + rest * train_flops(a, theirs) / train_flops(a, ours)
+    return f" (FLOP ceiling with generation shared: {peer / ph['step_time']:.2f}x)"
 
 
 if __name__ == "__main__":
