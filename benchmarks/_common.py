@@ -6,8 +6,10 @@ trainer; these helpers pin threads, quieten libraries and read memory in that ch
 
 from __future__ import annotations
 
+import json
 import os
 import resource
+import subprocess
 import sys
 from pathlib import Path
 
@@ -77,3 +79,18 @@ def versions() -> dict[str, str]:
         except md.PackageNotFoundError:
             out[pkg] = "-"
     return out
+
+
+def run_child(script: str, v: str, work: Path, env: dict[str, str], alt: str | None) -> dict:
+    """Run variant ``v`` of ``script`` in its own process (``@alt``: distalign imported from
+    the other checkout ``alt``) and return the JSON of its ``RESULT`` line."""
+    if v.endswith("@alt"):
+        env = env | {"PYTHONPATH": os.pathsep.join([alt or "", env["PYTHONPATH"]])}
+    cmd = [sys.executable, script, "--child", v, "--workdir", str(Path(work).resolve())]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True,
+                          cwd=Path(script).parent)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if proc.returncode != 0 or line is None:
+        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
+        raise SystemExit(f"variant {v!r} failed (exit {proc.returncode})")
+    return json.loads(line[len("RESULT ") :])

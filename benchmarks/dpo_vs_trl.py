@@ -36,13 +36,11 @@ import json
 import os
 import random
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from _common import child_setup, current_rss_mib, peak_rss_mib, pin_threads, versions
+from _common import child_setup, current_rss_mib, peak_rss_mib, pin_threads, run_child, versions
 
 VARIANTS = {
     "trl": "TRL DPOTrainer",
@@ -246,18 +244,6 @@ def parse() -> argparse.Namespace:
     return p.parse_args()
 
 
-def run_child(v: str, work: Path, env: dict[str, str], alt: str | None) -> dict:
-    if v.endswith("@alt"):  # import distalign from the other checkout
-        env = env | {"PYTHONPATH": os.pathsep.join([alt or "", env["PYTHONPATH"]])}
-    cmd = [sys.executable, __file__, "--child", v, "--workdir", str(work)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-    if proc.returncode != 0 or line is None:
-        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
-        raise SystemExit(f"variant {v!r} failed (exit {proc.returncode})")
-    return json.loads(line[len("RESULT ") :])
-
-
 def main() -> None:
     a = parse()
     if a.child:
@@ -285,7 +271,7 @@ def main() -> None:
     load = [os.getloadavg()[0]]
     for _ in range(a.repeats):  # interleaved, so slow phases of a shared machine hit all
         for v in variants:
-            runs[v].append(run_child(v, work, env, a.alt))
+            runs[v].append(run_child(__file__, v, work, env, a.alt))
             load.append(os.getloadavg()[0])
     # each variant's median run (by median-step throughput)
     med = {v: sorted(rs, key=lambda r: r["median_tokens_per_s"])[len(rs) // 2]

@@ -25,13 +25,12 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from _common import child_setup, peak_rss_mib, pin_threads, versions
+from _common import child_setup, peak_rss_mib, pin_threads, run_child, versions
 from _online_setup import (
     LR,
     METHOD_ALGO,
@@ -213,19 +212,6 @@ def parse() -> argparse.Namespace:
     return p.parse_args()
 
 
-def run_child(v: str, work: Path, env: dict[str, str], alt: str | None) -> dict:
-    if v.endswith("@alt"):  # import distalign from the other checkout
-        env = env | {"PYTHONPATH": os.pathsep.join([alt or "", env["PYTHONPATH"]])}
-    cmd = [sys.executable, __file__, "--child", v, "--workdir", str(work)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True,
-                          cwd=Path(__file__).parent)
-    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-    if proc.returncode != 0 or line is None:
-        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
-        raise SystemExit(f"variant {v!r} failed (exit {proc.returncode})")
-    return json.loads(line[len("RESULT ") :])
-
-
 def main() -> None:
     a = parse()
     if a.child:
@@ -257,7 +243,7 @@ def main() -> None:
     runs: dict[str, list[dict]] = {v: [] for v in variants}
     for _ in range(a.repeats):  # interleaved, so slow phases of a shared machine hit all
         for v in variants:
-            runs[v].append(run_child(v, work, env, a.alt))
+            runs[v].append(run_child(__file__, v, work, env, a.alt))
     report(a, runs)
 
 
