@@ -34,6 +34,7 @@ SLOW_MODULES = frozenset({
     "test_vllm_server.py",
 })
 SLOW_TESTS = frozenset({  # module::function (every parametrisation) in otherwise quick modules
+    "test_pipeline_world.py::test_tilted_world_pipeline_end_to_end",
     "test_alpaca_annotations.py::test_cli_annotations_subprocess",
     "test_data.py::test_num_proc_counts_and_errors_survive_workers",
     "test_evaluate.py::test_cli_eval_subprocess_output_to_file",

@@ -16,6 +16,9 @@ truncations are counted by reason in the :class:`DataReport`, never silent. Poli
   prompt ids are those the sampler sees. With ``add_eos`` a response ends in one EOS; template
   text after the final EOS (e.g. a newline) is dropped, as generation stops at EOS.
 * Prompt truncation keeps a leading BOS and the last tokens; responses are cut from the right.
+* ``tokens`` rows carry the ids themselves (``prompt_ids``, ``chosen_ids``, ``rejected_ids``):
+  used as given, no template and no EOS added (a sampled reply keeps exactly the ids it was
+  sampled as); ids outside the vocabulary are an error naming the row. ``auto`` prefers them.
 * A text prompt with whole-conversation responses (TRL's UltraFeedback layout) is read as the
   conversation form: the shared user turn, which must be the prompt's text, is the prompt.
 """
@@ -42,10 +45,13 @@ __all__ = ["FORMATS", "HH_ASSISTANT", "DataConfig", "DataReport", "build_dataset
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("auto", "preference", "prompt", "sft", "hh")
+FORMATS = ("auto", "preference", "prompt", "sft", "hh", "tokens")
 _CHOICES = {"format": FORMATS, "on_overlong": ("error", "skip", "truncate"),
             "on_empty": ("error", "skip")}
-_AUTO = [("preference", ("prompt", "chosen", "rejected")), ("hh", ("chosen", "rejected")),
+# exact token ids win over the text beside them (a tilted world's pairs: a reply cut at L has
+# no EOS, and re-tokenising its text with one appended would train on another reply)
+_AUTO = [("tokens", ("prompt_ids", "chosen_ids", "rejected_ids")),
+         ("preference", ("prompt", "chosen", "rejected")), ("hh", ("chosen", "rejected")),
          ("sft", ("prompt", "completion")), ("sft", ("messages",)), ("prompt", ("prompt",))]
 # Columns read per (format, kind), by preference; absent = incompatible. The first holds the
 # prompt ("prompt", "messages", or transcripts sharing it as a prefix); the rest are responses.
@@ -55,6 +61,8 @@ _LAYOUTS: dict[tuple[str, str], list[tuple[str, ...]]] = {
     ("preference", "sft"): [("prompt", "chosen"), ("chosen",)],
     ("hh", "pairs"): [("chosen", "rejected")], ("hh", "prompts"): [("chosen",)],
     ("hh", "sft"): [("chosen",)], ("prompt", "prompts"): [("prompt",)],
+    ("tokens", "pairs"): [("prompt_ids", "chosen_ids", "rejected_ids")],
+    ("tokens", "prompts"): [("prompt_ids",)],
     ("sft", "prompts"): [("prompt",), ("messages",)],
     ("sft", "sft"): [("prompt", "completion"), ("messages",), ("prompt", "chosen")],
 }
@@ -188,7 +196,7 @@ def prepare(ds: Dataset, tokenizer: Any, cfg: DataConfig, kind: str, *, source: 
     if len(ds) == 0:
         raise DataError(f"{source}: the dataset has no rows")
     fmt, layout = _layout(ds, cfg, kind, source)
-    if cfg.add_eos and kind != "prompts" and tokenizer.eos_token_id is None:
+    if cfg.add_eos and kind != "prompts" and fmt != "tokens" and tokenizer.eos_token_id is None:
         raise ConfigError("the tokenizer has no eos_token; set one or set data.add_eos=false")
     # Skips travel as a column rather than a counter so that they survive num_proc workers.
     features = {c: Sequence(Value("int32")) for c in OUT[kind]}

@@ -55,6 +55,8 @@ class RowEncoder:
             absent = [f for f in self.layout if f in self.missing.get(i, ())]
             if absent:  # not "empty": on_empty=skip would hide a broken file
                 raise self._fail(i, f"field {absent[0]!r} is missing")
+            if self.fmt == "tokens":
+                return self._token_row(row, i)
             pfield, prompt, responses = self._extract(row, i)
             if isinstance(prompt, str) and any(isinstance(r, list) for _, r in responses):
                 prompt, responses = self._strip_prompt_turn(prompt, responses, i)
@@ -72,6 +74,30 @@ class RowEncoder:
             return {**{c: [] for c in OUT[self.kind]}, "_skip": s.args[0], "_trunc": ""}
         ids = dict(zip(OUT[self.kind], [p_ids, *r_ids], strict=True))
         return {**ids, "_skip": "", "_trunc": ",".join(trunc)}
+
+    def _token_row(self, row: dict[str, Any], i: int) -> dict[str, Any]:
+        """A row of exact ids (format ``tokens``): checked, cut to the lengths, no EOS added."""
+        ids = [self._id_list(row[f], f, i) for f in self.layout]
+        p_ids, r_ids, trunc = self._fit(self.layout[0], ids[0], list(self.layout[1:]), ids[1:], i)
+        if self.kind == "pairs" and r_ids[0] == r_ids[1]:
+            raise Skip("identical")
+        return {**dict(zip(OUT[self.kind], [p_ids, *r_ids], strict=True)), "_skip": "",
+                "_trunc": ",".join(trunc)}
+
+    def _id_list(self, value: Any, f: str, i: int) -> list[int]:
+        vocab = len(self.tok)
+        if not isinstance(value, list) or not all(
+                isinstance(t, int) and not isinstance(t, bool) for t in value):
+            raise self._fail(i, f"field {f!r} must be a list of token ids (format tokens)")
+        if not value:
+            if self.cfg.on_empty == "error":
+                raise self._fail(i, f"field {f!r} is empty (set data.on_empty=skip to skip)")
+            raise Skip(f"empty:{f}")
+        bad = next((t for t in value if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise self._fail(i, f"field {f!r} holds token id {bad}, outside the tokenizer's "
+                             f"vocabulary of {vocab} (ids of another tokenizer?)")
+        return list(value)
 
     def _fail(self, i: int, msg: str) -> DataError:
         return DataError(f"{self.source} {where(i, self.lines)}: {msg}")

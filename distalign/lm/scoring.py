@@ -89,7 +89,11 @@ def sequence_scores(
     """R̂(x, y): the score at the last real token, ``[B]`` (eq. (1): reward on the final token).
 
     The last 1 of ``response_mask`` if given (a terminal EOS is part of the response, padding
-    after it is not), else the last 1 of ``attention_mask``.
+    after it is not), else the last 1 of ``attention_mask``. A scorer that reads text rather
+    than a scalar head (a tilted world's gold reward) offers ``sequence_scores`` itself.
     """
+    own = getattr(unwrap_model(model), "sequence_scores", None)
+    if callable(own):
+        return own(input_ids, attention_mask, response_mask)
     scores = token_scores(model, input_ids, attention_mask)
     return gather_last(scores, response_mask if response_mask is not None else attention_mask)

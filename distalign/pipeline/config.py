@@ -9,6 +9,7 @@ directories go under ``output_dir`` (relative to the working directory). See doc
 from __future__ import annotations
 
 import importlib.util
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,6 +99,36 @@ class EvalSection:
 
 
 @dataclass
+class WorldSection:
+    """A world with a known target built on π₀ (``kind: tilted``: π* ∝ π₀·exp(r/β*), labels
+    from eq. (3); docs/tilted.md). It replaces ``data``: the world's pairs (exact token ids)
+    train the reward model and the offline methods, its training prompts feed the online
+    ones, its held-out prompts are generated from at the world's sampling (T = 1, no top-k or
+    top-p, L new tokens), and ``{world}`` in a judge spec names its ``world.json``."""
+
+    kind: str = "tilted"
+    gold: str = "vader"  # the gold reward r: vader | reward:DIR | MODULE:FUNCTION
+    gold_bounds: list[float] | None = None
+    beta_star: float = 0.2
+    gamma: float = 1.0
+    max_new_tokens: int = 32  # L
+    prompts: str | None = None  # HH rows; default: the shipped HH-RLHF harmless file
+    split_seed: int = 0
+    heldout: int = 200
+    max_prompt_length: int = 96
+    train_prompts: int | None = None  # label pairs on the first N training prompts
+    heldout_prompts: int = 48  # evaluated prompts; their labelled pairs test the reward models
+    pairs_per_prompt: int = 1
+    seed: int = 0
+    base_samples: int = 16  # π₀ replies per evaluated prompt (the importance sampler's)
+    pi_star: int = 4  # exact draws of π* per evaluated prompt for the π* row (0: no row)
+    # `rlhf` on the gold reward itself at β = β* (its optimum is π*): the optimisation-error
+    # row, trained with the first seed; null: no row
+    gold_rlhf: StageSection | None = None
+    reward_class: str = "standard"  # standard | residual (R̂ = γ ln π₀ + f_θ, tilted/residual)
+
+
+@dataclass
 class ReportSection:
     metrics: list[str] | None = None  # default: win-rate per judge, RM score, KL, length
 
@@ -115,6 +146,7 @@ class PipelineConfig:
     seeds: list[int] = field(default_factory=lambda: [0])
     generate: GenerateSection | None = None
     eval: EvalSection | None = None
+    world: WorldSection | None = None
     report: ReportSection = field(default_factory=ReportSection)
     launcher: Launcher = field(default_factory=Launcher)
     # set by load_pipeline: the folder relative paths are resolved against
@@ -175,6 +207,8 @@ def load_pipeline(path: str | Path, overrides: list[str] | tuple[str, ...] = ())
         raise ConfigError(f"{path}: seeds must list at least one seed")
     if cfg.eval is not None and cfg.generate is None:
         raise ConfigError(f"{path}: stage 'eval' depends on stage 'generate', which is missing")
+    if cfg.world is not None:
+        _check_world(path, cfg)
     if cfg.data.split is not None and not cfg.data.split.source:
         raise ConfigError(f"{path}: data.split.source is required")
     for label in (cfg.eval.judges if cfg.eval else {}):
@@ -188,6 +222,28 @@ def load_pipeline(path: str | Path, overrides: list[str] | tuple[str, ...] = ())
             raise ConfigError(f"{path}: eval.judge_prompts.{label} must be an integer >= 1, "
                               f"got {n!r}")
     return cfg
+
+
+def _check_world(path: Path, cfg: PipelineConfig) -> None:
+    w = cfg.world
+    assert w is not None
+    if w.kind != "tilted":
+        raise ConfigError(f"{path}: world.kind={w.kind!r}: the known kinds are: tilted")
+    if cfg.data.split is not None:
+        raise ConfigError(f"{path}: give data.split or world, not both (a world brings its "
+                          "own pairs and prompts)")
+    if w.reward_class not in ("standard", "residual"):
+        raise ConfigError(f"{path}: world.reward_class={w.reward_class!r}: expected standard "
+                          "or residual")
+    for name in ("beta_star", "gamma"):
+        v = getattr(w, name)
+        if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+            raise ConfigError(f"{path}: world.{name}={v!r} must be a finite number > 0")
+    for name in ("max_new_tokens", "heldout_prompts", "base_samples", "pairs_per_prompt"):
+        if getattr(w, name) < 1:
+            raise ConfigError(f"{path}: world.{name} must be >= 1")
+    if w.pi_star < 0:
+        raise ConfigError(f"{path}: world.pi_star must be >= 0")
 
 
 def gguf_from_package(package: str) -> tuple[str, str] | None:

@@ -24,12 +24,13 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from distalign.errors import ConfigError
+from distalign.pipeline import worlds
 from distalign.pipeline.config import PipelineConfig, StageSection, gguf_from_package
 from distalign.pipeline.data import split_format
 from distalign.pipeline.runner import Stage, order, status
 
 STAGES = "distalign.pipeline.stages"
-KINDS = ("data", "base", "sft", "reward", "train", "generate", "eval", "report")
+KINDS = ("data", "base", "world", "sft", "reward", "train", "generate", "eval", "report")
 
 
 @dataclass
@@ -77,6 +78,7 @@ class _Planner:
         self.stages: list[Stage] = []
         self.notes: list[str] = []
         self.split = self.out / "data" if pc.data.split else None
+        self.world = self.out / "world" if pc.world else None
         # the split file's layout (hh or preference), read from its first row by data()
         self.split_fmt = "hh"
 
@@ -127,8 +129,18 @@ class _Planner:
             spec["format"] = self.split_fmt
         return self.add("data", "data", "split_pairs", spec, self.split)
 
+    def world_stage(self, base: str, deps: list[str | None]) -> str | None:
+        """Build the world from π₀ (a no-op without ``world:``)."""
+        if self.world is None:
+            return None
+        spec = worlds.world_stage_spec(self.pc, base)
+        return self.add("world", "world", "world_run", spec, self.world, deps)
+
     def data_for(self, kind: str) -> dict[str, Any]:
         d = self.pc.data
+        if self.world is not None:
+            given = {"pairs": d.pairs, "prompts": d.prompts, "sft": d.sft}[kind]
+            return given or worlds.data_for(self.world, kind)
         given = {"pairs": d.pairs, "prompts": d.prompts, "sft": d.sft}[kind]
         split = {}
         if self.split is not None:
@@ -149,6 +161,12 @@ class _Planner:
             extra = self.pc.data.reward_eval
             if not extra and self.split is not None:
                 extra = {"eval_path": str(self.split / "heldout.jsonl")}
+            if not extra and self.world is not None:
+                extra = {"eval_path": str(self.world / "pairs-heldout.jsonl")}
+                if self.pc.world and self.pc.world.reward_class == "residual":
+                    # R̂ = γ ln π₀ + f_θ: only the head f_θ trains (π₀ is frozen inside)
+                    wiring["model"] = {"name_or_path": str(self.world / "residual-init"),
+                                       "lora": {"enabled": False}}
             data = {**data, **extra}
         if data:
             wiring["data"] = data
@@ -163,6 +181,8 @@ class _Planner:
             cfg = load_config(method, merged)
         except ConfigError as exc:
             raise ConfigError(f"stage {name!r}: {exc}") from None
+        if self.world is not None and cls.data_kind == "prompts":
+            worlds.check_gen(self.pc, name, merged.get("gen", {}))
         if cls.uses_reward_model and not cfg.model.reward_model:
             raise ConfigError(f"stage {name!r} depends on stage 'reward', which is missing: add "
                               "a `reward:` section (trained, or `model:` given)")
@@ -198,6 +218,8 @@ class _Planner:
                                            {"run_dir": str(self.out / name)},
                                            self.out / name, [name], resumable=False))
                 runs.append((name, method, seed, cfg.get("gen", {})))
+        if self.world is not None and pc.world and pc.world.gold_rlhf is not None:
+            runs.append(worlds.gold_rlhf(self, pc.world.gold_rlhf, init, deps, curves))
         return Trained(init, runs, rm, rm_dep, curves)
 
     def check_tokenizers(self, policy: str, other: str) -> None:
@@ -228,7 +250,12 @@ class _Planner:
         if g is None:
             return [r[0] for r in t.runs]
         prompts, fmt = g.prompts, g.format
-        if prompts is None:
+        w = pc.world
+        over: dict[str, Any] = {}  # a world fixes the prompts and its sampling
+        if w is not None and self.world is not None:
+            prompts, fmt = str(self.world / "prompts" / "heldout.jsonl"), "hh"
+            over = {"limit": w.heldout_prompts, "max_prompt_length": w.max_prompt_length}
+        elif prompts is None:
             if self.split is None:
                 raise ConfigError("generate.prompts is required without data.split")
             prompts = str(self.split / "heldout.jsonl")
@@ -246,7 +273,11 @@ class _Planner:
                     "limit": g.limit, "gen": {**run_gen, **g.gen}, "num_samples": g.num_samples,
                     "seed": g.seed, "batch_size": g.batch_size,
                     "max_prompt_length": g.max_prompt_length, "generator": f"{pc.name}/{name}",
-                    "alpaca_eval": g.alpaca_eval}
+                    "alpaca_eval": g.alpaca_eval, **over}
+            if w is not None:
+                spec["gen"] = {**spec["gen"], **worlds.sampling(w)}
+                if name == "base":
+                    spec["num_samples"] = w.base_samples
             gdeps = [*deps] if name == "base" else [name]
             gen_stage = self.add(f"generate/{name}", "generate", "generate_run", spec, run_dir,
                                  gdeps, clear=("generations.jsonl", "generations.meta.json",
@@ -255,6 +286,8 @@ class _Planner:
             last.append(gen_stage)
             if pc.eval is not None:
                 last[-1:] = self.eval_stages(name, gens, t, gen_stage)
+        if w is not None and w.pi_star > 0 and pc.generate is not None:
+            last += worlds.pi_star_stages(self, t, g.seed)
         return last
 
     def eval_stages(self, name: str, gens: Path, t: Trained, dep: str) -> list[str]:
@@ -264,6 +297,8 @@ class _Planner:
         subs = {"base": base}
         if t.rm is not None:
             subs["reward"] = t.rm
+        if self.world is not None:
+            subs["world"] = str(self.world / "world.json")
 
         def fill(spec: str | None, what: str) -> str | None:
             if spec is None:
@@ -283,11 +318,17 @@ class _Planner:
                     "batch_size": e.batch_size, "cache_dir": str(self.out / ".judge-cache"),
                     "judge_url": e.judge_url,
                     "reward_model": fill(e.reward_model, "eval.reward_model") if i == 0 else None,
-                    "ref_model": base if (e.kl and i == 0) else None}
+                    # π* has no model to score with: its KL to π₀ is the world's measure
+                    "ref_model": base if (e.kl and i == 0 and name != worlds.PI_STAR) else None}
             if label in e.judge_prompts:
                 spec["judge_prompts"] = e.judge_prompts[label]
+            extra = None
+            if self.world is not None and str(spec["judge"] or "").startswith("oracle"):
+                # the world's measures need π₀'s samples on the same prompts
+                spec["base_generations"] = str(self.out / "base" / "generations.jsonl")
+                extra = "generate/base"
             out.append(self.add(f"{sub}/{name}", "eval", "eval_run", spec,
-                                self.out / name / sub, [dep, t.rm_dep], clear=(".",)))
+                                self.out / name / sub, [dep, t.rm_dep, extra], clear=(".",)))
         return out
 
 
@@ -296,14 +337,18 @@ def plan(pc: PipelineConfig, dry_run: bool = False) -> Plan:
     p = _Planner(pc, dry_run)
     base, base_dep = p.base()
     data_dep = p.data()
-    t = p.training(base, [base_dep, data_dep])
-    ends = p.evaluation(t, [base_dep, data_dep, "sft" if pc.sft else None])
+    world_dep = p.world_stage(base, [base_dep])
+    t = p.training(base, [base_dep, data_dep, world_dep])
+    ends = p.evaluation(t, [base_dep, data_dep, world_dep, "sft" if pc.sft else None])
     rows = ([{"name": "base", "method": "base", "seed": pc.seeds[0]}]
             if pc.generate and pc.generate.base else [])
     rows += [{"name": n, "method": m, "seed": s} for n, m, s, _ in t.runs]
+    if pc.world is not None and pc.world.pi_star > 0 and pc.generate:
+        rows.append({"name": worlds.PI_STAR, "method": "π* (exact samples)", "seed": pc.seeds[0]})
     judges = list(pc.eval.judges) if pc.eval and pc.eval.judges else ["main"]
     spec = {"out": str(pc.out), "rows": rows, "judges": judges,
-            "metrics": pc.report.metrics, "reward": t.rm,
+            "metrics": pc.report.metrics or (list(worlds.COLUMNS) if pc.world else None),
+            "reward": t.rm,
             "stages": [[s.name, str(s.marker)] for s in p.stages], "title": pc.name}
     p.add("report", "report", "report_run", spec, pc.out, [*ends, *t.curves], resumable=False)
     order(p.stages)

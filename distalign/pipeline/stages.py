@@ -86,6 +86,38 @@ def export_model(model: dict[str, Any], out: str) -> dict[str, Any]:
     return {"parameters": sum(p.numel() for p in policy.parameters())}
 
 
+def world_run(config: dict[str, Any], out: str,
+              residual_init: str | None = None) -> dict[str, Any]:
+    """Build a tilted world from π₀ (``distalign tilted build``) into ``out``, and write its
+    gold reward as a reward-model folder (``out/gold-scorer``) and, for the residual reward
+    class, the untrained residual scorer. A build killed before its world.json is redone."""
+    from distalign.tilted.build import build_world
+    from distalign.tilted.goldscorer import save_gold_scorer
+    from distalign.tilted.residual import save_residual_init
+    from distalign.tilted.world import TiltedConfig
+
+    bounds = config.get("gold_bounds")
+    cfg = TiltedConfig(**{**config, "gold_bounds": tuple(bounds) if bounds else None})
+    d = Path(out)
+    path = d / "world.json"
+    if not path.is_file():
+        build_world(cfg, d, progress=True)
+    save_gold_scorer(path, d / "gold-scorer")
+    if residual_init:
+        save_residual_init(cfg.pi0, cfg.gamma, residual_init)
+    record = json.loads(path.read_text())
+    return {"world": str(path), "pairs": {k: {m: v[m] for m in ("pairs", "bayes_acc", "pi0_acc",
+                                                              "share_logp0") if m in v}
+                                          for k, v in record.get("pairs", {}).items()}}
+
+
+def pistar_run(world: str, out: str, limit: int, n: int, seed: int) -> dict[str, Any]:
+    """Exact draws of π* by rejection from π₀ (:mod:`distalign.tilted.reference`)."""
+    from distalign.tilted.reference import sample_pi_star
+
+    return sample_pi_star(world, out, limit=limit, n=n, seed=seed)
+
+
 def train_run(method: str, config: dict[str, Any], overwrite: bool = False) -> dict[str, Any]:
     """``distalign train METHOD``: ``load_config`` + ``train``. A run that already finished
     with this very config (killed before its marker was written) is not trained again. With
