@@ -100,6 +100,14 @@ def test_tilted_world_pipeline_end_to_end(tmp_path):
     meta = json.loads((out / "pi-star" / "generations.meta.json").read_text())
     assert meta["rejection"]["accepted"] >= meta["rejection"]["rows"] > 0
     assert meta["gen"]["temperature"] == 1.0 and meta["gen"]["max_new_tokens"] == 4
+    # the claims stage: rules and verdicts, the RM against the Bayes-optimal accuracy, a plot
+    claims = json.loads((out / "claims.json").read_text())
+    world = json.loads((out / "world" / "world.json").read_text())
+    assert claims["reward_model"]["bayes_acc"] == pytest.approx(
+        world["pairs"]["heldout"]["bayes_acc"], rel=1e-12)
+    assert sum(claims["verdicts"].values()) == len(claims["claims"]) >= 10
+    assert "RLHF floor" in (out / "claims.md").read_text()
+    assert (out / "frontier.png").stat().st_size > 5000
 
 
 def test_world_pipeline_bad_input_is_one_line(tmp_path, capsys):

@@ -30,7 +30,8 @@ from distalign.pipeline.data import split_format
 from distalign.pipeline.runner import Stage, order, status
 
 STAGES = "distalign.pipeline.stages"
-KINDS = ("data", "base", "world", "sft", "reward", "train", "generate", "eval", "report")
+KINDS = ("data", "base", "world", "sft", "reward", "train", "generate", "eval", "report",
+         "claims")
 
 
 @dataclass
@@ -156,6 +157,8 @@ class _Planner:
             wiring["model"]["tokenizer"] = self.pc.base.tokenizer
         if rm and cls.uses_reward_model:
             wiring["model"]["reward_model"] = rm
+        if self.world is not None and cls.uses_value_model:
+            wiring["model"]["value_model"] = init  # V starts from π₀, whatever R̂'s class
         data = self.data_for(cls.data_kind)
         if method == "reward":
             extra = self.pc.data.reward_eval
@@ -351,6 +354,11 @@ def plan(pc: PipelineConfig, dry_run: bool = False) -> Plan:
             "reward": t.rm,
             "stages": [[s.name, str(s.marker)] for s in p.stages], "title": pc.name}
     p.add("report", "report", "report_run", spec, pc.out, [*ends, *t.curves], resumable=False)
+    if pc.world is not None and pc.eval is not None and pc.generate is not None:
+        p.add("claims", "claims", "claims_run", {
+            "out": str(pc.out), "rows": rows, "world": str(pc.out / "world" / "world.json"),
+            "reward": t.rm, "base_generations": str(pc.out / "base" / "generations.jsonl"),
+            "title": pc.name}, pc.out, [*ends], resumable=False)
     order(p.stages)
     return Plan(p.stages, t.init, p.notes)
 

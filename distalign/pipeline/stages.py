@@ -118,6 +118,14 @@ def pistar_run(world: str, out: str, limit: int, n: int, seed: int) -> dict[str,
     return sample_pi_star(world, out, limit=limit, n=n, seed=seed)
 
 
+def claims_run(**kwargs: Any) -> dict[str, Any]:
+    """A world pipeline's claims.md, RM statistics and frontier plot
+    (:mod:`distalign.tilted.summary`)."""
+    from distalign.tilted.summary import write_summary
+
+    return write_summary(**kwargs)
+
+
 def train_run(method: str, config: dict[str, Any], overwrite: bool = False) -> dict[str, Any]:
     """``distalign train METHOD``: ``load_config`` + ``train``. A run that already finished
     with this very config (killed before its marker was written) is not trained again. With

@@ -5,7 +5,7 @@ leaves an exact draw of π* = π₀·exp(r/β*)/Z (r is bounded, so the ratio is
 rounds per prompt until ``n`` are kept or ``max_rounds`` is spent; a prompt with fewer keeps
 what it has (counted). The rows are a generations file of the evaluation contract, so
 ``distalign eval`` measures them like any policy's; ``output_logprob`` is ln π*(y|x) = ln π₀ +
-r/β* − ln Z(x), with ln Z from that prompt's own acceptance rate (independent of SNIS).
+r/β* − ln Z(x), with ln Z from that prompt's proposals (independent of π₀'s eval samples).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from distalign.tilted.measures import log_partition_from_acceptance, rejection_accept
+from distalign.tilted.measures import acceptance_prob, rejection_accept
 from distalign.tilted.world import SAMPLING, TiltedWorld
 
 
@@ -40,6 +40,8 @@ def sample_pi_star(world_path: str | Path, out: str | Path, *, limit: int | None
     rng = np.random.default_rng([seed, 7])
     kept: list[list[dict[str, Any]]] = [[] for _ in pset.prompts]
     proposed = np.zeros(len(pset.prompts), np.int64)
+    accept_p_sum = np.zeros(len(pset.prompts), np.float64)
+    r_max_term = world.r_max / b
     accepted = np.zeros(len(pset.prompts), np.int64)
     for k in range(max_rounds):
         todo = [i for i in range(len(pset.prompts)) if len(kept[i]) < n]
@@ -52,13 +54,18 @@ def sample_pi_star(world_path: str | Path, out: str | Path, *, limit: int | None
         r = np.asarray(gold.score([pset.prompts[i].prompt for i in pidx], texts,
                                   [pset.prompts[i].token_ids for i in pidx], reps.reply_ids))
         keep = rejection_accept(r, world.r_max, b, rng)
+        prob = acceptance_prob(r, world.r_max, b)
         for row, i in enumerate(pidx):
             proposed[i] += 1
+            accept_p_sum[i] += prob[row]
             accepted[i] += int(keep[row])
             if keep[row] and len(kept[i]) < n:
                 kept[i].append({"ids": reps.reply_ids[row], "ended": reps.ended[row],
                                 "text": texts[row], "logp0": reps.logp[row], "r": float(r[row])})
-    log_z = log_partition_from_acceptance(accepted, proposed, world.r_max, b)
+    # ln Z(x) = r_max/β* + ln E_π₀[acceptance probability], the mean over every proposal
+    # (Rao-Blackwellised): the count of accepts would carry the stopping rule's bias (a
+    # prompt stops at its n-th accept, so accepted/proposed overstates the rate)
+    log_z = r_max_term + np.log(np.maximum(accept_p_sum, 1e-300) / np.maximum(proposed, 1))
     rows = []
     for i, p in enumerate(pset.prompts):
         for s, y in enumerate(kept[i]):

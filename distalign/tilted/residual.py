@@ -123,6 +123,23 @@ class ResidualRewardModel(PreTrainedModel):
     def get_output_embeddings(self) -> None:
         return None  # a scorer, not an LM
 
+    def sequence_scores(self, input_ids: Tensor, attention_mask: Tensor,
+                        response_mask: Tensor | None) -> Tensor:
+        """R̂ = γ ln π₀(y|x) + f_θ(h at y's last token), ``[B]``: the sum over the response's
+        tokens only, so no per-prompt constant γ ln π₀(x) rides along (Bradley–Terry cannot
+        see one, but a PPO return would carry it). How :mod:`distalign.lm.scoring` reads
+        this model, in training and in scoring alike."""
+        if response_mask is None:
+            return self.forward(input_ids, attention_mask).logits.squeeze(-1)
+        mask = attention_mask.long()
+        out = self.residual.lm(input_ids=input_ids, attention_mask=mask,
+                               position_ids=position_ids_from_mask(mask),
+                               output_hidden_states=True, use_cache=False)
+        tok = logits_to_token_logprobs(out.logits, input_ids).float()
+        ll = self.residual.gamma * (tok * response_mask).sum(-1)
+        h = gather_last(out.hidden_states[-1].float(), response_mask)
+        return ll + self.score.linear(h).squeeze(-1)
+
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                 position_ids: Tensor | None = None, **_: Any) -> SequenceClassifierOutput:
         hidden = self.residual(input_ids, attention_mask, position_ids).last_hidden_state
