@@ -15,7 +15,7 @@ from distalign.tilted.claims import check_claims, claims_markdown, frontier, rea
 from distalign.tilted.measures import reward_model_stats
 from distalign.tilted.world import TiltedWorld
 
-BETAS = np.geomspace(0.03, 20.0, 40)
+BETAS = np.geomspace(0.01, 20.0, 48)
 
 
 def reward_stats(world: TiltedWorld, reward: str, batch_size: int = 16) -> dict[str, Any]:
@@ -57,8 +57,9 @@ def _base_groups(path: Path, world: TiltedWorld) -> tuple[list[Any], list[Any]]:
             [np.array([r[i] for i in by[k]]) for k in keys])
 
 
-def plot_frontier(path: Path, curve: list[tuple[float, float]], by_method: dict[str, list],
-                  world: TiltedWorld) -> None:
+def plot_frontier(path: Path, curve: list[tuple[float, float]], star: tuple[float, float],
+                  by_method: dict[str, list], world: TiltedWorld) -> None:
+    """Gold reward against KL(π‖π₀) of every row, over the frontier; ``star``: its β = β*."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -67,19 +68,23 @@ def plot_frontier(path: Path, curve: list[tuple[float, float]], by_method: dict[
     fig, ax = plt.subplots(figsize=(6.2, 4.2), layout="constrained")
     ax.plot([c[0] for c in curve], [c[1] for c in curve], color="0.6", lw=1.5,
             label="π₀·exp(r/β)/Z over β (reachable frontier)")
-    marks = iter("os^vD<>PX*hd")
+    if star:
+        ax.scatter([star[0]], [star[1]], marker="*", s=160, color="gold", edgecolor="k",
+                   zorder=4, label=f"π* on the frontier (β = β* = {world.beta_star:g})")
+    marks = iter("os^vD<>PXhd")
+    colors = iter(plt.get_cmap("tab10").colors)
     for label, runs in by_method.items():
         pts = [(m["tilted/kl_ref"], m["tilted/gold_reward"]) for m in runs
                if "tilted/kl_ref" in m and "tilted/gold_reward" in m]
         if pts:
             ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=next(marks, "o"),
-                       s=40, label=label, zorder=3)
+                       color=next(colors, "k"), s=40, label=label, zorder=3)
     ax.set_xlabel("KL(π‖π₀), nats per reply (from π's own samples)")
     ax.set_ylabel("gold reward E_π[r]")
     ax.set_title(f"tilted world: β* = {world.beta_star:g}, γ = {world.gamma:g}, "
                  f"L = {world.max_new_tokens}", fontsize=10)
     ax.set_xscale("symlog", linthresh=0.1)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left")
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
@@ -90,8 +95,10 @@ def write_summary(out: str, rows: list[dict[str, Any]], world: str, reward: str 
     root, w = Path(out), TiltedWorld.load(world)
     by_method = read_rows(root, rows)
     claims = check_claims(by_method)
-    curve = frontier(*_base_groups(Path(base_generations), w), BETAS)
-    plot_frontier(root / "frontier.png", curve, by_method, w)
+    groups = _base_groups(Path(base_generations), w)
+    curve = frontier(*groups, BETAS)
+    at_star = frontier(*groups, [w.beta_star])
+    plot_frontier(root / "frontier.png", curve, at_star[0], by_method, w)
     extra = []
     held = w.data.get("pairs", {}).get("heldout", {})
     rm = reward_stats(w, reward) if reward else None
@@ -108,6 +115,7 @@ def write_summary(out: str, rows: list[dict[str, Any]], world: str, reward: str 
               "π₀·exp(r/β)/Z for every β, by importance sampling from π₀'s replies)."]
     (root / "claims.md").write_text(claims_markdown(claims, title, extra), encoding="utf-8")
     result = {"claims": claims, "reward_model": rm, "frontier": curve,
+              "frontier_at_beta_star": at_star[0],
               "verdicts": {v: sum(c["verdict"] == v for c in claims)
                            for v in ("agree", "disagree", "inconclusive")}}
     (root / "claims.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
