@@ -166,3 +166,21 @@ def test_online_progress_lines_show_phase_times_in_a_log_file(tiny, tmp_path):
     assert "rebel 2/2" in text and "time gen=" in text and "upd=" in text, text
     rows = read_metrics(tmp_path / "online")
     assert all(r["time/generate"] > 0 for r in rows[1:])
+
+
+def test_bad_rows_stop_the_run_before_any_model_loads(config_file, tmp_path, monkeypatch,
+                                                      capsys):
+    """A bad row is reported in seconds: the data is read before the (slow) model load."""
+    import distalign.train.setup as setup
+
+    def no_load(*a, **k):
+        raise AssertionError("a model was loaded before the data was checked")
+
+    monkeypatch.setattr(setup, "load_policy", no_load)
+    (tmp_path / "no_rejected.jsonl").write_text(
+        '{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": "b"}\n')
+    with pytest.raises(SystemExit) as info:
+        main(["train", "dpo", "--config", str(config_file),
+              f"data.path={tmp_path / 'no_rejected.jsonl'}"])
+    assert info.value.code == 2
+    assert "row 2 (line 2): field 'rejected' is missing" in capsys.readouterr().err

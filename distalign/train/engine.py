@@ -24,6 +24,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from distalign.errors import Interrupted, TrainingError
+from distalign.lm.models import load_tokenizer
 from distalign.lm.wrappers import eval_mode
 from distalign.locks import run_dir_lock
 from distalign.methods import get_method
@@ -46,6 +47,7 @@ from distalign.train.setup import (
     build_optimizer,
     build_sampler,
     launch_mismatch,
+    read_data,
     sequence_tokens,
 )
 from distalign.train.sharding import start as start_layout
@@ -94,11 +96,13 @@ class Trainer:
         # decided (read-only) before loading, applied after: a failed load changes nothing
         plan = plan_run(self.run_dir, yaml.safe_load(self.config_yaml), cfg.run.resume,
                            cfg.run.overwrite)
-        self.models = build_models(cfg, self.method_cls)
+        tokenizer = load_tokenizer(cfg.model)
+        data = read_data(cfg, self.method_cls, tokenizer)  # bad rows stop here, before loading
+        self.models = build_models(cfg, self.method_cls, tokenizer)
         self.par.place_models(self.models, self.method_cls)
         dev = self.acc.device
         loader, self.sampler, eval_loader, report = build_data(
-            cfg, self.method_cls, self.models, dev
+            cfg, self.method_cls, self.models, dev, data
         )
         # accelerate gives process i every num_processes-th full batch and drops the rest
         self.steps_per_epoch = len(loader) // self.acc.num_processes

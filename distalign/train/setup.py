@@ -128,9 +128,18 @@ def launch_mismatch(world_size: int) -> str | None:
             f"--num_processes {asked} -m distalign train ...` (--cpu runs one process)")
 
 
-def build_models(cfg: TrainConfig, method_cls: type[Method]) -> Models:
+def read_data(cfg: TrainConfig, method_cls: type[Method], tokenizer: Any) -> tuple:
+    """The training and eval rows, validated and tokenised before any model loads: a bad row
+    stops the run in seconds, not after a minute of loading. (train, report, eval, report)."""
+    kind = method_cls.data_kind
+    ds, report = build_dataset(cfg.data, tokenizer, kind)
+    eval_ds, eval_report = eval_dataset_and_report(cfg.data, tokenizer, kind)
+    return ds, report, eval_ds, eval_report
+
+
+def build_models(cfg: TrainConfig, method_cls: type[Method], tokenizer: Any = None) -> Models:
     mc = cfg.model
-    tokenizer = load_tokenizer(mc)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(mc)
     if method_cls.trains_scorer:  # `reward` starts a new score head on an SFT backbone
         model = trainable_scorer(mc.name_or_path, mc, "model.name_or_path", head="new-ok")
     else:
@@ -162,12 +171,12 @@ def build_sampler(cfg: TrainConfig, method_cls: type[Method], tokenizer: Any) ->
     return make_sampler(method_cls.generation_config(cfg.algo, cfg.gen), tokenizer)
 
 
-def build_data(cfg: TrainConfig, method_cls: type[Method], models: Models, device: Any):
-    """Datasets and loaders; returns (train_loader, sampler, eval_loader | None,
-    (train report, eval report | None))."""
+def build_data(cfg: TrainConfig, method_cls: type[Method], models: Models, device: Any,
+               data: tuple):
+    """Loaders over :func:`read_data`'s rows; returns (train_loader, sampler, eval_loader |
+    None, (train report, eval report | None))."""
     kind = method_cls.data_kind
-    ds, report = build_dataset(cfg.data, models.tokenizer, kind)
-    eval_ds, eval_report = eval_dataset_and_report(cfg.data, models.tokenizer, kind)
+    ds, report, eval_ds, eval_report = data
     # the method's one-off pass over the data (e.g. DPO's precomputed π₀ log-probs)
     loaded = Context(accelerator=None, tokenizer=models.tokenizer, policy=models.model,
                      ref=models.ref, reward_model=models.reward_model,
@@ -220,6 +229,7 @@ __all__ = [
     "EpochSampler",
     "Models",
     "build_data",
+    "read_data",
     "build_models",
     "build_optimizer",
     "build_sampler",
