@@ -60,13 +60,10 @@ def sampling(w: WorldSection) -> dict[str, Any]:
             "max_new_tokens": w.max_new_tokens}
 
 
-def data_for(root: Path, kind: str, reward_eval: bool = False) -> dict[str, Any]:
+def data_for(root: Path, kind: str) -> dict[str, Any]:
     """The ``data`` section of a training stage of ``kind`` (pairs, prompts) on the world."""
     if kind == "pairs":
-        out = {"path": str(root / "pairs-train.jsonl"), "format": "tokens"}
-        if reward_eval:
-            out["eval_path"] = str(root / "pairs-heldout.jsonl")
-        return out
+        return {"path": str(root / "pairs-train.jsonl"), "format": "tokens"}
     if kind == "prompts":
         return {"path": str(root / "prompts" / "train.jsonl"), "format": "hh"}
     raise ConfigError(f"a world pipeline has no {kind!r} data (an SFT stage needs data.sft)")
@@ -82,6 +79,7 @@ def check_gen(pc: PipelineConfig, name: str, gen: dict[str, Any]) -> None:
 
 
 def world_stage_spec(pc: PipelineConfig, pi0: str) -> dict[str, Any]:
+    """The ``world`` stage's arguments (``pipeline.stages.world_run``)."""
     from dataclasses import asdict
 
     cfg = asdict(world_config(pc, pi0))
