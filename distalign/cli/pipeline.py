@@ -59,9 +59,10 @@ def pipeline(
 ) -> None:
     from distalign.pipeline.config import load_pipeline
     from distalign.pipeline.data import check_writable
-    from distalign.pipeline.plan import plan, select
+    from distalign.pipeline.plan import plan
     from distalign.pipeline.report import accuracy_line
     from distalign.pipeline.runner import run_stages
+    from distalign.pipeline.select import select
 
     pc = load_pipeline(config, overrides or [])
     if (wanted := comma_list(methods, "--methods")) is not None:
