@@ -330,9 +330,12 @@ def report(a: argparse.Namespace, med: dict[str, dict], runs: dict[str, list[dic
                          ("ours-precompute@alt", "trl-precompute"), ("ours@alt", "ours")):
         if ours in med and theirs in med:
             o, t = med[ours], med[theirs]
+            per = sorted(x["median_tokens_per_s"] / y["median_tokens_per_s"]  # same repeat
+                         for x, y in zip(runs[ours], runs[theirs], strict=True))
             print(
                 f"ratio {ours}/{theirs}: throughput "
-                f"{o['median_tokens_per_s'] / t['median_tokens_per_s']:.2f}x (CPU time/step: "
+                f"{o['median_tokens_per_s'] / t['median_tokens_per_s']:.2f}x (per repeat "
+                f"{per[len(per) // 2]:.2f} [{per[0]:.2f}..{per[-1]:.2f}]; CPU time/step: "
                 f"{t['median_cpu_step_s'] / o['median_cpu_step_s']:.2f}x less; FLOP ceiling "
                 f"{step_flops(a, theirs) / step_flops(a, ours):.2f}x), "
                 f"peak RSS {o['peak_rss_mib'] / t['peak_rss_mib']:.2f}x"

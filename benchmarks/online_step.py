@@ -77,11 +77,17 @@ def config(backend: str, a: argparse.Namespace, policy: Path, reward: Path, prom
         "data": {"path": str(prompts), "format": "hh", "max_prompt_length": a.max_prompt_length,
                  "max_length": a.max_prompt_length + 53, "on_empty": "skip"},
         "gen": {"backend": backend, "max_new_tokens": 53, "min_new_tokens": 53,
-                "temperature": 0.7, "top_k": 0, "top_p": 1.0},
+                "temperature": 0.7, "top_k": 0, "top_p": 1.0,
+                "record_logprobs": a.record_logprobs,
+                # what training sets by default; explicit so that the warm-up engine below is
+                # the same (cached) engine the run then uses
+                **({"vllm_max_model_len": a.max_prompt_length + 53} if backend == "vllm"
+                   else {})},
         "optim": {"lr": 3e-6, "scheduler": "constant"},
         "run": {"name": backend, "output_dir": str(out), "batch_size": a.prompts,
                 "mini_batch_size": a.prompts, "grad_accum": a.prompts // a.micro_batch,
                 "max_steps": a.steps, "resume": False, "overwrite": True, "progress": False,
+                "mixed_precision": a.mixed_precision,
                 "seed": 0,
                 "num_samples_logged": 0},
         "algo": {"update_epochs": a.update_epochs},
@@ -134,6 +140,10 @@ def parse() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="model.gradient_checkpointing: activations recomputed in backward")
+    p.add_argument("--mixed-precision", default="no", choices=("no", "bf16"),
+                   help="run.mixed_precision: bf16 autocast (CPUs with avx512_bf16/AMX)")
+    p.add_argument("--record-logprobs", action="store_true",
+                   help="gen.record_logprobs: ln π_t from the sampler, one forward fewer")
     p.add_argument("--backends", default="hf,vllm",
                    help="comma-separated; NAME@alt runs NAME with distalign from --alt")
     p.add_argument("--alt", help="another checkout, for the NAME@alt backends (A/B)")
@@ -150,10 +160,10 @@ def run_backend(backend: str, a: argparse.Namespace, work: Path) -> dict:
         env["PYTHONPATH"] = os.pathsep.join([str(Path(a.alt).resolve()), env["PYTHONPATH"]])
     args = [sys.executable, __file__, "--backend", backend.split("@")[0], "--work", str(work)]
     for k in ("prompts", "steps", "micro_batch", "update_epochs", "lora_r", "max_prompt_length",
-              "threads"):
+              "threads", "mixed_precision"):
         args += [f"--{k.replace('_', '-')}", str(getattr(a, k))]
-    if a.gradient_checkpointing:
-        args.append("--gradient-checkpointing")
+    args += [f for f, on in (("--gradient-checkpointing", a.gradient_checkpointing),
+                             ("--record-logprobs", a.record_logprobs)) if on]
     proc = subprocess.run(args, env=env, cwd=REPO_ROOT / "benchmarks",
                           capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -184,7 +194,9 @@ def main() -> None:
     loads = [r["load"] for rs in runs.values() for r in rs]
     print(f"rlhf, SmolLM2-135M + LoRA r={a.lora_r}, {a.prompts} prompts x 53 new tokens, "
           f"{a.update_epochs} PPO epoch(s), micro-batch {a.micro_batch}"
-          f"{', gradient checkpointing' if a.gradient_checkpointing else ''}, {a.threads} threads;"
+          f"{', gradient checkpointing' if a.gradient_checkpointing else ''}"
+          f"{', recorded log-probs' if a.record_logprobs else ''}"
+          f"{', bf16 autocast' if a.mixed_precision == 'bf16' else ''}, {a.threads} threads;"
           f" step {a.steps} of {a.steps}; "
           f"median [min..max] of {a.repeats} interleaved run(s); 1-min load at the end of each "
           f"run {min(loads):.2f}..{max(loads):.2f} on {os.cpu_count()} CPUs")

@@ -244,6 +244,7 @@ def main() -> None:
     for _ in range(a.repeats):  # interleaved, so slow phases of a shared machine hit all
         for v in variants:
             runs[v].append(run_child(__file__, v, work, env, a.alt))
+    (work / "runs.json").write_text(json.dumps(runs))  # every run, for recomputing the table
     report(a, runs)
 
 
@@ -291,7 +292,10 @@ def report(a: argparse.Namespace, runs: dict[str, list[dict]]) -> None:
     for ours, theirs in pairs:
         if ours in med and theirs in med:
             o, t = med[ours], med[theirs]
-            print(f"ratio {ours}/{theirs}: samples/s {t['iter_s'] / o['iter_s']:.2f}x, "
+            per = sorted(y["iter_s"] / x["iter_s"]  # run i of each: the same stretch of time
+                         for x, y in zip(runs[ours], runs[theirs], strict=True))
+            print(f"ratio {ours}/{theirs}: samples/s {t['iter_s'] / o['iter_s']:.2f}x "
+                  f"(per repeat {per[len(per) // 2]:.2f} [{per[0]:.2f}..{per[-1]:.2f}]), "
                   f"CPU s/it {t['cpu_s'] / o['cpu_s']:.2f}x less, peak RSS "
                   f"{o['peak_rss_mib'] / t['peak_rss_mib']:.2f}x{_ceiling(a, o, ours, theirs)}")
 

@@ -192,9 +192,12 @@ def test_make_sampler_registry():
         HFSampler(TOK, GenerationConfig(top_p=0.0))
 
 
-def test_record_logprobs_is_for_the_hf_backend_only() -> None:
+def test_record_logprobs_with_vllm_refuses_truncated_sampling() -> None:
     from distalign.lm.rollout import check_generation_config
 
-    check_generation_config(GenerationConfig(record_logprobs=True))
-    with pytest.raises(ConfigError, match="record_logprobs is for the hf backend"):
-        check_generation_config(GenerationConfig(backend="vllm", record_logprobs=True))
+    check_generation_config(GenerationConfig(record_logprobs=True, top_k=5, top_p=0.9))
+    check_generation_config(GenerationConfig(backend="vllm", record_logprobs=True))
+    for trunc in ({"top_k": 5}, {"top_p": 0.9}):
+        with pytest.raises(ConfigError, match="record_logprobs with backend=vllm needs top_k=0"):
+            check_generation_config(GenerationConfig(backend="vllm", record_logprobs=True,
+                                                     **trunc))

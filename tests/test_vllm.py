@@ -159,12 +159,16 @@ def _online_cfg(tiny, policy_dir, tmp_path, method, *over):
 
 @pytest.mark.parametrize("lora", [False, True])
 def test_logprobs_equal_policy_after_training_steps(tiny, policy_dir, tmp_path, lora):
-    over = ["run.max_steps=3", "optim.lr=1e-2"] + (["model.lora.enabled=true"] if lora else [])
-    trainer = Trainer(_online_cfg(tiny, policy_dir, tmp_path, "rebel", *over))
+    over = ["run.max_steps=3", "optim.lr=1e-2", "data.max_prompt_length=64"] + (
+        ["model.lora.enabled=true"] if lora else [])
+    cfg = _online_cfg(tiny, policy_dir, tmp_path, "rebel", *over)
+    trainer = Trainer(cfg)
     trainer.fit()
     sampler, policy = trainer.ctx.sampler, trainer.acc.unwrap_model(trainer.ctx.policy)
     engine = sampler.engine
     assert engine.syncs >= 3  # one push per training step (each followed an update)
+    # the engine's context is sized from the data (64 + 8), not the model's 256 positions
+    assert engine.max_model_len == 72 < policy.config.max_position_embeddings
     ids, attn = _prompts()
 
     @torch.no_grad()
@@ -180,6 +184,38 @@ def test_logprobs_equal_policy_after_training_steps(tiny, policy_dir, tmp_path, 
     assert gap() > 1e-3
     engine.synced = None
     assert gap() < 1e-4
+
+
+@pytest.mark.parametrize("method", ["rebel", "rlhf"])
+def test_recorded_logprobs_stand_in_for_the_policy_forward(tiny, policy_dir, tmp_path, method):
+    """``gen.record_logprobs`` with vLLM: collection takes ln π_t from the engine (after a
+    training step, so the synced weights are the ones that count) and runs no forward of
+    π_t; the values equal an independent per-row forward at T."""
+    over = ("gen.record_logprobs=true", "run.max_steps=1", "optim.lr=1e-2")
+    trainer = Trainer(_online_cfg(tiny, policy_dir, tmp_path, method, *over))
+    trainer.fit()
+    m = trainer.method
+    policy = trainer.acc.unwrap_model(trainer.ctx.policy)
+
+    def no_forward(*args, **kwargs):
+        raise AssertionError("collection ran a forward of π_t")
+
+    m.policy_token_logprobs = no_forward  # type: ignore[method-assign]
+    with torch.no_grad():
+        torch.manual_seed(0)
+        exp, _ = m.collect(next(iter(trainer.loader)))
+        ids, attn, resp = exp["input_ids"], exp["attention_mask"], exp["response_mask"]
+        if method == "rebel":  # [B, 2, L] pairs → [2B, L]; old_logp holds sequence sums
+            flat = lambda k: torch.cat([exp[k][:, 0], exp[k][:, 1]], 0)  # noqa: E731
+            ids, attn, resp = flat("input_ids"), flat("attention_mask"), flat("response_mask")
+            want = (token_logprobs(policy, ids, attn, 0.7, resp) * resp).sum(-1)
+            got = flat("old_logp")
+        else:
+            p = int(exp["prompt_length"][0])
+            want = token_logprobs(policy, ids, attn, 0.7, resp)[:, p:] * resp[:, p:]
+            got = exp["old_logp"] * resp[:, p:]
+    assert resp.sum() > 0
+    torch.testing.assert_close(got.float(), want.float(), atol=1e-4, rtol=1e-4)
 
 
 # --------------------------------------------------------------- online runs, exact resume

@@ -29,11 +29,14 @@ class GenerationConfig:
     # fixes the KV cache size (default 1 GiB on CPU, where the fraction means host memory).
     vllm_memory: float = 0.3
     vllm_kv_cache_gb: float | None = None
-    vllm_max_model_len: int | None = None  # default: the model's max_position_embeddings
-    # online training (hf only): ln π_t of the samples from generate's own logits instead of a
-    # second forward of π_t (one of collection's 3–4 forwards; :class:`StepLogprobs` holds one
-    # step's logits at a time). Opt-in: decoding with a KV cache rounds differently from a full
-    # forward, so PPO's first ratio is then 1 up to float error instead of exactly 1.
+    # default: data.max_prompt_length + max_new_tokens in training, else the model's
+    # max_position_embeddings
+    vllm_max_model_len: int | None = None
+    # online training: ln π_t of the samples from the sampler's own logits instead of a second
+    # forward of π_t (one of collection's 3–4 forwards; HF: :class:`StepLogprobs` holds one
+    # step's logits at a time; vLLM: its processed log-probs, from the synced weights in the
+    # policy's dtype). Opt-in: decoding with a KV cache (and vLLM's kernels) rounds differently
+    # from a full forward, so PPO's first ratio is then 1 up to float error instead of exactly 1.
     record_logprobs: bool = False
 
 
@@ -56,8 +59,8 @@ class Rollout:
     response_lengths: Tensor
     num_samples: int = 1
     # ln μ of each response token as the sampler computed it at T, ``[N, R]`` (0 after the
-    # mask); vLLM reports it (diagnostics only), HF when asked (``record_logprobs``), and then
-    # collection uses it as ln π_t instead of a second forward.
+    # mask); vLLM always reports it, HF when asked; with ``record_logprobs`` collection uses it
+    # as ln π_t instead of a second forward.
     logprobs: Tensor | None = None
 
     @property
@@ -155,9 +158,11 @@ def check_generation_config(c: GenerationConfig) -> None:
             f"generation: need max_new_tokens >= 1 and 0 <= min_new_tokens <= max_new_tokens,"
             f" got {c.min_new_tokens} and {c.max_new_tokens}"
         )
-    if c.record_logprobs and c.backend != "hf":
-        raise ConfigError("generation: record_logprobs is for the hf backend only (vLLM's "
-                          "weights and kernels may differ from π_t's; the losses recompute)")
+    if c.record_logprobs and c.backend == "vllm" and (c.top_k > 0 or c.top_p < 1):
+        # vLLM reports ln μ of the truncated, renormalised distribution; the losses' ln π_t
+        # (and HF's recorded values) are of raw logits / T
+        raise ConfigError("generation: record_logprobs with backend=vllm needs top_k=0 and "
+                          "top_p=1 (vLLM's log-probs are of the truncated distribution)")
     if c.temperature < 0 or not 0 < c.top_p <= 1 or c.top_k < 0:
         raise ConfigError("generation: need temperature >= 0, 0 < top_p <= 1 and top_k >= 0")
 

@@ -154,7 +154,7 @@ class Method:
 
     def sampled_token_logprobs(self, roll: Rollout) -> Tensor:
         """ln π_t of each response token at the sampling temperature, ``[N, R]`` (0 after the
-        mask): the sampler's own when it recorded them (hf, ``gen.record_logprobs``), else a
+        mask): the sampler's own when it recorded them (``gen.record_logprobs``), else a
         forward of π_t. Both are raw logits / T, so top-k/top-p truncation is ignored alike."""
         if self.gen.record_logprobs and roll.logprobs is not None:
             return roll.logprobs

@@ -134,7 +134,8 @@ class Trainer:
         # samples its own responses (one stream on every rank would correlate them, as TRL's
         # per-process generation seed also avoids). One process: the seed is unchanged.
         set_seed(cfg.run.seed, device_specific=True)
-        sampler = build_sampler(cfg, self.method_cls, self.models.tokenizer)
+        sampler = build_sampler(cfg, self.method_cls, self.models.tokenizer,
+                                self.models.model.config)
         self.recorder = SampleRecorder(sampler) if sampler is not None else None
         self.ctx = Context(
             accelerator=self.acc,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -165,10 +165,18 @@ def build_models(cfg: TrainConfig, method_cls: type[Method], tokenizer: Any = No
     return Models(tokenizer, model, ref, reward_model, value_model)
 
 
-def build_sampler(cfg: TrainConfig, method_cls: type[Method], tokenizer: Any) -> Any:
+def build_sampler(cfg: TrainConfig, method_cls: type[Method], tokenizer: Any,
+                  model_config: Any = None) -> Any:
     if not method_cls.needs_sampler(cfg.algo):
         return None
-    return make_sampler(method_cls.generation_config(cfg.algo, cfg.gen), tokenizer)
+    gen = method_cls.generation_config(cfg.algo, cfg.gen)
+    if gen.backend == "vllm" and gen.vllm_max_model_len is None:
+        # prompts are cut at data.max_prompt_length: the engine's context (and the buffers
+        # vLLM sizes from it) need be no longer than that plus the reply, nor the model's own
+        need = cfg.data.max_prompt_length + gen.max_new_tokens
+        most = getattr(model_config, "max_position_embeddings", None)
+        gen = replace(gen, vllm_max_model_len=min(need, most) if most else need)
+    return make_sampler(gen, tokenizer)
 
 
 def build_data(cfg: TrainConfig, method_cls: type[Method], models: Models, device: Any,
