@@ -123,6 +123,19 @@ def test_sampling_seeded_by_torch_and_eos_truncation():
         assert not (resp[r, : n - 1] == TOK.eos_token_id).any()
 
 
+def test_seeded_sampling_past_one_step_of_prompt_tokens():
+    """More prompt tokens than vLLM schedules in one step (4096 on CPU), sampled with seeds:
+    no prompt may be split over steps (its seeded generator cannot be rolled back on CPU),
+    and every row still gets its tokens."""
+    row = TOK("the dog " * 60).input_ids[:120]
+    ids, attn = left_pad([row] * 40, TOK.pad_token_id)  # 4800 prompt tokens
+    cfg = GenerationConfig(max_new_tokens=3, min_new_tokens=3, temperature=1.0, backend="vllm")
+    torch.manual_seed(0)
+    r = VLLMSampler(TOK, cfg).generate(_model(), ids, attn)
+    assert int(ids.ne(TOK.pad_token_id).sum()) > 4096
+    assert r.response_lengths.tolist() == [3] * 40
+
+
 def test_min_new_tokens_blocks_eos():
     model = _eos_model(20.0)  # EOS is the argmax everywhere
     ids, attn = _prompts()

@@ -197,6 +197,11 @@ class VLLMSampler:
             # default CUDA graphs, which keep pointing at the same storage after an in-place sync
             enforce_eager=not on_gpu,
         )
+        if not on_gpu:
+            # A prompt split over steps (chunked prefill) makes vLLM roll back that request's
+            # seeded generator, which CPU generators cannot do (RuntimeError once a batch's
+            # prompts pass the 4096-token budget); unsplit, such a prompt waits a step instead.
+            kwargs["enable_chunked_prefill"] = False
         if kv_gb is not None:
             kwargs["kv_cache_memory_bytes"] = int(kv_gb * 2**30)
         if c.vllm_max_model_len is not None:
