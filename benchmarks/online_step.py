@@ -78,11 +78,7 @@ def config(backend: str, a: argparse.Namespace, policy: Path, reward: Path, prom
                  "max_length": a.max_prompt_length + 53, "on_empty": "skip"},
         "gen": {"backend": backend, "max_new_tokens": 53, "min_new_tokens": 53,
                 "temperature": 0.7, "top_k": 0, "top_p": 1.0,
-                "record_logprobs": a.record_logprobs,
-                # what training sets by default; explicit so that the warm-up engine below is
-                # the same (cached) engine the run then uses
-                **({"vllm_max_model_len": a.max_prompt_length + 53} if backend == "vllm"
-                   else {})},
+                "record_logprobs": a.record_logprobs},
         "optim": {"lr": 3e-6, "scheduler": "constant"},
         "run": {"name": backend, "output_dir": str(out), "batch_size": a.prompts,
                 "mini_batch_size": a.prompts, "grad_accum": a.prompts // a.micro_batch,
@@ -107,13 +103,16 @@ def child(a: argparse.Namespace) -> None:
         import torch
 
         from distalign.lm.models import load_policy, load_tokenizer
-        from distalign.lm.vllm_sampler import VLLMSampler
+        from distalign.methods import get_method
+        from distalign.train.setup import build_sampler
 
         t0 = time.perf_counter()
         warm = load_policy(cfg.model)  # LoRA-wrapped like the run's policy
         tok = load_tokenizer(cfg.model)
         ids = torch.tensor([tok("Hello").input_ids])
-        VLLMSampler(tok, cfg.gen).generate(warm, ids, torch.ones_like(ids))
+        # the run's own sampler settings, so the run reuses this (cached) engine
+        sampler = build_sampler(cfg, get_method("rlhf"), tok, warm.config)
+        sampler.generate(warm, ids, torch.ones_like(ids))
         engine_s = time.perf_counter() - t0
         del warm
     cpu0 = time.process_time()
