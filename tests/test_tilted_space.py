@@ -77,3 +77,30 @@ def test_a_cut_draw_is_a_draw_of_the_smaller_space(models):
     assert [g.size for g in groups] == [16, 16, 16]
     with pytest.raises(ValueError):
         _ = Replies([0], [[5]], [False]).logp
+
+
+def test_a_killed_sampling_resumes_from_its_journal(models, tmp_path, monkeypatch):
+    from distalign.lm.generation import HFSampler
+
+    tok, pi0, _, ids = models
+    ref = sample_replies(pi0, tok, ids, n=8, max_new_tokens=4, seed=5, rows_per_batch=8)
+    journal = tmp_path / "sample.jsonl"
+    full = sample_replies(pi0, tok, ids, n=8, max_new_tokens=4, seed=5, rows_per_batch=8,
+                          journal=journal, key="pi0")
+    lines = journal.read_text().splitlines()
+    assert len(lines) == 3  # one prompt per batch
+    calls = []
+    generate = HFSampler.generate
+    monkeypatch.setattr(HFSampler, "generate",
+                        lambda self, *a: calls.append(1) or generate(self, *a))
+    journal.write_text(lines[0] + "\n" + lines[1][:25])  # killed while writing batch 2
+    again = sample_replies(pi0, tok, ids, n=8, max_new_tokens=4, seed=5, rows_per_batch=8,
+                           journal=journal, key="pi0")
+    assert len(calls) == 2  # batches 2 and 3 only
+    for reps in (full, again):
+        assert reps.reply_ids == ref.reply_ids and reps.ended == ref.ended
+        assert reps.prompt_index == ref.prompt_index and reps.logp == ref.logp
+    assert len(journal.read_text().splitlines()) == 3
+    sample_replies(pi0, tok, ids, n=8, max_new_tokens=4, seed=5, rows_per_batch=8,
+                   journal=journal, key="another model")
+    assert len(calls) == 5  # another key starts over

@@ -192,3 +192,32 @@ def test_world_json_with_bad_numbers_is_refused(world, tmp_path):
         (tmp_path / "world.json").write_text(json.dumps({**data, key: value}))
         with pytest.raises(ConfigError, match=key):
             TiltedWorld.load(Path(tmp_path))
+
+
+def test_a_killed_build_resumes_to_the_same_pairs(world, tmp_path, monkeypatch):
+    from distalign.lm.generation import HFSampler
+
+    path, pi0, _, prompts = world
+    cfg = TiltedConfig(pi0=str(pi0), prompts=str(prompts), heldout=6, beta_star=0.2, gamma=0.5,
+                       max_new_tokens=3, pairs_per_prompt=2, seed=1)
+    calls: list[int] = []
+    generate = HFSampler.generate
+
+    def dies_on_third(self, *a):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # as if killed during the third training batch
+        return generate(self, *a)
+
+    monkeypatch.setattr(HFSampler, "generate", dies_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        build_world(cfg, tmp_path / "w", progress=False, log=lambda *_: None)
+    assert not (tmp_path / "w" / "world.json").exists()
+    calls.clear()
+    monkeypatch.setattr(HFSampler, "generate",
+                        lambda self, *a: calls.append(1) or generate(self, *a))
+    again = build_world(cfg, tmp_path / "w", progress=False, log=lambda *_: None)
+    assert len(calls) == 2  # the last training batch and the held-out one
+    for name in ("pairs-train.jsonl", "pairs-heldout.jsonl"):
+        assert (again.parent / name).read_text() == (path.parent / name).read_text()
+    assert not (again.parent / ".build").exists()

@@ -90,7 +90,7 @@ def world_run(config: dict[str, Any], out: str,
               residual_init: str | None = None) -> dict[str, Any]:
     """Build a tilted world from π₀ (``distalign tilted build``) into ``out``, and write its
     gold reward as a reward-model folder (``out/gold-scorer``) and, for the residual reward
-    class, the untrained residual scorer. A build killed before its world.json is redone."""
+    class, the untrained residual scorer. A killed build resumes from its sampling journal."""
     from distalign.tilted.build import build_world
     from distalign.tilted.goldscorer import save_gold_scorer
     from distalign.tilted.residual import save_residual_init

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 from importlib import metadata
 from pathlib import Path
@@ -41,13 +42,16 @@ def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> str:
 
 
 def labelled_pairs(model: Any, tok: Any, prompts: list[Any], gold: Any, cfg: TiltedConfig,
-                   seed: int, progress: bool = False) -> tuple[list[dict[str, Any]], dict]:
-    """``pairs_per_prompt`` labelled pairs per prompt (``eval.prompts.Prompt`` objects)."""
+                   seed: int, progress: bool = False, journal: Path | None = None,
+                   key: str = "") -> tuple[list[dict[str, Any]], dict]:
+    """``pairs_per_prompt`` labelled pairs per prompt (``eval.prompts.Prompt`` objects); the
+    sampling resumes from ``journal`` (see :func:`~distalign.tilted.space.sample_replies`)."""
     from distalign.tilted.space import sample_replies
 
     k = cfg.pairs_per_prompt
     reps = sample_replies(model, tok, [p.token_ids for p in prompts], 2 * k, cfg.max_new_tokens,
-                          seed=seed, rows_per_batch=cfg.rows_per_batch, progress=progress)
+                          seed=seed, rows_per_batch=cfg.rows_per_batch, progress=progress,
+                          journal=journal, key=key)
     texts = reps.texts(tok)
     pids = [prompts[i].token_ids for i in reps.prompt_index]
     r = gold.score([prompts[i].prompt for i in reps.prompt_index], texts, pids, reps.reply_ids)
@@ -81,7 +85,9 @@ def labelled_pairs(model: Any, tok: Any, prompts: list[Any], gold: Any, cfg: Til
 
 def build_world(cfg: TiltedConfig, out: str | Path, progress: bool = True,
                 log: Log = print) -> Path:
-    """Build the world of ``cfg`` into ``out`` and return the path of its ``world.json``."""
+    """Build the world of ``cfg`` into ``out`` and return the path of its ``world.json``.
+    Sampling is journalled per batch under ``out/.build``: a build killed with ``kill -9``
+    and rerun samples only what it lacks, and gives the pairs an unkilled build gives."""
     from distalign.eval.prompts import load_prompt_set
     from distalign.tilted.gold import make_gold_reward
     from distalign.tilted.pi0 import fingerprint, load_pi0
@@ -104,7 +110,9 @@ def build_world(cfg: TiltedConfig, out: str | Path, progress: bool = True,
                                limit=limit, max_prompt_length=cfg.max_prompt_length)
         t1 = time.perf_counter()
         rows, stats = labelled_pairs(model, tok, pset.prompts, gold, cfg,
-                                     seed=cfg.seed + (split == "heldout"), progress=progress)
+                                     seed=cfg.seed + (split == "heldout"), progress=progress,
+                                     journal=out / ".build" / f"sample-{split}.jsonl",
+                                     key=fp["weights"])
         sha = _write_jsonl(out / f"pairs-{split}.jsonl", rows)
         files[split] = {"file": f"pairs-{split}.jsonl", "prompts_file": f"prompts/{split}.jsonl",
                         "prompts": len(pset.prompts), "prompt_set": pset.digest,
@@ -128,4 +136,5 @@ def build_world(cfg: TiltedConfig, out: str | Path, progress: bool = True,
     tmp = path.with_name(".world.json.tmp")
     tmp.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     tmp.replace(path)
+    shutil.rmtree(out / ".build", ignore_errors=True)
     return path

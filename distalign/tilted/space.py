@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -106,38 +108,79 @@ def sampler(tok: Any, max_new_tokens: int) -> HFSampler:
     return HFSampler(tok, cfg)
 
 
+def _read_journal(path: Path, ident: str) -> dict[int, dict[str, Any]]:
+    """The batches a killed run finished: lines of this ``ident`` up to the first torn one.
+    The file is rewritten to exactly those lines, so appending after a torn line is safe."""
+    done: dict[int, dict[str, Any]] = {}
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                break  # killed while writing this batch
+            if rec.get("id") == ident:
+                done[int(rec["b0"])] = rec
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in done.values()), encoding="utf-8")
+    tmp.replace(path)
+    return done
+
+
 @torch.no_grad()
 def sample_replies(model: nn.Module, tok: Any, prompt_ids: Sequence[Sequence[int]], n: int,
                    max_new_tokens: int, seed: int = 0, rows_per_batch: int = 32,
-                   progress: bool = False) -> Replies:
+                   progress: bool = False, journal: Path | None = None,
+                   key: str = "") -> Replies:
     """``n`` replies y ~ π(·|x) per prompt with ln π recorded by the sampler. Each batch seeds
-    its own RNG from (seed, its first prompt, its size): reruns give the same replies."""
+    its own RNG from (seed, its first prompt, its size): reruns give the same replies. With a
+    ``journal`` file each finished batch is appended to it, and a rerun after a kill samples
+    only the batches it lacks (``key`` names the model: another key, or other settings, start
+    over)."""
     s = sampler(tok, max_new_tokens)
-    device = next(model.parameters()).device
     per = max(1, rows_per_batch // n)
+    ident = hashlib.sha256(json.dumps(
+        [key, seed, n, max_new_tokens, per, [list(map(int, p)) for p in prompt_ids]]
+    ).encode()).hexdigest()[:16]
+    done = _read_journal(journal, ident) if journal is not None else {}
     out = Replies([], [], [], [])
     starts = range(0, len(prompt_ids), per)
     with StepProgress("sample", len(starts), enabled=progress,
                       every=max(len(starts) // 10, 1)) as bar:
         for k, b0 in enumerate(starts):
             batch = prompt_ids[b0 : b0 + per]
-            ids, attn = pad_sequences([list(p) for p in batch], tok.pad_token_id, "left")
-            devices = [device.index or 0] if device.type == "cuda" else []
-            with torch.random.fork_rng(devices=devices):
-                torch.manual_seed(_seed(seed, b0, len(batch)))
-                roll = s.generate(model, ids.to(device), attn.to(device), n)
-            resp, lengths = roll.responses.cpu(), roll.response_lengths.cpu().tolist()
-            ended, lps = roll.ended.cpu().tolist(), roll.logprobs.double().cpu()
-            B = len(batch)
-            for b in range(B):  # sample-major rollout → prompt-major rows
-                for j in range(n):
-                    row = j * B + b
-                    out.prompt_index.append(b0 + b)
-                    out.reply_ids.append(resp[row, : lengths[row]].tolist())
-                    out.ended.append(bool(ended[row]))
-                    out.token_logprobs.append(lps[row, : lengths[row]].tolist())  # type: ignore[union-attr]
+            rec = done.get(b0) or _sample_batch(s, model, tok, batch, n,
+                                                _seed(seed, b0, len(batch)))
+            out.prompt_index.extend(b0 + i for i in rec["index"])
+            out.reply_ids.extend(rec["reply_ids"])
+            out.ended.extend(rec["ended"])
+            out.token_logprobs.extend(rec["token_logprobs"])  # type: ignore[union-attr]
+            if journal is not None and b0 not in done:
+                with journal.open("a", encoding="utf-8") as f:
+                    f.write(json.dumps({"id": ident, "b0": b0, **rec}) + "\n")
+                    f.flush()
+                    os.fsync(f.fileno())
             bar.update(k + 1)
     return out
+
+
+def _sample_batch(s: HFSampler, model: nn.Module, tok: Any, batch: Sequence[Sequence[int]],
+                  n: int, seed: int) -> dict[str, Any]:
+    """One seeded batch of ``n`` replies per prompt, prompt-major (``index``: the prompt)."""
+    device = next(model.parameters()).device
+    ids, attn = pad_sequences([list(p) for p in batch], tok.pad_token_id, "left")
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        roll = s.generate(model, ids.to(device), attn.to(device), n)
+    resp, lengths = roll.responses.cpu(), roll.response_lengths.cpu().tolist()
+    ended, lps = roll.ended.cpu().tolist(), roll.logprobs.double().cpu()
+    B = len(batch)
+    rows = [j * B + b for b in range(B) for j in range(n)]  # sample-major → prompt-major
+    return {"index": [b for b in range(B) for _ in range(n)],
+            "reply_ids": [resp[r, : lengths[r]].tolist() for r in rows],
+            "ended": [bool(ended[r]) for r in rows],
+            "token_logprobs": [lps[r, : lengths[r]].tolist() for r in rows]}
 
 
 @torch.no_grad()
