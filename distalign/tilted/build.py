@@ -109,10 +109,13 @@ def build_world(cfg: TiltedConfig, out: str | Path, progress: bool = True,
         pset = load_prompt_set(str(out / "prompts" / f"{split}.jsonl"), tok, fmt="hh",
                                limit=limit, max_prompt_length=cfg.max_prompt_length)
         t1 = time.perf_counter()
+        journal = out / ".build" / f"sample-{split}.jsonl"
+        if journal.is_file():  # a rerun after a kill: say so (batches of other settings are redone)
+            log(f"{split}: resuming from {journal} "
+                f"({len(journal.read_text().splitlines())} batches sampled before)")
         rows, stats = labelled_pairs(model, tok, pset.prompts, gold, cfg,
                                      seed=cfg.seed + (split == "heldout"), progress=progress,
-                                     journal=out / ".build" / f"sample-{split}.jsonl",
-                                     key=fp["weights"])
+                                     journal=journal, key=fp["weights"])
         sha = _write_jsonl(out / f"pairs-{split}.jsonl", rows)
         files[split] = {"file": f"pairs-{split}.jsonl", "prompts_file": f"prompts/{split}.jsonl",
                         "prompts": len(pset.prompts), "prompt_set": pset.digest,
