@@ -105,3 +105,23 @@ def test_old_logprobs_are_computed_without_dropout(make_config, tmp_path, dropou
     with torch.no_grad():  # train mode: dropout changes them, so the check above can fail
         noisy = token_logprobs(policy, exp["input_ids"], exp["attention_mask"], 0.7)[:, p:]
     assert (noisy - clean).abs().max() > 1e-3
+
+
+def test_eval_metrics_are_means_over_rows_whatever_the_batching(make_config, tmp_path):
+    """5 held-out pairs in batches of 2, 2, 1 give the metrics of one batch of 5 (a mean of
+    batch means would weigh the last pair double)."""
+    eval_file = tmp_path / "eval.jsonl"
+    eval_file.write_text("".join(json.dumps({"prompt": p, "chosen": "yes it is", "rejected": "no"})
+                                 + "\n" for p in PROMPTS[:5]))
+    first = []
+    for bs in (2, 5):
+        run_dir = train(make_config("reward", tmp_path / f"b{bs}", f"data.eval_path={eval_file}",
+                                    f"run.batch_size={bs}", "run.max_steps=1",
+                                    "run.eval_at_start=true"))
+        first.append(read_metrics(run_dir)[0])
+    keys = [k for k in first[1] if k.startswith("eval/")]
+    assert "eval/rm/accuracy" in keys and "eval/loss/bt" in keys
+    for k in keys:
+        assert first[0][k] == pytest.approx(first[1][k], rel=1e-5, abs=1e-6), k
+    acc = first[0]["eval/rm/accuracy"] * 5
+    assert acc == pytest.approx(round(acc), abs=1e-5)  # a fraction of the 5 pairs

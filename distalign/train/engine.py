@@ -252,14 +252,19 @@ class Trainer:
     def _evaluate(self, step: int) -> dict[str, float]:
         out: dict[str, float] = {}
         if self.eval_loader is not None:
+            # means over rows, not over batches: a short last batch counts for its size, so
+            # held-out accuracy is the plain fraction of pairs (under DDP, accelerate's even
+            # batches may repeat a few rows to fill the ranks' last batches)
             sums: dict[str, float] = defaultdict(float)
-            n = 0
+            rows = 0.0
             with eval_mode(*self.trainables):
                 for batch in self.eval_loader:
+                    b = next(v for v in batch.values() if torch.is_tensor(v)).shape[0]
                     for k, v in self.method.evaluate(batch).items():
-                        sums[k] += float(self.acc.reduce(v.detach().float(), "mean"))
-                    n += 1
-            out.update({f"eval/{k}": v / max(n, 1) for k, v in sums.items()})
+                        sums[k] += float(self.acc.reduce(v.detach().float() * b, "sum"))
+                    rows += float(self.acc.reduce(torch.tensor(float(b), device=self.acc.device),
+                                                  "sum"))
+            out.update({f"eval/{k}": v / max(rows, 1.0) for k, v in sums.items()})
         if self.recorder is not None:
             self.recorder.take()  # eval samples are not training samples
         if self.callbacks and self.acc.is_main_process:
