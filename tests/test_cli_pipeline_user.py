@@ -181,3 +181,17 @@ def test_an_output_directory_that_cannot_be_written_is_one_line(tiny, tmp_path, 
     for args in ((), ("--dry-run",)):
         _main_error(capsys, f"output_dir {blocker / 'sub'}: cannot write there", str(cfg), *args)
     assert blocker.read_text() == "x"
+
+
+def test_a_full_disk_is_one_line_and_says_how_to_resume(capsys, monkeypatch):
+    import errno
+
+    from distalign.pipeline import config as pipeline_config
+
+    def full(*_a, **_k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pipeline_config, "load_pipeline", full)
+    code, _, err = _main(capsys, "any.yaml")
+    assert code == 1 and err.count("\n") == 1, err
+    assert err.startswith("error: no space left on device") and "rerun" in err, err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import importlib
 import os
 import signal
@@ -41,6 +42,11 @@ def _single_dash_hint(argv: list[str]) -> str | None:
     return None
 
 
+def _disk_full(exc: BaseException) -> bool:
+    return (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or (
+        "No space left on device" in str(exc))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors print one line and exit with status 2; SIGINT and SIGTERM
     print one line and exit 130 and 143 (training first finishes its step and checkpoints)."""
@@ -76,6 +82,11 @@ def main(argv: list[str] | None = None) -> None:
         if hasattr(exc, "format_message") and hasattr(exc, "exit_code"):
             typer.echo(f"error: {exc.format_message()}", err=True)
             sys.exit(exc.exit_code or 2)
+        if _disk_full(exc):  # safetensors raises its own type, so match the OS's words too
+            typer.echo(f"error: no space left on device ({str(exc).splitlines()[0]}); free "
+                       "some and rerun the same command: it resumes from its last checkpoint",
+                       err=True)
+            sys.exit(1)
         raise
     if isinstance(code, int) and code:
         sys.exit(code)
