@@ -27,6 +27,7 @@ import torch
 from distalign.errors import ConfigError
 from distalign.eval.genfile import read_generations, sidecar_path
 from distalign.eval.prompts import Prompt, PromptSet, load_prompt_set
+from distalign.jsonsafe import cut_torn_line
 from distalign.lm.collators import pad_sequences
 from distalign.lm.fingerprint import short, weights_fingerprint
 from distalign.lm.generation import GenerationConfig, HFSampler, make_sampler
@@ -94,17 +95,6 @@ def batch_seed(seed: int, prompt_ids: list[str]) -> int:
     on which batches ran before (resume) or on the process."""
     digest = hashlib.sha256(json.dumps([seed, prompt_ids]).encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
-
-
-def _cut_torn_line(path: Path) -> int:
-    """Remove a last line that has no newline (a write killed halfway); returns its bytes."""
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        data = f.read()
-    keep = data.rfind(b"\n") + 1
-    if keep < size:
-        os.truncate(path, keep)
-    return size - keep
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -237,7 +227,7 @@ def _generate_locked(model: str, model_path: str, gguf_file: str | None, default
             raise ConfigError(f"{out} exists without its sidecar {meta_path.name}, so its "
                               "settings are unknown; pass --overwrite to replace it")
         _check_meta(out, json.loads(meta_path.read_text(encoding="utf-8")), meta)
-        torn = _cut_torn_line(out)
+        torn = cut_torn_line(out)
     done = {(str(r["prompt_id"]), int(r["sample"])) for r in
             (read_generations(out) if out.exists() else [])}
     _write_json(meta_path, meta)

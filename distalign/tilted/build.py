@@ -110,9 +110,8 @@ def build_world(cfg: TiltedConfig, out: str | Path, progress: bool = True,
                                limit=limit, max_prompt_length=cfg.max_prompt_length)
         t1 = time.perf_counter()
         journal = out / ".build" / f"sample-{split}.jsonl"
-        if journal.is_file():  # a rerun after a kill: say so (batches of other settings are redone)
-            log(f"{split}: resuming from {journal} "
-                f"({len(journal.read_text().splitlines())} batches sampled before)")
+        if journal.is_file():  # a rerun after a kill: say so
+            log(f"{split}: resuming from {journal} (its finished batches are not sampled again)")
         rows, stats = labelled_pairs(model, tok, pset.prompts, gold, cfg,
                                      seed=cfg.seed + (split == "heldout"), progress=progress,
                                      journal=journal, key=fp["weights"])

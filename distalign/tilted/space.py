@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from distalign.jsonsafe import cut_torn_line
 from distalign.lm.collators import pad_sequences
 from distalign.lm.generation import GenerationConfig, HFSampler, stop_token_ids
 from distalign.progress import StepProgress
@@ -109,22 +110,17 @@ def sampler(tok: Any, max_new_tokens: int) -> HFSampler:
 
 
 def _read_journal(path: Path, ident: str) -> dict[int, dict[str, Any]]:
-    """The batches a killed run finished: lines of this ``ident`` up to the first torn one.
-    The file is rewritten to exactly those lines, so appending after a torn line is safe."""
-    done: dict[int, dict[str, Any]] = {}
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                break  # killed while writing this batch
-            if rec.get("id") == ident:
-                done[int(rec["b0"])] = rec
+    """The batches a killed run finished (its torn last line cut off); a journal of other
+    settings is emptied, so the run starts over."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in done.values()), encoding="utf-8")
-    tmp.replace(path)
-    return done
+    if not path.is_file():
+        return {}
+    cut_torn_line(path)
+    recs = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    if any(r.get("id") != ident for r in recs):
+        path.write_text("", encoding="utf-8")
+        return {}
+    return {int(r["b0"]): r for r in recs}
 
 
 @torch.no_grad()
